@@ -1,0 +1,35 @@
+"""Errors raised by the broker package.
+
+BrokerError
+├── BrokerUnavailable     the Redis/Valkey server cannot be reached (wraps redis errors)
+├── EmbeddedBrokerError   the embedded valkey-server could not be started
+└── MessageError          a stream entry cannot be decoded
+    ├── SchemaError       missing field, unknown message type or schema version
+    └── TensorError       bad tensor ext payload: dtype, shape, size limits
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Root of every error the broker package raises."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker cannot be reached or refused the operation."""
+
+
+class EmbeddedBrokerError(BrokerError):
+    """The embedded valkey-server could not be started."""
+
+
+class MessageError(BrokerError):
+    """A message cannot be decoded."""
+
+
+class SchemaError(MessageError):
+    """A message lacks a required field or has an unknown type or schema version."""
+
+
+class TensorError(MessageError):
+    """A tensor payload is malformed or over the size limits."""

@@ -1,0 +1,69 @@
+"""Every Redis key, stream and consumer-group name xshard uses, in one place.
+
+Key layout (``{ns}`` is the namespace, ``default`` unless configured; tests use one each)::
+
+    xshard:{ns}:workers                    ZSET    worker_id -> last heartbeat (unix ms)
+    xshard:{ns}:worker:{worker_id}         HASH    registration: browser, platform, user_agent,
+                                                   capabilities (json), pid, host, started_ms,
+                                                   heartbeat_ms, stages (json list)
+    xshard:{ns}:control:{worker_id}        STREAM  assignments sent to one worker
+    xshard:{ns}:stage:{plan_id}:{index}    STREAM  shard jobs of one stage of one plan
+                                                   group ``workers``: every worker serving it
+    xshard:{ns}:reply:{coordinator_id}     STREAM  results, failures and assignment replies
+                                                   for one coordinator; group ``coordinator``
+    xshard:{ns}:events                     STREAM  execution and recovery events (history)
+    xshard:{ns}:dead                       STREAM  dead-lettered jobs with their reason
+
+Every stream entry has one field, ``m``: a msgpack-encoded message (see ``codec``).
+"""
+
+from __future__ import annotations
+
+PREFIX = "xshard"
+DEFAULT_NAMESPACE = "default"
+
+MESSAGE_FIELD = b"m"
+STAGE_GROUP = "workers"
+REPLY_GROUP = "coordinator"
+EVENTS_GROUP = "history"
+
+
+class Keys:
+    """Key names for one namespace."""
+
+    __slots__ = ("ns", "_base")
+
+    def __init__(self, ns: str = DEFAULT_NAMESPACE) -> None:
+        if not ns or any(c in ns for c in ": \n"):
+            raise ValueError(f"namespace must be non-empty without ':' or spaces, got {ns!r}")
+        self.ns = ns
+        self._base = f"{PREFIX}:{ns}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self._base}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self._base}:worker:{worker_id}"
+
+    def control(self, worker_id: str) -> str:
+        return f"{self._base}:control:{worker_id}"
+
+    def stage(self, plan_id: str, index: int) -> str:
+        return f"{self._base}:stage:{plan_id}:{index}"
+
+    def reply(self, coordinator_id: str) -> str:
+        return f"{self._base}:reply:{coordinator_id}"
+
+    @property
+    def events(self) -> str:
+        return f"{self._base}:events"
+
+    @property
+    def dead(self) -> str:
+        return f"{self._base}:dead"
+
+    @property
+    def pattern(self) -> str:
+        """Glob matching every key of this namespace."""
+        return f"{self._base}:*"

@@ -1,0 +1,191 @@
+"""Message types that travel on the streams.
+
+Each message is a frozen dataclass with a type tag ``TYPE`` and a schema version ``VERSION``.
+``encode`` writes ``{"t": TYPE, "v": VERSION, **fields}`` with ``codec.pack``; ``decode`` ignores
+unknown fields, rejects missing required ones with ``SchemaError`` and never unpickles.
+Tensors are ``dict[str, np.ndarray]`` and travel as the codec's tensor ext type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from .codec import DEFAULT_LIMITS, Limits, pack, unpack
+from .errors import SchemaError
+
+SCHEMA_VERSION = 1
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class StageTrace:
+    """What one shard execution measured; appended to the job as it moves down the chain."""
+
+    TYPE: ClassVar[str] = "trace"
+    shard_index: int
+    worker_id: str
+    browser: str
+    user_agent: str
+    execution_provider: str
+    adapter: str
+    kernel_ms: float
+    queue_ms: float
+    worker_ms: float
+    bytes_in: int
+    bytes_out: int
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ShardJob:
+    """One stage of one request: run ``route[stage_index]``'s shard on ``tensors``."""
+
+    TYPE: ClassVar[str] = "job"
+    request_id: str
+    plan_id: str
+    stage_index: int
+    route: tuple[str, ...]
+    reply_stream: str
+    tensors: Tensors
+    enqueued_ms: int
+    attempt: int = 1
+    trace: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ShardResult:
+    """The last stage's outputs, sent to the coordinator's reply stream."""
+
+    TYPE: ClassVar[str] = "result"
+    request_id: str
+    plan_id: str
+    tensors: Tensors
+    trace: tuple[dict[str, Any], ...]
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ShardFailure:
+    """A stage that could not run; ``kind`` is ``retryable``, ``kernel`` or ``input``."""
+
+    TYPE: ClassVar[str] = "failure"
+    request_id: str
+    plan_id: str
+    stage_index: int
+    worker_id: str
+    attempt: int
+    kind: str
+    error: str
+    trace: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Tell a worker to load a shard and consume its stage stream."""
+
+    TYPE: ClassVar[str] = "assign"
+    assignment_id: str
+    plan_id: str
+    shard_index: int
+    stage_stream: str
+    onnx_sha256: str
+    input_names: tuple[str, ...]
+    carry_names: tuple[str, ...]
+    platform: str
+    reply_stream: str
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Tell a worker to stop serving a stage and drop its session."""
+
+    TYPE: ClassVar[str] = "release"
+    stage_stream: str
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentReply:
+    """A worker's answer to an ``Assignment``."""
+
+    TYPE: ClassVar[str] = "assigned"
+    assignment_id: str
+    worker_id: str
+    ok: bool
+    error: str
+    execution_provider: str
+    adapter: str
+    user_agent: str
+    load_ms: float
+
+
+Message = ShardJob | ShardResult | ShardFailure | Assignment | Release | AssignmentReply | StageTrace
+M = TypeVar("M", bound=Message)
+
+_TYPES: dict[str, type] = {
+    cls.TYPE: cls
+    for cls in (ShardJob, ShardResult, ShardFailure, Assignment, Release, AssignmentReply, StageTrace)
+}
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    body: dict[str, Any] = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    body["t"] = msg.TYPE
+    body["v"] = SCHEMA_VERSION
+    return body
+
+
+def from_dict(body: Any) -> Message:
+    if not isinstance(body, dict):
+        raise SchemaError(f"message must be a map, got {type(body).__name__}")
+    tag = body.get("t")
+    cls = _TYPES.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise SchemaError(f"unknown message type {tag!r}")
+    version = body.get("v")
+    if version != SCHEMA_VERSION:
+        raise SchemaError(f"{tag} message has schema version {version!r}, expected {SCHEMA_VERSION}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in body:
+            value = body[f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SchemaError(f"{tag} message lacks required field {f.name!r}")
+    return cls(**kwargs)  # type: ignore[no-any-return]
+
+
+def encode(msg: Message) -> bytes:
+    return pack(to_dict(msg))
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
+    return from_dict(unpack(data, limits))
+
+
+def decode_as(data: bytes, cls: type[M], limits: Limits = DEFAULT_LIMITS) -> M:
+    msg = decode(data, limits)
+    if not isinstance(msg, cls):
+        raise SchemaError(f"expected a {cls.TYPE} message, got {msg.TYPE}")
+    return msg
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Assignment",
+    "AssignmentReply",
+    "Message",
+    "Release",
+    "ShardFailure",
+    "ShardJob",
+    "ShardResult",
+    "StageTrace",
+    "Tensors",
+    "decode",
+    "decode_as",
+    "encode",
+]

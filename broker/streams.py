@@ -1,0 +1,215 @@
+"""Stream operations on Redis/Valkey: the only place xshard talks to the server.
+
+Multi-key state changes are one MULTI named after the change (``hand_off``: publish downstream and
+ack upstream atomically). Redis errors are translated to ``BrokerUnavailable`` at this boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from .codec import DEFAULT_LIMITS, Limits
+from .errors import BrokerUnavailable, MessageError
+from .keys import MESSAGE_FIELD, Keys
+from .messages import Message, decode, encode
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+SOCKET_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One stream entry as read: the decoded message, or why it could not be decoded."""
+
+    stream: str
+    entry_id: str
+    message: Message | None
+    error: str | None = None
+    size_bytes: int = 0
+
+
+@asynccontextmanager
+async def _translated(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except (rexc.ConnectionError, rexc.TimeoutError, OSError) as e:
+        raise BrokerUnavailable(f"{what}: broker unreachable: {e}") from e
+    except rexc.ResponseError as e:
+        raise BrokerUnavailable(f"{what}: broker refused: {e}") from e
+
+
+def _str(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+class Broker:
+    """An async connection to the broker, bound to one key namespace."""
+
+    def __init__(self, url: str, namespace: str = "default", limits: Limits = DEFAULT_LIMITS) -> None:
+        self.url = url
+        self.keys = Keys(namespace)
+        self.limits = limits
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            health_check_interval=10,
+            max_connections=64,
+        )
+
+    async def __aenter__(self) -> Broker:
+        await self.ping()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def ping(self) -> None:
+        async with _translated(f"ping {self.url}"):
+            await self._redis.ping()
+
+    # -- streams -----------------------------------------------------------------------------
+
+    async def add(self, stream: str, msg: Message) -> str:
+        async with _translated(f"XADD {stream}"):
+            entry_id = await self._redis.xadd(stream, {MESSAGE_FIELD: encode(msg)})
+        return _str(entry_id)
+
+    async def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
+        async with _translated(f"XGROUP CREATE {stream} {group}"):
+            try:
+                await self._redis.xgroup_create(stream, group, id=start_id, mkstream=True)
+            except rexc.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    def _delivery(self, stream: Any, entry_id: Any, fields: dict[bytes, bytes] | None) -> Delivery:
+        s, eid = _str(stream), _str(entry_id)
+        raw = (fields or {}).get(MESSAGE_FIELD)
+        if raw is None:
+            return Delivery(s, eid, None, "entry has no message field (deleted or foreign)")
+        try:
+            return Delivery(s, eid, decode(raw, self.limits), None, len(raw))
+        except MessageError as e:
+            return Delivery(s, eid, None, str(e), len(raw))
+
+    async def read_group(
+        self, group: str, consumer: str, streams: Iterable[str], *, count: int = 1, block_ms: int = 1000
+    ) -> list[Delivery]:
+        """XREADGROUP new entries (``>``) from ``streams``; blocks up to ``block_ms``."""
+        wanted = {s: ">" for s in streams}
+        if not wanted:
+            return []
+        async with _translated(f"XREADGROUP {group}"):
+            reply = await self._redis.xreadgroup(group, consumer, wanted, count=count, block=block_ms)
+        return [self._delivery(s, eid, f) for s, entries in reply or [] for eid, f in entries]
+
+    async def read(
+        self, stream: str, last_id: str, *, count: int = 16, block_ms: int = 1000
+    ) -> list[Delivery]:
+        """Plain XREAD after ``last_id`` (for single-reader control streams)."""
+        async with _translated(f"XREAD {stream}"):
+            reply = await self._redis.xread({stream: last_id}, count=count, block=block_ms)
+        return [self._delivery(s, eid, f) for s, entries in reply or [] for eid, f in entries]
+
+    async def ack(self, stream: str, group: str, entry_id: str) -> None:
+        """Ack and delete a finished entry (streams hold only unfinished work)."""
+        async with _translated(f"XACK {stream}"):
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xack(stream, group, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+
+    async def hand_off(self, src: str, group: str, entry_id: str, dst: str, msg: Message) -> str:
+        """Publish ``msg`` to ``dst`` and ack (and delete) ``entry_id`` on ``src`` in one MULTI."""
+        async with _translated(f"hand_off {src} -> {dst}"):
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xadd(dst, {MESSAGE_FIELD: encode(msg)})
+            pipe.xack(src, group, entry_id)
+            pipe.xdel(src, entry_id)
+            new_id, _, _ = await pipe.execute()
+        return _str(new_id)
+
+    async def stream_length(self, stream: str) -> int:
+        async with _translated(f"XLEN {stream}"):
+            return int(await self._redis.xlen(stream))
+
+    async def pending_count(self, stream: str, group: str) -> int:
+        async with _translated(f"XPENDING {stream}"):
+            try:
+                info = await self._redis.xpending(stream, group)
+            except rexc.ResponseError:
+                return 0
+        return int(info["pending"])
+
+    async def delete(self, *keys: str) -> None:
+        if keys:
+            async with _translated("DEL"):
+                await self._redis.delete(*keys)
+
+    async def scan_keys(self, pattern: str | None = None) -> list[str]:
+        async with _translated("SCAN"):
+            return sorted([_str(k) async for k in self._redis.scan_iter(match=pattern or self.keys.pattern)])
+
+    # -- worker registry ---------------------------------------------------------------------
+
+    async def register_worker(self, worker_id: str, info: dict[str, Any], now_ms: int) -> None:
+        fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
+        fields["heartbeat_ms"] = str(now_ms)
+        async with _translated(f"register worker {worker_id}"):
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(self.keys.worker(worker_id), mapping=fields)
+            pipe.zadd(self.keys.workers, {worker_id: now_ms})
+            await pipe.execute()
+
+    async def heartbeat(self, worker_id: str, now_ms: int, stages: list[str]) -> None:
+        async with _translated(f"heartbeat {worker_id}"):
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(
+                self.keys.worker(worker_id),
+                mapping={"heartbeat_ms": str(now_ms), "stages": json.dumps(stages)},
+            )
+            pipe.zadd(self.keys.workers, {worker_id: now_ms})
+            await pipe.execute()
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        async with _translated(f"unregister worker {worker_id}"):
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.zrem(self.keys.workers, worker_id)
+            pipe.delete(self.keys.worker(worker_id), self.keys.control(worker_id))
+            await pipe.execute()
+
+    async def live_workers(self, now_ms: int, max_age_ms: int) -> list[dict[str, Any]]:
+        """Registrations of workers whose last heartbeat is at most ``max_age_ms`` old."""
+        async with _translated("live workers"):
+            ids = await self._redis.zrangebyscore(self.keys.workers, now_ms - max_age_ms, "+inf")
+            pipe = self._redis.pipeline(transaction=False)
+            for wid in ids:
+                pipe.hgetall(self.keys.worker(_str(wid)))
+            rows = await pipe.execute()
+        out = []
+        for wid, row in zip(ids, rows, strict=True):
+            if not row:
+                continue
+            info: dict[str, Any] = {"worker_id": _str(wid)}
+            for k, v in row.items():
+                key, val = _str(k), _str(v)
+                try:
+                    info[key] = json.loads(val) if key in ("capabilities", "stages") else val
+                except ValueError:
+                    info[key] = val
+            out.append(info)
+        return out

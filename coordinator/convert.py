@@ -1,0 +1,355 @@
+"""Convert a Hugging Face model directory to one flat ONNX graph, and check it against transformers.
+
+The exported graph is what the planner cuts into contiguous pieces by node order, so it is made to be:
+
+* one flat graph: no local functions, no If/Loop, constants held as initializers rather than nodes;
+* in execution order, layer after layer (node names carry the module path: ``/model/encoder/layer.3/...``);
+* opset 17, IR version <= 10, weights embedded in the one file (onnxruntime-web loads it as is);
+* dynamic in ``batch`` and ``sequence``, which :func:`verify_conversion` checks at several shapes.
+
+torch's TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) is used: in torch 2.13 it still
+exists, exports these models at opset 17 directly and names nodes after their modules. The dynamo exporter
+only implements opset >= 18 and its down-conversion to 17 breaks GPT-2 (Split) and fails for LLaMA.
+
+torch and transformers are the optional ``convert`` extra; they are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnx.inliner
+from onnx import numpy_helper
+
+from coordinator.errors import ConversionError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+#: Part of the conversion cache key: bump it whenever the exported graph would change.
+CONVERTER_VERSION = "xshard-convert-1/torchscript-opset17"
+OPSET = 17
+MAX_IR_VERSION = 10
+TOLERANCE = 1e-4
+DEFAULT_CASES: tuple[tuple[int, int], ...] = ((1, 7), (2, 16), (3, 33))
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_BY_KIND = {"encoder": "last_hidden_state", "causal-lm": "logits"}
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_MAX_PROTO_BYTES = 2**31 - 1
+_INSTALL_HINT = "pip install 'xshard[convert]'"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadedModel:
+    module: torch.nn.Module  # forward(input_ids, attention_mask) -> the one output tensor
+    kind: str
+    vocab_size: int
+
+
+def detect_kind(config: dict[str, Any]) -> str:
+    """Return "causal-lm" if the config names a causal LM head architecture, else "encoder"."""
+    architectures = config.get("architectures") or []
+    if any(str(name).endswith(_CAUSAL_SUFFIXES) for name in architectures):
+        return "causal-lm"
+    return "encoder"
+
+
+def read_kind(hf_dir: Path) -> str:
+    """Read ``config.json`` of a Hugging Face directory and return its kind (see :func:`detect_kind`)."""
+    try:
+        config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot read {hf_dir / 'config.json'}: {e}") from e
+    if not isinstance(config, dict):
+        raise ConversionError(f"{hf_dir / 'config.json'} is not a JSON object")
+    return detect_kind(config)
+
+
+def convert_hf_dir(hf_dir: Path, out_path: Path, progress: Progress | None = None) -> str:
+    """Export the model in ``hf_dir`` to ``out_path`` as one ONNX file, verify it, and return its kind.
+
+    Raises ConversionError if torch/transformers are missing, the export fails, or the ONNX output
+    differs from transformers by more than ``TOLERANCE`` at any unmasked token.
+    """
+    say = _reporter(progress)
+    kind = read_kind(hf_dir)
+    say(f"loading weights from {hf_dir} ({kind})")
+    model = _load_model(hf_dir, kind)
+    say(f"exporting to ONNX (opset {OPSET}) -> {out_path}")
+    proto = _export(model, out_path)
+    _save(proto, out_path)
+    log.info("exported %s to %s: %d nodes", hf_dir, out_path, len(proto.graph.node))
+    _verify_loaded(model, out_path, DEFAULT_CASES, say)
+    return kind
+
+
+def verify_conversion(
+    hf_dir: Path,
+    onnx_path: Path,
+    cases: Sequence[tuple[int, int]] = DEFAULT_CASES,
+    progress: Progress | None = None,
+) -> float:
+    """Run transformers and onnxruntime on padded random batches; return the max abs diff at unmasked tokens.
+
+    Each case is (batch, sequence). Rows are right-padded by different amounts, at least one per case.
+    Raises ConversionError naming the case if a diff exceeds ``TOLERANCE``.
+    """
+    model = _load_model(hf_dir, read_kind(hf_dir))
+    return _verify_loaded(model, onnx_path, cases, _reporter(progress))
+
+
+def padded_batch(batch: int, sequence: int, vocab_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return seeded int64 (input_ids, attention_mask) of shape (batch, sequence), rows right-padded.
+
+    With several rows, row 0 is full and each later row is shorter; a single row is padded too.
+    Padded positions hold token id 0.
+    """
+    rng = np.random.default_rng(seed)
+    input_ids = rng.integers(1, vocab_size, size=(batch, sequence), dtype=np.int64)
+    attention_mask = np.zeros((batch, sequence), dtype=np.int64)
+    for row in range(batch):
+        length = sequence if row == 0 and batch > 1 else sequence - (row + 1) * sequence // (batch + 1)
+        attention_mask[row, : max(1, length)] = 1
+    input_ids[attention_mask == 0] = 0
+    return input_ids, attention_mask
+
+
+def _reporter(progress: Progress | None) -> Progress:
+    def say(message: str) -> None:
+        log.info("%s", message)
+        if progress is not None:
+            progress(message)
+
+    return say
+
+
+def _require_convert_extra() -> None:
+    """Raise ConversionError with the install hint unless torch and transformers import."""
+    # Offline only: weights come from local directories, never from a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ConversionError(f"converting needs torch and transformers ({e}); run: {_INSTALL_HINT}") from e
+
+
+def _load_model(hf_dir: Path, kind: str) -> _LoadedModel:
+    _require_convert_extra()
+    import torch
+    import transformers
+
+    auto = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
+    extra: dict[str, Any] = {"use_cache": False} if kind == "causal-lm" else {}
+    try:
+        model = auto.from_pretrained(
+            str(hf_dir),
+            local_files_only=True,
+            dtype=torch.float32,
+            attn_implementation="eager",
+            **extra,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ConversionError(f"transformers cannot load {hf_dir}: {e}") from e
+    vocab_size = int(getattr(model.config, "vocab_size", 0) or 2)
+    return _LoadedModel(module=_wrap(model, kind).eval(), kind=kind, vocab_size=vocab_size)
+
+
+def _wrap(model: Any, kind: str) -> torch.nn.Module:
+    """Wrap a transformers model so forward(input_ids, attention_mask) returns the one output tensor."""
+    import torch
+
+    output_name = OUTPUT_BY_KIND[kind]
+    causal = kind == "causal-lm"
+
+    class SingleOutput(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            extra = {"use_cache": False} if causal else {}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra)
+            result: torch.Tensor = getattr(out, output_name)
+            return result
+
+    return SingleOutput()
+
+
+def _export(model: _LoadedModel, out_path: Path) -> onnx.ModelProto:
+    """Trace ``model`` into ``out_path`` and return the graph read back and flattened (not yet saved)."""
+    import torch
+
+    output_name = OUTPUT_BY_KIND[model.kind]
+    # Trace with padding so no "mask is all ones" shortcut is baked into the graph.
+    input_ids, attention_mask = padded_batch(2, 16, model.vocab_size, seed=0)
+    axes = {0: "batch", 1: "sequence"}
+    try:
+        with _quiet_export_warnings(), torch.no_grad():
+            torch.onnx.export(
+                model.module,
+                (torch.from_numpy(input_ids), torch.from_numpy(attention_mask)),
+                str(out_path),
+                dynamo=False,
+                input_names=list(INPUT_NAMES),
+                output_names=[output_name],
+                dynamic_axes={name: axes for name in (*INPUT_NAMES, output_name)},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                export_params=True,
+            )
+    except Exception as e:  # torch raises many unrelated types from deep inside tracing
+        raise ConversionError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+    try:
+        proto = onnx.load(str(out_path))
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot read back the exported {out_path}: {e}") from e
+    return _flatten(proto)
+
+
+@contextmanager
+def _quiet_export_warnings() -> Iterator[None]:
+    """Log the TorchScript exporter's deprecation and tracer warnings at debug level instead of printing.
+
+    The tracer warnings are about Python branches on shapes; verification at several shapes covers them.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                log.debug("export warning: %s: %s", warning.category.__name__, warning.message)
+
+
+def _flatten(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Inline local functions, take weights and constants out of the node list, and check the result.
+
+    Constant nodes become initializers. The exporter shares identical weights (tied embeddings, or the
+    all-ones norm weights of a fresh model) through Identity nodes at the top of the graph; their readers
+    are pointed at the initializer itself, so no weight looks like a value flowing between layers.
+    """
+    if proto.functions:
+        proto = onnx.inliner.inline_local_functions(proto)
+    graph = proto.graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    outputs = {value.name for value in graph.output}
+    aliases: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            graph.initializer.append(_constant_tensor(node))
+            initializers.add(node.output[0])
+        elif (
+            node.op_type == "Identity"
+            and node.domain in ("", "ai.onnx")
+            and node.input[0] in initializers
+            and node.output[0] not in outputs
+        ):
+            aliases[node.output[0]] = node.input[0]
+        else:
+            kept.append(node)
+    for node in kept:
+        for index, name in enumerate(node.input):
+            if name in aliases:
+                node.input[index] = aliases[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _check_flat(proto)
+    return proto
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto:
+    (attribute,) = node.attribute
+    name = node.output[0]
+    if attribute.name == "value":
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attribute.t)
+        tensor.name = name
+        return tensor
+    if attribute.name in ("value_float", "value_floats"):
+        value: Any = np.asarray(onnx.helper.get_attribute_value(attribute), dtype=np.float32)
+    elif attribute.name in ("value_int", "value_ints"):
+        value = np.asarray(onnx.helper.get_attribute_value(attribute), dtype=np.int64)
+    else:
+        raise ConversionError(f"cannot lift Constant {node.name!r} with attribute {attribute.name!r}")
+    return numpy_helper.from_array(value, name)
+
+
+def _check_flat(proto: onnx.ModelProto) -> None:
+    if proto.ir_version > MAX_IR_VERSION:
+        raise ConversionError(f"exported IR version {proto.ir_version} > {MAX_IR_VERSION}")
+    graph = proto.graph
+    known = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer} | {""}
+    for index, node in enumerate(graph.node):
+        missing = [name for name in node.input if name not in known]
+        if missing:
+            raise ConversionError(f"node {index} ({node.name}) reads {missing} before they are produced")
+        known.update(node.output)
+    control_flow = [node.name for node in graph.node if node.op_type in ("If", "Loop", "Scan")]
+    if control_flow:
+        log.warning("exported graph has control flow nodes, which cannot be cut inside: %s", control_flow)
+
+
+def _save(proto: onnx.ModelProto, out_path: Path) -> None:
+    size_bytes = proto.ByteSize()
+    if size_bytes > _MAX_PROTO_BYTES:
+        raise ConversionError(f"exported model is {size_bytes} bytes; one-file ONNX is limited to 2 GiB")
+    try:
+        onnx.checker.check_model(proto)
+        onnx.save_model(proto, str(out_path))
+    except onnx.checker.ValidationError as e:
+        raise ConversionError(f"exported graph is not valid ONNX: {e}") from e
+    except OSError as e:
+        raise ConversionError(f"cannot write {out_path}: {e}") from e
+
+
+def _verify_loaded(
+    model: _LoadedModel,
+    onnx_path: Path,
+    cases: Sequence[tuple[int, int]],
+    say: Progress,
+) -> float:
+    import onnxruntime
+    import torch
+
+    try:
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped pybind errors
+        raise ConversionError(f"onnxruntime cannot load {onnx_path}: {e}") from e
+    worst = 0.0
+    for seed, (batch, sequence) in enumerate(cases):
+        say(f"verifying against transformers at batch {batch} x seq {sequence}")
+        input_ids, attention_mask = padded_batch(batch, sequence, model.vocab_size, seed=seed)
+        with torch.no_grad():
+            expected = model.module(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
+        (actual,) = session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        if actual.shape != expected.shape:
+            raise ConversionError(
+                f"ONNX output shape {actual.shape} != transformers {expected.shape} "
+                f"at batch {batch} x seq {sequence}"
+            )
+        unmasked = attention_mask.astype(bool)
+        diff = float(np.max(np.abs(actual[unmasked] - expected[unmasked])))
+        log.info("max abs diff at batch %d x seq %d: %.3g", batch, sequence, diff)
+        if not diff <= TOLERANCE:
+            raise ConversionError(
+                f"ONNX output differs from transformers by {diff:.3g} (> {TOLERANCE:g}) "
+                f"at batch {batch} x seq {sequence} ({onnx_path})"
+            )
+        worst = max(worst, diff)
+    return worst

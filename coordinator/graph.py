@@ -1,0 +1,293 @@
+"""Reading an ONNX graph: liveness of every tensor along the node order, measured tensor sizes and
+compute per node (one native onnxruntime run at small sample dims), and cutting out shard subgraphs.
+
+Everything planning needs is gathered into a ``GraphProfile``; ``planner.plan_shards`` takes it and
+does no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import ModelError, PlanError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_BATCH = 1
+SAMPLE_DIM = 16
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT16: "int16",
+    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A graph input or output: name, numpy dtype name and shape (ints, or dim names / None if dynamic)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GraphProfile:
+    """What planning needs to know about a graph, indexed by node position.
+
+    ``crossing[p]`` lists the non-constant tensors that are produced before node ``p`` (or are graph
+    inputs) and used at or after it (or are graph outputs): what must travel across a cut at ``p``.
+    ``crossing[n]`` is the graph outputs.
+    """
+
+    model_sha256: str
+    node_count: int
+    node_flops: tuple[float, ...]
+    node_weight_bytes: tuple[int, ...]
+    crossing: tuple[tuple[str, ...], ...]
+    crossing_bytes: tuple[int, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dtypes: dict[str, str]
+    vocab_limits: dict[str, int]
+    producers: dict[str, int]
+    consumers: dict[str, tuple[int, ...]]
+    tensor_bytes: dict[str, int]
+    node_weight_shapes: tuple[tuple[tuple[int, ...], ...], ...]
+
+
+def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    tt = vi.type.tensor_type
+    dtype = _ONNX_TO_NUMPY.get(tt.elem_type)
+    if dtype is None:
+        raise ModelError(f"graph tensor {vi.name!r} has unsupported element type {tt.elem_type}")
+    dims: list[int | str | None] = []
+    for d in tt.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return TensorSpec(vi.name, dtype, tuple(dims))
+
+
+def load_model(path: Path) -> tuple[onnx.ModelProto, str]:
+    """Load an ONNX file with weights, with Constant nodes turned into initializers; also its sha256."""
+    try:
+        data = Path(path).read_bytes()
+        model = onnx.load_from_string(data)
+    except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:  # type: ignore[attr-defined]
+        raise ModelError(f"cannot read ONNX model {path}: {e}") from e
+    except Exception as e:  # protobuf DecodeError has no stable import path
+        raise ModelError(f"{path} is not an ONNX model: {e}") from e
+    if len(model.graph.node) == 0:
+        raise ModelError(f"{path} is not an ONNX model (no graph nodes)")
+    _constants_to_initializers(model)
+    return model, hashlib.sha256(data).hexdigest()
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> None:
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            attr = node.attribute[0]
+            value: np.ndarray | None = None
+            if attr.name == "value":
+                value = numpy_helper.to_array(attr.t)
+            elif attr.name == "value_float":
+                value = np.array(attr.f, dtype=np.float32)
+            elif attr.name == "value_floats":
+                value = np.array(list(attr.floats), dtype=np.float32)
+            elif attr.name == "value_int":
+                value = np.array(attr.i, dtype=np.int64)
+            elif attr.name == "value_ints":
+                value = np.array(list(attr.ints), dtype=np.int64)
+            if value is not None:
+                model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                continue
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def node_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads, including outer-scope names its subgraphs (If/Loop/Scan) use."""
+    names = {n for n in node.input if n}
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            inner = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for sub in g.node:
+                names |= {n for n in node_inputs(sub) if n not in inner}
+                inner |= set(sub.output)
+    return names
+
+
+def _sample_inputs(specs: Iterable[TensorSpec]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for s in specs:
+        shape = [d if isinstance(d, int) and d > 0 else (SAMPLE_BATCH if i == 0 else SAMPLE_DIM)
+                 for i, d in enumerate(s.shape)]  # fmt: skip
+        fill = 0 if s.dtype.startswith("float") else 1
+        feeds[s.name] = np.full(shape, fill, dtype=s.dtype)
+    return feeds
+
+
+def _measure(model: onnx.ModelProto, inputs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
+    """Run the whole graph natively once at sample dims, returning every intermediate tensor."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in known:
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))
+                known.add(name)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(names, _sample_inputs(inputs))
+    except Exception as e:  # onnxruntime raises its own untyped errors
+        raise ModelError(f"onnxruntime cannot run the model at sample dims: {e}") from e
+    return dict(zip(names, values, strict=True))
+
+
+def _flops(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> float:
+    out = shapes.get(node.output[0]) if node.output else None
+    out_elems = float(math.prod(out)) if out is not None else 1.0
+    if node.op_type in ("MatMul", "Gemm", "MatMulInteger", "FusedMatMul"):
+        a = shapes.get(node.input[0], ())
+        k = a[-1] if a else 1
+        if node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute):
+            k = a[0] if a else 1
+        return 2.0 * out_elems * k
+    if node.op_type in ("Conv", "ConvTranspose"):
+        w = shapes.get(node.input[1], ())
+        return 2.0 * out_elems * (float(math.prod(w[1:])) if len(w) > 1 else 1.0)
+    return out_elems
+
+
+def _vocab_limits(
+    model: onnx.ModelProto, input_names: set[str], inits: dict[str, onnx.TensorProto]
+) -> dict[str, int]:
+    """Graph inputs used (maybe through Cast/Identity) as indices of a Gather on a weight table."""
+    alias = {n: n for n in input_names}
+    limits: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in ("Cast", "Identity") and node.input and node.input[0] in alias:
+            alias[node.output[0]] = alias[node.input[0]]
+        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in inits:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            src = alias.get(node.input[1])
+            if src is not None and axis == 0 and inits[node.input[0]].dims:
+                rows = int(inits[node.input[0]].dims[0])
+                limits[src] = min(rows, limits.get(src, rows))
+    return limits
+
+
+def profile_graph(model: onnx.ModelProto, model_sha256: str) -> GraphProfile:
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    inputs = tuple(_spec(i) for i in g.input if i.name not in inits)
+    outputs = tuple(_spec(o) for o in g.output)
+    n = len(g.node)
+    producer: dict[str, int] = {s.name: -1 for s in inputs}
+    last_use: dict[str, int] = {}
+    consumers: dict[str, list[int]] = {}
+    weight_bytes = []
+    weight_shapes = []
+    for i, node in enumerate(g.node):
+        used = node_inputs(node)
+        for name in used:
+            if name not in inits:
+                last_use[name] = i
+                consumers.setdefault(name, []).append(i)
+        weight_bytes.append(sum(_tensor_nbytes(inits[x]) for x in used if x in inits))
+        weight_shapes.append(tuple(sorted(tuple(int(d) for d in inits[x].dims) for x in used
+                                          if x in inits and len(inits[x].dims) >= 2)))  # fmt: skip
+        for name in node.output:
+            if name:
+                producer[name] = i
+    for o in outputs:
+        last_use[o.name] = n
+        if o.name not in producer and o.name not in inits:
+            raise ModelError(f"graph output {o.name!r} is produced by no node")
+    values = _measure(model, inputs)
+    values.update(_sample_inputs(inputs))
+    shapes = {k: tuple(v.shape) for k, v in values.items()}
+    shapes.update({k: tuple(int(d) for d in t.dims) for k, t in inits.items()})
+    nbytes = {k: int(v.nbytes) for k, v in values.items()}
+    dtypes = {k: v.dtype.name for k, v in values.items()}
+    crossing: list[tuple[str, ...]] = []
+    live: dict[str, None] = {}
+    starts: dict[int, list[str]] = {}
+    for name, p in producer.items():
+        if name in last_use and last_use[name] > p:
+            starts.setdefault(p + 1, []).append(name)
+    for p in range(n + 1):
+        for name in starts.get(p, []):
+            live[name] = None
+        for name in [x for x in live if last_use[x] < p]:
+            del live[name]
+        crossing.append(tuple(live))
+    crossing[n] = tuple(o.name for o in outputs)
+    return GraphProfile(
+        model_sha256=model_sha256,
+        node_count=n,
+        node_flops=tuple(_flops(node, shapes) for node in g.node),
+        node_weight_bytes=tuple(weight_bytes),
+        crossing=tuple(crossing),
+        crossing_bytes=tuple(sum(nbytes.get(x, 0) for x in c) for c in crossing),
+        inputs=inputs,
+        outputs=outputs,
+        dtypes=dtypes,
+        vocab_limits=_vocab_limits(model, {s.name for s in inputs}, inits),
+        producers={k: v for k, v in producer.items() if v >= 0},
+        consumers={k: tuple(v) for k, v in consumers.items()},
+        tensor_bytes=nbytes,
+        node_weight_shapes=tuple(weight_shapes),
+    )
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    itemsize = np.dtype(_ONNX_TO_NUMPY.get(t.data_type, "float32")).itemsize
+    return int(math.prod(t.dims)) * itemsize
+
+
+def extract_shard(
+    model: onnx.ModelProto, start: int, end: int, input_names: Iterable[str], output_names: Iterable[str],
+    dtypes: dict[str, str],
+) -> bytes:  # fmt: skip
+    """Serialize nodes ``[start, end)`` as a standalone ONNX model with the given inputs and outputs."""
+    g = model.graph
+    nodes = list(g.node[start:end])
+    if not nodes:
+        raise PlanError(f"shard [{start}, {end}) has no nodes")
+    used: set[str] = set()
+    for node in nodes:
+        used |= node_inputs(node)
+    inits = [t for t in g.initializer if t.name in used]
+
+    def vi(name: str) -> onnx.ValueInfoProto:
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name]))
+        return onnx.helper.make_tensor_value_info(name, elem, None)
+
+    graph = onnx.helper.make_graph(
+        nodes, f"{g.name or 'graph'}_{start}_{end}", [vi(x) for x in input_names], [vi(x) for x in output_names],
+        initializer=inits,
+    )  # fmt: skip
+    shard = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="xshard")
+    shard.ir_version = model.ir_version
+    shard.functions.extend(model.functions)
+    return shard.SerializeToString()

@@ -1,0 +1,120 @@
+"""Starting local shard workers as separate processes (``python -m shard_worker``).
+
+The coordinator never imports the worker package; it runs it, as ``xshard worker`` does.
+Each worker's output goes to a log file whose tail is shown if it fails to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.streams import Broker
+
+from .errors import AllocationError
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class LocalWorker:
+    worker_id: str
+    browser: str
+    platform: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def worker_command(
+    redis_url: str, browser: str, platform: str, namespace: str, cache_dir: Path, worker_id: str,
+    heartbeat_s: float,
+) -> list[str]:  # fmt: skip
+    return [
+        sys.executable, "-m", "shard_worker", "--redis", redis_url, "--browser", browser, "--platform", platform,
+        "--namespace", namespace, "--cache-dir", str(cache_dir), "--worker-id", worker_id,
+        "--heartbeat-s", str(heartbeat_s),
+    ]  # fmt: skip
+
+
+class LocalWorkers:
+    """Worker processes this coordinator started and must stop."""
+
+    def __init__(self, redis_url: str, namespace: str, cache_dir: Path, heartbeat_s: float) -> None:
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.cache_dir = cache_dir
+        self.heartbeat_s = heartbeat_s
+        self.workers: dict[str, LocalWorker] = {}
+        self.log_dir = cache_dir / "logs"
+
+    def spawn(self, browser: str, platform: str) -> LocalWorker:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        worker_id = f"{browser}-local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        log_path = self.log_dir / f"{worker_id}.log"
+        cmd = worker_command(self.redis_url, browser, platform, self.namespace, self.cache_dir, worker_id,
+                             self.heartbeat_s)  # fmt: skip
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)  # fmt: skip
+        w = LocalWorker(worker_id, browser, platform, proc, log_path)
+        self.workers[worker_id] = w
+        log.info("started local worker %s (pid %s, log %s)", worker_id, proc.pid, log_path)
+        return w
+
+    async def wait_registered(
+        self, broker: Broker, ids: list[str], timeout_s: float, max_age_ms: int
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = set(ids)
+        while pending:
+            for wid in list(pending):
+                w = self.workers[wid]
+                if w.process.poll() is not None:
+                    raise AllocationError(
+                        f"local {w.browser} worker exited with {w.process.returncode} before registering:\n{w.tail()}"
+                    )
+            live = {w["worker_id"] for w in await broker.live_workers(int(time.time() * 1000), max_age_ms)}
+            pending -= live
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {wid}:\n{self.workers[wid].tail()}" for wid in sorted(pending))
+                raise AllocationError(
+                    f"{len(pending)} local worker(s) did not register within {timeout_s}s\n{tails}"
+                )
+            await asyncio.sleep(0.1)
+
+    async def stop_all(self) -> None:
+        for w in self.workers.values():
+            if w.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for w in self.workers.values():
+            while w.process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if w.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(w.process.pid, signal.SIGKILL)
+                w.process.wait()
+        self.workers.clear()

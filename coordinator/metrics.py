@@ -1,0 +1,88 @@
+"""Live counters of what this manager measured, shaped as the guide's performance history."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+TIMELINE_LENGTH = 1000
+
+
+@dataclass
+class Counter:
+    success_count: int = 0
+    error_count: int = 0
+    total_latency: float = 0.0
+    execution_count: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+
+    def add(self, ok: bool, latency_ms: float | None) -> None:
+        self.execution_count += 1
+        if ok:
+            self.success_count += 1
+        else:
+            self.error_count += 1
+        if ok and latency_ms is not None:
+            self.total_latency += latency_ms
+            self.latencies.append(latency_ms)
+
+    def as_dict(self) -> dict[str, Any]:
+        lat = np.array(self.latencies) if self.latencies else None
+        return {
+            "success_count": self.success_count,
+            "error_count": self.error_count,
+            "total_latency": round(self.total_latency, 3),
+            "execution_count": self.execution_count,
+            "success_rate": self.success_count / self.execution_count if self.execution_count else 0.0,
+            "avg_latency": self.total_latency / self.success_count if self.success_count else 0.0,
+            "p50_latency": float(np.percentile(lat, 50)) if lat is not None else 0.0,
+            "p95_latency": float(np.percentile(lat, 95)) if lat is not None else 0.0,
+        }
+
+
+class LiveMetrics:
+    def __init__(self, shard_type: str) -> None:
+        self.shard_type = shard_type
+        self.requests = Counter()
+        self.components: dict[str, Counter] = {}
+        self.component_info: dict[str, dict[str, Any]] = {}
+        self.browsers: dict[str, Counter] = {}
+        self.platforms: dict[str, Counter] = {}
+        self.shard_types: dict[str, Counter] = {}
+        self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE_LENGTH)
+        self.recovery_events: list[dict[str, Any]] = []
+
+    def record_component(
+        self, component_id: str, info: dict[str, Any], ok: bool, kernel_ms: float | None
+    ) -> None:
+        self.components.setdefault(component_id, Counter()).add(ok, kernel_ms)
+        self.component_info[component_id] = info
+        self.browsers.setdefault(info["browser"], Counter()).add(ok, kernel_ms)
+        self.platforms.setdefault(info["platform"], Counter()).add(ok, kernel_ms)
+        self.shard_types.setdefault(self.shard_type, Counter()).add(ok, kernel_ms)
+
+    def record_request(self, request_id: str, ok: bool, latency_ms: float, error: str | None = None) -> None:
+        self.requests.add(ok, latency_ms)
+        entry: dict[str, Any] = {"timestamp": time.time(), "request_id": request_id, "success": ok,
+                                 "latency_ms": round(latency_ms, 3)}  # fmt: skip
+        if error:
+            entry["error"] = error
+        self.timeline.append(entry)
+
+    def history(self) -> dict[str, Any]:
+        components = {}
+        for cid, counter in self.components.items():
+            components[cid] = {**counter.as_dict(), **self.component_info[cid]}
+        return {
+            "components": components,
+            "browser_metrics": {b: c.as_dict() for b, c in self.browsers.items()},
+            "platform_metrics": {p: c.as_dict() for p, c in self.platforms.items()},
+            "overall_metrics": self.requests.as_dict(),
+            "shard_types": {s: c.as_dict() for s, c in self.shard_types.items()},
+            "timeline": list(self.timeline),
+            "recovery_events": list(self.recovery_events),
+        }

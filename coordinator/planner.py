@@ -1,0 +1,216 @@
+"""Cutting a graph into shards. Pure: ``plan_shards(profile, ...) -> Plan``, no I/O.
+
+Finding layer boundaries without knowing any tensor or op name:
+
+1. The *hidden size*: the byte size that nodes reading a weight matrix most often produce.
+2. *Residual points*: positions in the node order where exactly one hidden-sized tensor crosses
+   (the residual stream), besides small side tensors such as the attention mask or rotary tables.
+   Inside a block at least two cross (the residual and the branch being computed).
+3. Between consecutive residual points lie *segments*, each signed by the shapes of the weight
+   matrices it reads. A transformer's segments repeat with a period (attention, feed-forward:
+   two segments per layer); the longest periodic run is the body, its period is one layer, and the
+   residual points at multiples of the period from the body's start are the layer boundaries.
+   Without a period, every residual point is a boundary.
+
+Cuts are then chosen among the boundaries to minimize the most expensive shard, where a node's
+cost mixes its share of the compute (FLOPs at sample dims) and of the weight bytes.
+A plan is a DAG of stages (``upstream``); layer sharding makes it a chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import Counter
+from dataclasses import dataclass
+
+from .errors import PlanError
+from .graph import GraphProfile
+
+SHARD_TYPES = ("layer", "attention_feedforward", "component")
+ACTIVATION_FRACTION = 0.5
+MAX_PERIOD = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    index: int
+    start: int
+    end: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    carry_names: tuple[str, ...]
+    upstream: tuple[int, ...]
+    cost_share: float
+    flops_share: float
+    weight_bytes: int
+    crossing_bytes_out: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    model_sha256: str
+    shard_type: str
+    stages: tuple[Stage, ...]
+    boundary_kind: str
+
+    @property
+    def plan_id(self) -> str:
+        cuts = ",".join(f"{s.start}-{s.end}" for s in self.stages)
+        return hashlib.sha256(f"{self.model_sha256}|{self.shard_type}|{cuts}".encode()).hexdigest()[:16]
+
+    @property
+    def is_chain(self) -> bool:
+        return all(s.upstream == ((s.index - 1,) if s.index else ()) for s in self.stages)
+
+
+def node_costs(profile: GraphProfile, weight_share: float) -> list[float]:
+    total_flops = sum(profile.node_flops) or 1.0
+    total_w = sum(profile.node_weight_bytes) or 1
+    return [
+        (1.0 - weight_share) * f / total_flops + weight_share * w / total_w
+        for f, w in zip(profile.node_flops, profile.node_weight_bytes, strict=True)
+    ]
+
+
+def hidden_bytes(profile: GraphProfile) -> int:
+    """The activation size most often produced by nodes that read a weight matrix."""
+    sizes = Counter(
+        profile.tensor_bytes.get(name, 0)
+        for name, i in profile.producers.items()
+        if profile.node_weight_shapes[i] and profile.tensor_bytes.get(name, 0) > 0
+    )
+    if sizes:
+        return max(sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    biggest = sorted(max((profile.tensor_bytes.get(x, 0) for x in c), default=0) for c in profile.crossing)
+    return biggest[len(biggest) // 2] if biggest else 0
+
+
+def residual_points(profile: GraphProfile) -> list[int]:
+    """Positions where exactly one hidden-sized tensor crosses, one per residual region.
+
+    Positions separated only by nodes that read no weight matrix (norm statistics, shape
+    arithmetic) belong to one region; its point is where the fewest bytes cross, the latest of equals.
+    """
+    threshold = ACTIVATION_FRACTION * hidden_bytes(profile)
+    hits = [
+        p for p in range(1, profile.node_count)
+        if sum(profile.tensor_bytes.get(x, 0) >= threshold for x in profile.crossing[p]) == 1
+    ]  # fmt: skip
+    if not any(profile.node_weight_shapes):
+        return hits
+    regions: list[list[int]] = []
+    for p in hits:
+        if regions and not _signature(profile, regions[-1][-1], p):
+            regions[-1].append(p)
+        else:
+            regions.append([p])
+    return [min(r, key=lambda p: (profile.crossing_bytes[p], -p)) for r in regions]
+
+
+def _signature(profile: GraphProfile, start: int, end: int) -> tuple[tuple[int, ...], ...]:
+    return tuple(sorted(s for i in range(start, end) for s in profile.node_weight_shapes[i]))
+
+
+def layer_boundaries(profile: GraphProfile) -> tuple[list[int], str]:
+    """Positions between layers, and how they were found ("layer", "residual" or "node")."""
+    points = residual_points(profile)
+    if not points:
+        return list(range(1, profile.node_count)), "node"
+    edges = [*points, profile.node_count]
+    sigs = [_signature(profile, a, b) for a, b in itertools.pairwise(edges)]
+    best: tuple[int, int, int] | None = None  # (span, start, period)
+    for q in range(1, min(MAX_PERIOD, len(sigs) // 2) + 1):
+        j = 0
+        while j + q < len(sigs):
+            if sigs[j] != sigs[j + q] or not sigs[j]:
+                j += 1
+                continue
+            a = j
+            while j + q < len(sigs) and sigs[j] == sigs[j + q]:
+                j += 1
+            span = j - a + q  # segments a .. j+q-1 repeat with period q
+            if span >= 2 * q and (best is None or span > best[0]):
+                best = (span, a, q)
+    if best is None:
+        return points, "residual"
+    span, a, q = best
+    layers = span // q
+    bounds = [edges[a + k * q] for k in range(layers + 1)]
+    return [p for p in bounds if 0 < p < profile.node_count], "layer"
+
+
+def choose_cuts(profile: GraphProfile, num_shards: int, weight_share: float = 0.5) -> tuple[list[int], str]:
+    """``num_shards - 1`` cut positions among the boundaries, minimizing the costliest shard."""
+    n = profile.node_count
+    if num_shards < 1:
+        raise PlanError(f"num_shards must be >= 1, got {num_shards}")
+    if num_shards == 1:
+        return [], "none"
+    candidates, kind = layer_boundaries(profile)
+    if len(candidates) < num_shards - 1 and kind == "layer":
+        candidates, kind = residual_points(profile), "residual"
+    if len(candidates) < num_shards - 1:
+        raise PlanError(
+            f"the graph has {len(candidates) + 1} layer-like blocks; cannot cut it into {num_shards} shards"
+        )
+    cum = [0.0, *itertools.accumulate(node_costs(profile, weight_share))]
+    points = [0, *candidates, n]
+    m = len(points)
+    inf = float("inf")
+    # best[k][j]: minimal max-shard cost covering nodes [0, points[j]) with k shards; prev for the path.
+    best = [[inf] * m for _ in range(num_shards + 1)]
+    prev = [[-1] * m for _ in range(num_shards + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_shards + 1):
+        for j in range(1, m):
+            for i in range(j):
+                if best[k - 1][i] == inf:
+                    continue
+                c = max(best[k - 1][i], cum[points[j]] - cum[points[i]])
+                if c < best[k][j] - 1e-12:
+                    best[k][j], prev[k][j] = c, i
+    if best[num_shards][m - 1] == inf:
+        raise PlanError(f"cannot cut the graph into {num_shards} shards")
+    cuts, j = [], m - 1
+    for k in range(num_shards, 0, -1):
+        j = prev[k][j]
+        cuts.append(points[j])
+    return sorted(cuts)[1:], kind
+
+
+def plan_shards(
+    profile: GraphProfile, num_shards: int, shard_type: str = "layer", weight_share: float = 0.5
+) -> Plan:
+    if shard_type not in SHARD_TYPES:
+        raise PlanError(f"shard_type must be one of {', '.join(SHARD_TYPES)}, got {shard_type!r}")
+    if shard_type != "layer":
+        raise PlanError(f"shard_type {shard_type!r} is not implemented yet; use 'layer'")
+    cuts, kind = choose_cuts(profile, num_shards, weight_share)
+    bounds = list(zip([0, *cuts], [*cuts, profile.node_count], strict=True))
+    costs = node_costs(profile, weight_share)
+    total_cost = sum(costs) or 1.0
+    total_flops = sum(profile.node_flops) or 1.0
+    stages = []
+    for index, (start, end) in enumerate(bounds):
+        inputs = tuple(
+            x for x in profile.crossing[start] if any(start <= i < end for i in profile.consumers.get(x, ()))
+        )
+        carry = profile.crossing[end]
+        outputs = tuple(x for x in carry if start <= profile.producers.get(x, -1) < end)
+        stages.append(
+            Stage(
+                index=index,
+                start=start,
+                end=end,
+                input_names=inputs,
+                output_names=outputs,
+                carry_names=carry,
+                upstream=(index - 1,) if index else (),
+                cost_share=sum(costs[start:end]) / total_cost,
+                flops_share=sum(profile.node_flops[start:end]) / total_flops,
+                weight_bytes=sum(profile.node_weight_bytes[start:end]),
+                crossing_bytes_out=profile.crossing_bytes[end] if end < profile.node_count else 0,
+            )  # fmt: skip
+        )
+    return Plan(profile.model_sha256, shard_type, tuple(stages), kind)

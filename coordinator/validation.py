@@ -1,0 +1,112 @@
+"""Checking a request's inputs against the model before anything is enqueued. Pure.
+
+Accepts lists or numpy arrays. A single unbatched example (rank one less than the model's) gets a
+batch axis. A missing ``attention_mask`` defaults to ones and a missing ``token_type_ids`` to zeros,
+shaped like the other inputs, as Hugging Face models do; any other missing input is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .graph import TensorSpec
+
+DEFAULTED = {"attention_mask": 1, "token_type_ids": 0}
+
+
+def _as_array(name: str, value: Any) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"input {name!r} is not a rectangular array: {e}") from e
+    if arr.dtype == object or arr.dtype.kind in "USV":
+        raise InputError(f"input {name!r} must be numeric, got {arr.dtype} (ragged or non-numeric values)")
+    return arr
+
+
+def _cast(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
+    target = np.dtype(spec.dtype)
+    kind = arr.dtype.kind
+    if target.kind in "iu":
+        if kind not in "iub":
+            raise InputError(f"input {spec.name!r} must be integers ({spec.dtype}), got {arr.dtype}")
+        if arr.size and kind in "iu":
+            info = np.iinfo(target)
+            if arr.min() < info.min or arr.max() > info.max:
+                raise InputError(f"input {spec.name!r} has values outside the range of {spec.dtype}")
+    elif target.kind == "b":
+        if kind not in "biu":
+            raise InputError(f"input {spec.name!r} must be boolean, got {arr.dtype}")
+    elif target.kind == "f":
+        if kind not in "fiub":
+            raise InputError(f"input {spec.name!r} must be numbers ({spec.dtype}), got {arr.dtype}")
+        if kind == "f" and not np.isfinite(arr).all():
+            raise InputError(f"input {spec.name!r} holds NaN or infinite values")
+    return np.ascontiguousarray(arr.astype(target, copy=False))
+
+
+def validate_inputs(
+    inputs: Any, specs: Sequence[TensorSpec], vocab_limits: Mapping[str, int]
+) -> dict[str, np.ndarray]:
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise InputError("inputs must be a non-empty mapping of input name -> array")
+    by_name = {s.name: s for s in specs}
+    expected = ", ".join(by_name)
+    unknown = [k for k in inputs if k not in by_name]
+    if unknown:
+        raise InputError(f"unknown input {unknown[0]!r}; the model takes: {expected}")
+    out: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        spec = by_name[name]
+        arr = _as_array(name, value)
+        if arr.ndim == len(spec.shape) - 1:
+            arr = arr[np.newaxis, ...]
+        if arr.ndim != len(spec.shape):
+            raise InputError(
+                f"input {name!r} must have rank {len(spec.shape)} (shape {_fmt(spec.shape)}), got shape {arr.shape}"
+            )
+        if arr.size == 0:
+            raise InputError(
+                f"input {name!r} is empty (shape {arr.shape}); the batch needs at least one example"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
+            if isinstance(want, int) and want > 0 and want != got:
+                raise InputError(f"input {name!r} axis {axis} must be {want}, got shape {arr.shape}")
+        out[name] = _cast(spec, arr)
+    missing = [s for s in specs if s.name not in out]
+    for spec in missing:
+        if spec.name not in DEFAULTED or not out:
+            raise InputError(f"missing input {spec.name!r}; the model takes: {expected}")
+    for spec in missing:
+        ref = next(a for a in out.values())
+        shape = ref.shape[: len(spec.shape)]
+        out[spec.name] = np.full(shape, DEFAULTED[spec.name], dtype=spec.dtype)
+    _check_dims(specs, out)
+    for name, limit in vocab_limits.items():
+        arr = out.get(name)
+        if arr is not None and (arr.min() < 0 or arr.max() >= limit):
+            bad = arr[(arr < 0) | (arr >= limit)].ravel()[0]
+            raise InputError(f"input {name!r} holds token id {bad} outside the vocabulary [0, {limit})")
+    return out
+
+
+def _check_dims(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> None:
+    seen: dict[str, tuple[str, int]] = {}
+    for spec in specs:
+        arr = arrays[spec.name]
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str):
+                if dim in seen and seen[dim][1] != arr.shape[axis]:
+                    other, size = seen[dim]
+                    raise InputError(
+                        f"inputs {other!r} and {spec.name!r} disagree on dimension {dim!r}: {size} vs {arr.shape[axis]}"
+                    )
+                seen.setdefault(dim, (spec.name, arr.shape[axis]))
+
+
+def _fmt(shape: Sequence[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
