@@ -52,7 +52,7 @@ class ShardJob:
     route: tuple[str, ...]
     reply_stream: str
     tensors: Tensors
-    enqueued_ms: int
+    enqueued_ms: float
     attempt: int = 1
     trace: tuple[dict[str, Any], ...] = ()
 

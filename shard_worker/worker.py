@@ -41,8 +41,8 @@ from .settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+def now_ms() -> float:
+    return time.time() * 1000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +122,10 @@ class ShardWorker:
                 "browser": s.browser, "platform": s.platform, "user_agent": caps["userAgent"],
                 "execution_provider": choice["provider"], "adapter": choice["adapter"],
                 "platform_note": choice.get("note", ""), "capabilities": caps, "pid": str(os.getpid()),
-                "browser_pid": str(self._browser.pid), "host": socket.gethostname(), "started_ms": str(now_ms()),
+                "browser_pid": str(self._browser.pid), "host": socket.gethostname(), "started_ms": str(int(now_ms())),
                 "stages": [],
             },
-            now_ms(),
+            int(now_ms()),
         )  # fmt: skip
         log.info(
             "worker %s ready: %s, %s on %s (%s)", self.id, s.browser, choice["provider"], choice["adapter"],
@@ -179,7 +179,7 @@ class ShardWorker:
     async def _heartbeat_loop(self) -> None:
         assert self._broker
         while True:
-            await self._broker.heartbeat(self.id, now_ms(), sorted(self.stages))
+            await self._broker.heartbeat(self.id, int(now_ms()), sorted(self.stages))
             await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _control_loop(self) -> None:

@@ -1,0 +1,33 @@
+"""Manager settings: one frozen dataclass with units in the names and a ``from_env()``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XSHARD_CACHE_DIR") or Path.home() / ".cache" / "xshard")
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerSettings:
+    namespace: str = "default"
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    worker_wait_s: float = 120.0
+    assign_timeout_s: float = 900.0
+    request_timeout_s: float = 600.0
+    heartbeat_s: float = 0.5
+    heartbeat_max_age_ms: int = 2000
+    weight_share: float = 0.5
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> ManagerSettings:
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            env = os.environ.get(f"XSHARD_{f.name.upper()}")
+            if env is not None:
+                values[f.name] = Path(env) if f.name == "cache_dir" else type(getattr(cls(), f.name))(env)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
