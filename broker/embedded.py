@@ -17,6 +17,7 @@ from pathlib import Path
 import redis
 
 from .errors import EmbeddedBrokerError
+from .process import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class EmbeddedValkey:
             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
         ]  # fmt: skip
         self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=die_with_parent,
         )
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + START_TIMEOUT_S

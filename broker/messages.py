@@ -121,6 +121,7 @@ class AssignmentReply:
     adapter: str
     user_agent: str
     load_ms: float
+    note: str = ""
 
 
 Message = ShardJob | ShardResult | ShardFailure | Assignment | Release | AssignmentReply | StageTrace

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_BATCH = 1
 SAMPLE_DIM = 16
+SCALAR_FEED_SHAPE = (1,)  # how a rank-0 tensor is fed to a shard
 
 _ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64",
@@ -262,6 +263,12 @@ def profile_graph(model: onnx.ModelProto, model_sha256: str) -> GraphProfile:
     )
 
 
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
 def _tensor_nbytes(t: onnx.TensorProto) -> int:
     itemsize = np.dtype(_ONNX_TO_NUMPY.get(t.data_type, "float32")).itemsize
     return int(math.prod(t.dims)) * itemsize
@@ -271,23 +278,39 @@ def extract_shard(
     model: onnx.ModelProto, start: int, end: int, input_names: Iterable[str], output_names: Iterable[str],
     dtypes: dict[str, str], ranks: dict[str, int],
 ) -> bytes:  # fmt: skip
-    """Serialize nodes ``[start, end)`` as a standalone ONNX model with the given inputs and outputs."""
+    """Serialize nodes ``[start, end)`` as a standalone ONNX model with the given inputs and outputs.
+
+    Scalar (rank-0) inputs are declared with shape ``[1]`` and squeezed inside the shard:
+    onnxruntime-web 1.30 turns a rank-0 feed into ``[1]`` (an Unsqueeze then yields rank 2), so
+    scalars always travel to a shard as one-element vectors (see ``SCALAR_FEED_SHAPE``).
+    """
     g = model.graph
-    nodes = list(g.node[start:end])
+    nodes = [_copy(n) for n in g.node[start:end]]
     if not nodes:
         raise PlanError(f"shard [{start}, {end}) has no nodes")
     used: set[str] = set()
     for node in nodes:
         used |= node_inputs(node)
     inits = [t for t in g.initializer if t.name in used]
+    scalars = [x for x in input_names if ranks[x] == 0]
+    for x in scalars:
+        inner = f"{x}::scalar"
+        for node in nodes:
+            for k, name in enumerate(node.input):
+                if name == x:
+                    node.input[k] = inner
+        nodes.insert(0, onnx.helper.make_node("Squeeze", [x], [inner], name=f"xshard_squeeze_{x}"))
 
-    def vi(name: str) -> onnx.ValueInfoProto:
+    def vi(name: str, feed: bool) -> onnx.ValueInfoProto:
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name]))
-        dims = [f"{name}:{axis}" for axis in range(ranks[name])]
-        return onnx.helper.make_tensor_value_info(name, elem, dims)
+        rank = ranks[name]
+        dims: list[str | int] = [f"{name}:{axis}" for axis in range(rank)]
+        return onnx.helper.make_tensor_value_info(
+            name, elem, list(SCALAR_FEED_SHAPE) if feed and not rank else dims
+        )
 
     graph = onnx.helper.make_graph(
-        nodes, f"{g.name or 'graph'}_{start}_{end}", [vi(x) for x in input_names], [vi(x) for x in output_names],
+        nodes, f"{g.name or 'graph'}_{start}_{end}", [vi(x, True) for x in input_names], [vi(x, False) for x in output_names],
         initializer=inits,
     )  # fmt: skip
     shard = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="xshard")

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.process import die_with_parent
 from broker.streams import Broker
 
 from .errors import AllocationError
@@ -75,7 +76,7 @@ class LocalWorkers:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)  # fmt: skip
+                                    start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         w = LocalWorker(worker_id, browser, platform, proc, log_path)
         self.workers[worker_id] = w
         log.info("started local worker %s (pid %s, log %s)", worker_id, proc.pid, log_path)

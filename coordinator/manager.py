@@ -44,6 +44,19 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _match_browsers(slots: Mapping[int, Slot], live: list[dict[str, Any]]) -> dict[int, str] | None:
+    """Distinct live workers of each shard's browser, or None if some shard has none free."""
+    free = list(live)
+    out = {}
+    for i, slot in slots.items():
+        w = next((w for w in free if w.get("browser") == slot.browser), None)
+        if w is None:
+            return None
+        free.remove(w)
+        out[i] = w["worker_id"]
+    return out
+
+
 class ModelShardingManager:
     """Shards a model across browsers and runs inference through the shards."""
 
@@ -100,6 +113,7 @@ class ModelShardingManager:
         self._local: LocalWorkers | None = None
         self._route: tuple[str, ...] = ()
         self._assigned: dict[str, list[str]] = {}  # worker_id -> stage streams
+        self._slots: dict[int, Slot] = {}
 
     @property
     def broker_url(self) -> str | None:
@@ -122,23 +136,18 @@ class ModelShardingManager:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def initialize_sharding(self) -> bool:
-        """Resolve and cut the model, connect the broker, start or find workers, load the shards."""
-        try:
-            await self._initialize()
-        except (XshardError, BrokerError, ValueError, OSError) as e:
-            self.last_error = str(e)
-            log.error("initialize_sharding failed: %s", e)
-            return False
-        self.initialized = True
-        return True
+    async def prepare(self) -> ShardSet:
+        """Resolve and cut the model and choose browsers, without a broker or a browser.
 
-    async def _initialize(self) -> None:
+        Idempotent; ``initialize_sharding`` calls it. Raises ModelError, PlanError, AllocationError.
+        """
+        if self.shards is not None:
+            return self.shards
         s = self.settings
         self._progress(f"resolving model {self.model_name}")
         self.model = await asyncio.to_thread(resolve_model, self.model_name, s.cache_dir, self._progress)
-        self._progress(f"cutting {self.model.onnx_path.name} into {self.num_shards} {self.shard_type} shards")
-        self.shards = await asyncio.to_thread(
+        self._progress(f"cutting {self.model_name} into {self.num_shards} {self.shard_type} shards")
+        shards = await asyncio.to_thread(
             build_shard_set,
             self.model.onnx_path,
             self.num_shards,
@@ -146,15 +155,39 @@ class ModelShardingManager:
             s.cache_dir,
             s.weight_share,
         )
-        slots = allocate(
+        self._slots = allocate(
             self.num_shards, model_type=self.model_type, model_kind=self.model.kind,
             installed=lambda b: find_executable(b) is not None, platform=self.platform, browsers=self.browsers,
             custom=self.custom_browser_allocation,
         )  # fmt: skip
+        self.shards = shards
+        return shards
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The inputs as the model's arrays, or InputError; needs ``prepare()`` first."""
+        if self.shards is None:
+            raise XshardError("call prepare() or initialize_sharding() first")
+        return validate_inputs(inputs, self.shards.profile.inputs, self.shards.profile.vocab_limits)
+
+    async def initialize_sharding(self) -> bool:
+        """Prepare the model, connect the broker, start or find workers, load the shards."""
+        try:
+            await self.prepare()
+            await self._start()
+        except (XshardError, BrokerError, ValueError, OSError) as e:
+            self.last_error = str(e)
+            log.info("initialize_sharding failed: %s", e)
+            return False
+        self.initialized = True
+        return True
+
+    async def _start(self) -> None:
+        assert self.shards is not None
         await self._connect()
         assert self._broker is not None
         plan = self.shards.plan
         self._route = tuple(self._broker.keys.stage(plan.plan_id, st.index) for st in plan.stages)
+        slots = dict(self._slots)
         workers = await (
             self._start_local_workers(slots) if self.redis_url is None else self._find_workers(slots)
         )
@@ -188,15 +221,26 @@ class ModelShardingManager:
         return {i: [wid] for i, wid in chosen.items()}
 
     async def _find_workers(self, slots: dict[int, Slot]) -> dict[int, list[str]]:
-        """Map shards to registered workers: a matching browser first; extra workers scale out."""
+        """Map shards to registered workers: a matching browser first; extra workers scale out.
+
+        Waits until every shard has a free worker of its browser, or (once there are enough workers
+        of any browser) ``browser_match_wait_s`` more, then takes other browsers and says so.
+        """
         assert self._broker is not None
         s = self.settings
         deadline = time.monotonic() + s.worker_wait_s
+        enough_since: float | None = None
         self._progress(f"waiting for {self.num_shards} workers on {self.redis_url}")
         while True:
-            live = await self._broker.live_workers(now_ms(), s.heartbeat_max_age_ms)
+            live = sorted(
+                await self._broker.live_workers(now_ms(), s.heartbeat_max_age_ms),
+                key=lambda w: w["worker_id"],
+            )
+            matched = _match_browsers(slots, live)
             if len(live) >= self.num_shards:
-                break
+                enough_since = enough_since or time.monotonic()
+                if matched is not None or time.monotonic() - enough_since > s.browser_match_wait_s:
+                    break
             if time.monotonic() > deadline:
                 have = ", ".join(f"{w['worker_id']} ({w.get('browser')})" for w in live) or "none"
                 raise AllocationError(
@@ -204,7 +248,7 @@ class ModelShardingManager:
                     f"{self.redis_url} (namespace {s.namespace}) within {s.worker_wait_s}s: {have}"
                 )
             await asyncio.sleep(0.2)
-        free = sorted(live, key=lambda w: w["worker_id"])
+        free = list(live)
         chosen: dict[int, list[str]] = {}
         for i, slot in slots.items():
             match = next((w for w in free if w.get("browser") == slot.browser), None)
@@ -246,7 +290,7 @@ class ModelShardingManager:
             entry = {
                 **slot.as_dict(), "worker_id": wid, "execution_provider": r.execution_provider,
                 "adapter": r.adapter, "user_agent": r.user_agent, "load_ms": round(r.load_ms, 1),
-                "requested_platform": slot.platform, "platform": r.execution_provider,
+                "requested_platform": slot.platform, "platform": r.execution_provider, "platform_note": r.note,
             }  # fmt: skip
             if i in self.allocation:
                 self.allocation[i].setdefault("replicas", []).append(entry)
@@ -284,14 +328,15 @@ class ModelShardingManager:
     async def run_inference_sharded(self, inputs: Mapping[str, Any], max_retries: int = 2) -> dict[str, Any]:
         """Run one request through the shards; ``{"result", "metrics"}`` or ``{"error"}``."""
         if not self.initialized or self.shards is None or self._dispatcher is None:
-            return {"error": "the manager is not initialized: call initialize_sharding() first"}
+            return {"error": "the manager is not initialized: call initialize_sharding() first",
+                    "error_kind": "state"}  # fmt: skip
         try:
-            arrays = validate_inputs(inputs, self.shards.profile.inputs, self.shards.profile.vocab_limits)
+            arrays = self.check_inputs(inputs)
         except InputError as e:
-            return {"error": str(e)}
+            return {"error": str(e), "error_kind": "input"}
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
-        last_error = ""
+        last_error, error_kind = "", "failed"
         attempts = 0
         for attempt in range(1, max(0, max_retries) + 2):
             attempts = attempt
@@ -305,6 +350,7 @@ class ModelShardingManager:
             except TimeoutError:
                 self._dispatcher.forget(request_id)
                 last_error = f"request {request_id} timed out after {self.settings.request_timeout_s}s"
+                error_kind = "timeout"
                 break
             except BrokerError as e:
                 last_error = f"request {request_id}: {e}"
@@ -318,10 +364,11 @@ class ModelShardingManager:
                 f"shard {reply.stage_index} failed on {reply.worker_id} (attempt {attempt}): {reply.error}"
             )
             if reply.kind == "input":
+                error_kind = "input"
                 break
         latency_ms = (time.perf_counter() - started) * 1000.0
         self.metrics.record_request(request_id, False, latency_ms, last_error)
-        return {"error": last_error, "request_id": request_id, "attempts": attempts}
+        return {"error": last_error, "error_kind": error_kind, "request_id": request_id, "attempts": attempts}
 
     def _component_id(self, shard_index: int) -> str:
         return f"shard_{shard_index}"

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
 from .errors import PlanError
 from .graph import GraphProfile
+
+log = logging.getLogger(__name__)
 
 SHARD_TYPES = ("layer", "attention_feedforward", "component")
 ACTIVATION_FRACTION = 0.5
@@ -148,11 +151,15 @@ def choose_cuts(profile: GraphProfile, num_shards: int, weight_share: float = 0.
     if num_shards == 1:
         return [], "none"
     candidates, kind = layer_boundaries(profile)
+    layers = len(candidates) + 1
     if len(candidates) < num_shards - 1 and kind == "layer":
         candidates, kind = residual_points(profile), "residual"
+        if len(candidates) >= num_shards - 1:
+            log.warning("%d shards but only %d layer blocks: cutting inside layers too", num_shards, layers)
     if len(candidates) < num_shards - 1:
         raise PlanError(
-            f"the graph has {len(candidates) + 1} layer-like blocks; cannot cut it into {num_shards} shards"
+            f"cannot cut the graph into {num_shards} shards: it has {layers} layer blocks "
+            f"and {len(candidates) + 1} pieces between residual points"
         )
     cum = [0.0, *itertools.accumulate(node_costs(profile, weight_share))]
     points = [0, *candidates, n]

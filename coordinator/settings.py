@@ -16,6 +16,7 @@ class ManagerSettings:
     namespace: str = "default"
     cache_dir: Path = field(default_factory=default_cache_dir)
     worker_wait_s: float = 120.0
+    browser_match_wait_s: float = 10.0
     assign_timeout_s: float = 900.0
     request_timeout_s: float = 600.0
     heartbeat_s: float = 0.5

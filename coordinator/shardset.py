@@ -52,7 +52,12 @@ def build_shard_set(
     digests = []
     for stage in plan.stages:
         data = extract_shard(
-            model, stage.start, stage.end, stage.input_names, stage.output_names, profile.dtypes,
+            model,
+            stage.start,
+            stage.end,
+            stage.input_names,
+            stage.output_names,
+            profile.dtypes,
             profile.tensor_ranks,
         )
         digests.append(store(shard_dir, data))

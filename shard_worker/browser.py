@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.browsers import find_executable, install_hint
+from broker.process import die_with_parent
 
 from .errors import BrowserError
 
@@ -103,6 +104,7 @@ class BrowserProcess:
             self._proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True, env=env,
+                preexec_fn=die_with_parent,
             )  # fmt: skip
         except OSError as e:
             raise BrowserError(f"cannot start {self.browser} ({exe}): {e}") from e

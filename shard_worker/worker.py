@@ -227,7 +227,7 @@ class ShardWorker:
                 )
                 self._stages_changed.set()
                 reply.update(ok=True, execution_provider=info["provider"], adapter=info["adapter"],
-                             load_ms=float(info["load_ms"]))  # fmt: skip
+                             load_ms=float(info["load_ms"]), note=info.get("note") or "")  # fmt: skip
                 log.info("worker %s serves shard %d of %s with %s (%.0f ms to load)", self.id, a.shard_index,
                          a.plan_id, info["provider"], info["load_ms"])  # fmt: skip
             except (PageError, BridgeTimeout) as e:
@@ -279,11 +279,14 @@ class ShardWorker:
                 d, job, stage, "input", f"job lacks tensors {missing} for shard {stage.shard_index}"
             )
             return
-        feeds = {n: job.tensors[n] for n in stage.input_names}
+        # shard graphs take scalars as one-element vectors (onnxruntime-web mis-ranks rank-0 feeds)
+        feeds = {n: job.tensors[n].reshape(1) if job.tensors[n].ndim == 0 else job.tensors[n]
+                 for n in stage.input_names}  # fmt: skip
         try:
             result = await self._bridge.run(d.stream, feeds, self.settings.run_timeout_s)
         except PageError as e:
-            await self._fail(d, job, stage, "kernel", str(e))
+            shapes = ", ".join(f"{n}: {a.dtype}{list(a.shape)}" for n, a in feeds.items())
+            await self._fail(d, job, stage, "kernel", f"{e} (inputs {shapes})")
             return
         except (BridgeClosed, BridgeTimeout) as e:
             log.error(

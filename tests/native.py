@@ -26,7 +26,8 @@ def run_chain(shards: ShardSet, inputs: dict[str, np.ndarray]) -> dict[str, np.n
     env = dict(inputs)
     for stage in shards.plan.stages:
         sess = _session(shards.path(stage.index))
-        outs = sess.run(list(stage.output_names), {n: env[n] for n in stage.input_names})
+        feeds = {n: env[n].reshape(1) if env[n].ndim == 0 else env[n] for n in stage.input_names}
+        outs = sess.run(list(stage.output_names), feeds)
         env.update(zip(stage.output_names, outs, strict=True))
         env = {n: env[n] for n in stage.carry_names}
     return env

@@ -1,0 +1,390 @@
+"""``xshard``: the command line.
+
+::
+
+    xshard run      one request through a sharded model: inputs from .npz, outputs to .npz, metrics to stdout
+    xshard worker   one shard worker owning one browser (runs ``python -m shard_worker``)
+    xshard broker   an embedded valkey-server in the foreground, for external workers
+    xshard demo     all-MiniLM-L6-v2 sharded across Chromium and Firefox
+
+Exit codes: 0 success, 1 the run failed (browsers, broker, a request), 2 bad usage or bad input.
+Bad input is reported before any browser starts or anything is enqueued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from broker.embedded import EmbeddedValkey
+from broker.errors import BrokerError
+
+from .allocation import PLATFORMS, normalize_browser
+from .console import ProgressPrinter, fail, format_allocation, format_components, format_fields
+from .errors import ConversionError, XshardError
+from .manager import ModelShardingManager
+from .planner import SHARD_TYPES
+from .settings import ManagerSettings
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("text", "vision", "audio", "multimodal")
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+ZIP_MAGIC = b"PK\x03\x04"
+NPY_MAGIC = b"\x93NUMPY"
+
+
+class UsageError(Exception):
+    """Bad arguments or bad input: exit 2 with one line, before anything starts."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: ``xshard: error: <message>``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"xshard: error: {message}\n")
+
+
+# -- xshard run ---------------------------------------------------------------------------------
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, keyed by input name; UsageError if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+        if not magic.startswith(ZIP_MAGIC) and magic != NPY_MAGIC:
+            raise UsageError(
+                f"inputs file {path} is not an .npz file; write it with np.savez(path, input_ids=...)"
+            )
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UsageError(f"inputs file {path} does not exist") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # unreadable, a corrupt zip
+        raise UsageError(f"cannot read inputs file {path} as .npz: {e}") from e
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise UsageError(
+            f"{path} holds one unnamed array; save the inputs with np.savez(path, input_ids=...)"
+        )
+    try:
+        with archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a corrupt member, an object array
+        raise UsageError(f"cannot read inputs file {path} as .npz: {e}") from e
+    if not arrays:
+        raise UsageError(f"inputs file {path} holds no arrays")
+    return arrays
+
+
+def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` (exactly that name, no .npz appended), replacing it atomically."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        named: dict[str, Any] = dict(arrays)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **named)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def split_browsers(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    return [normalize_browser(b) for b in value.split(",") if b.strip()] or None
+
+
+async def preflight(args: argparse.Namespace, manager: ModelShardingManager) -> dict[str, np.ndarray]:
+    """Check everything that can be checked without a browser: inputs file, output dir, browser names,
+    the model and its plan, the inputs against the model. Raises UsageError or XshardError."""
+    inputs = load_npz(args.inputs)
+    if not args.output.parent.is_dir():
+        raise UsageError(f"output directory {args.output.parent} does not exist")
+    await manager.prepare()
+    return manager.check_inputs(inputs)
+
+
+def print_run(manager: ModelShardingManager, result: Mapping[str, Any], output: Path) -> None:
+    metrics = result["metrics"]
+    info = manager.get_metrics()
+    outs = ", ".join(f"{name} {arr.dtype} {list(arr.shape)}" for name, arr in result["result"].items())
+    broker = f"{info['broker']} ({'embedded' if info['embedded_broker'] else 'external'})"
+    fields = [
+        (
+            "model",
+            f"{info['model_path']} ({info['model_kind']}), {info['num_shards']} {info['shard_type']} "
+            f"shards, plan {info['plan_id']}",
+        ),
+        ("broker", broker),
+        ("output", f"{output}: {outs}"),
+        (
+            "request",
+            f"{metrics['request_id']} ({metrics['successful_components']}/{metrics['component_count']} "
+            f"shards, {metrics['attempts']} attempt(s))",
+        ),
+        ("inference", f"{metrics['inference_time_ms']:.1f} ms end to end"),
+        ("kernel", f"{metrics['kernel_time_ms']:.1f} ms in onnxruntime-web, summed over shards"),
+        ("overhead", f"{metrics['overhead_ms']:.1f} ms (broker hops, tensor codec, page bridge)"),
+    ]
+    print(format_fields(fields))
+    print("\nshards in this request")
+    print(format_components(metrics["component_results"]))
+    print("\nallocation")
+    print(format_allocation(info["browser_allocation"]))
+
+
+async def run_request(args: argparse.Namespace) -> int:
+    # quiet until the preflight passed, so a bad input is one line on stderr
+    progress = ProgressPrinter(sys.stderr, enabled=False)
+    settings = ManagerSettings.from_env(
+        namespace=args.namespace, cache_dir=args.cache_dir, request_timeout_s=args.timeout_s
+    )
+    try:
+        browsers = split_browsers(args.browsers)
+    except XshardError as e:
+        fail(str(e))
+        return EXIT_USAGE
+    manager = ModelShardingManager(
+        model_name=args.model,
+        num_shards=args.shards,
+        shard_type=args.shard_type,
+        model_type=args.model_type,
+        db_path=args.db,
+        redis_url=args.redis,
+        browsers=browsers,
+        platform=args.platform,
+        settings=settings,
+        progress=progress,
+    )
+    try:
+        try:
+            inputs = await preflight(args, manager)
+        except ConversionError as e:
+            fail(str(e))
+            return EXIT_FAILED
+        except (UsageError, XshardError) as e:
+            fail(str(e))
+            return EXIT_USAGE
+        progress.enabled = not args.quiet
+        if not await manager.initialize_sharding():
+            fail(manager.last_error or "initializing the shards failed")
+            return EXIT_FAILED
+        progress(f"running one request ({', '.join(inputs)})")
+        result = await manager.run_inference_sharded(inputs)
+        if "error" in result:
+            fail(result["error"])
+            return EXIT_FAILED
+        try:
+            save_npz(args.output, result["result"])
+        except OSError as e:
+            fail(f"cannot write outputs to {args.output}: {e}")
+            return EXIT_FAILED
+        if args.json:
+            report = {
+                **result["metrics"],
+                "outputs": {
+                    n: {"dtype": str(a.dtype), "shape": list(a.shape)} for n, a in result["result"].items()
+                },
+                "output_path": str(args.output),
+                "browser_allocation": manager.get_metrics()["browser_allocation"],
+            }
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            print_run(manager, result, args.output)
+        return 0
+    finally:
+        await manager.close()
+
+
+# -- xshard worker / broker / demo ---------------------------------------------------------------
+
+
+def exec_worker(worker_args: Sequence[str], log_level: str | None) -> NoReturn:
+    """Replace this process with ``python -m shard_worker``; the coordinator never imports the worker."""
+    argv = list(worker_args)
+    if log_level and not any(a == "--log-level" or a.startswith("--log-level=") for a in argv):
+        argv += ["--log-level", log_level]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "shard_worker", *argv])
+
+
+def serve_broker(port: int | None, appendonly: bool, data_dir: Path | None) -> int:
+    """Run an embedded valkey-server until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        server = EmbeddedValkey(port=port, appendonly=appendonly, data_dir=data_dir)
+        server.start()
+    except (BrokerError, OSError) as e:
+        fail(str(e))
+        return EXIT_FAILED
+    try:
+        print(f"REDIS_URL={server.url}", flush=True)
+        print(
+            f"xshard broker: valkey-server pid {server.pid}, data in {server.data_dir}"
+            f"{' (append-only file on)' if appendonly else ''}; start workers with\n"
+            f"  xshard worker --redis {server.url} --browser chromium\n"
+            "Ctrl-C stops it.",
+            file=sys.stderr,
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        server.stop()
+    print("xshard broker: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from .demo import DEFAULT_SENTENCES, run_demo  # tokenizers is only needed here
+
+    try:
+        browsers = split_browsers(args.browsers) or []
+    except XshardError as e:
+        fail(str(e))
+        return EXIT_USAGE
+    return asyncio.run(
+        run_demo(browsers, args.shards, args.platform, args.sentences or list(DEFAULT_SENTENCES))
+    )
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return x
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def log_level_parent(default: str | None) -> Parser:
+    """``--log-level``, accepted before and after the subcommand."""
+    p = Parser(add_help=False)
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=default,
+        help="WARNING (default); INFO shows progress logs; DEBUG",
+    )
+    return p
+
+
+def add_run_parser(sub: Any, common: Parser) -> None:
+    p = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run one request through a sharded model",
+        description="Run one request through a model sharded across headless browsers.",
+    )
+    p.add_argument(
+        "--model", required=True, help="an .onnx file, a Hugging Face directory or all-MiniLM-L6-v2"
+    )
+    p.add_argument("--shards", type=positive_int, default=2, help="number of shards (default 2)")
+    p.add_argument("--shard-type", choices=SHARD_TYPES, default="layer")
+    p.add_argument("--model-type", choices=MODEL_TYPES, default="text")
+    p.add_argument(
+        "--browsers", default=None, help="comma-separated, round-robin over shards, e.g. chromium,firefox"
+    )
+    p.add_argument("--platform", choices=PLATFORMS, default="auto")
+    p.add_argument("--inputs", type=Path, required=True, help=".npz file, one array per model input name")
+    p.add_argument("--output", type=Path, required=True, help=".npz file to write, one array per output name")
+    p.add_argument(
+        "--redis", default=None, help="use workers registered on this broker (default: embedded + local)"
+    )
+    p.add_argument("--db", default=None, help="DuckDB file for performance history")
+    p.add_argument("--namespace", default=None, help="key namespace shared with the workers")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="conversion and shard cache (XSHARD_CACHE_DIR)"
+    )
+    p.add_argument("--timeout-s", type=positive_float, default=None, help="per-request timeout in seconds")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="xshard",
+        description="Fault-tolerant model sharding across headless browsers.",
+        parents=[log_level_parent(None)],
+    )
+    common = log_level_parent(argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_run_parser(sub, common)
+    sub.add_parser("worker", add_help=False, help="run one shard worker (xshard worker --help)")
+    b = sub.add_parser("broker", parents=[common], help="run an embedded valkey-server for external workers")
+    b.add_argument("--port", type=positive_int, default=None, help="default: a free port")
+    b.add_argument("--appendonly", action="store_true", help="log every write to an append-only file")
+    b.add_argument(
+        "--data-dir", type=Path, default=None, help="keep data here (default: a temp dir, removed)"
+    )
+    d = sub.add_parser("demo", parents=[common], help="all-MiniLM-L6-v2 sharded across Chromium and Firefox")
+    d.add_argument("--browsers", default="chromium,firefox")
+    d.add_argument("--shards", type=positive_int, default=3)
+    d.add_argument("--platform", choices=PLATFORMS, default="auto")
+    d.add_argument("--sentences", nargs="+", default=None, metavar="SENTENCE")
+    # Later: fault-test, dead-letter, replay, history, report, history-writer.
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command == "worker":
+        exec_worker(rest, args.log_level)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(
+        level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "run":
+            return asyncio.run(run_request(args))
+        if args.command == "broker":
+            return serve_broker(args.port, args.appendonly, args.data_dir)
+        if args.command == "demo":
+            return run_demo_command(args)
+    except KeyboardInterrupt:
+        fail("interrupted")
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
