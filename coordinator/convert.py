@@ -340,8 +340,7 @@ def _verify_loaded(
         (actual,) = session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
         if actual.shape != expected.shape:
             raise ConversionError(
-                f"ONNX output shape {actual.shape} != transformers {expected.shape} "
-                f"at batch {batch} x seq {sequence}"
+                f"ONNX output shape {actual.shape} != transformers {expected.shape} at batch {batch} x seq {sequence}"
             )
         unmasked = attention_mask.astype(bool)
         diff = float(np.max(np.abs(actual[unmasked] - expected[unmasked])))

@@ -35,9 +35,7 @@ DEFAULT_SENTENCES = (
 )
 
 
-def tokenize(
-    tokenizer_path: Path, sentences: Sequence[str], input_names: Sequence[str]
-) -> dict[str, np.ndarray]:
+def tokenize(tokenizer_path: Path, sentences: Sequence[str], input_names: Sequence[str]) -> dict[str, np.ndarray]:
     """One padded batch [B, S] (S <= MAX_TOKENS) holding the inputs the model takes."""
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     pad_id = tokenizer.token_to_id("[PAD]")
@@ -88,9 +86,7 @@ def format_similarities(sentences: Sequence[str], sims: np.ndarray) -> str:
         others = [j for j in range(len(sentences)) if j != i]
         if others:
             j = max(others, key=lambda k: sims[i, k])
-            nearest.append(
-                f"  [{i + 1}] {abbreviate(s)!s:<{LABEL_CHARS}}  nearest: [{j + 1}] ({sims[i, j]:.3f})"
-            )
+            nearest.append(f"  [{i + 1}] {abbreviate(s)!s:<{LABEL_CHARS}}  nearest: [{j + 1}] ({sims[i, j]:.3f})")
     return table + ("\n\n" + "\n".join(nearest) if nearest else "")
 
 
@@ -155,9 +151,7 @@ async def run_demo(browsers: Sequence[str], shards: int, platform: str, sentence
         await manager.close()
 
 
-async def demonstrate(
-    manager: ModelShardingManager, sentences: Sequence[str], progress: ProgressPrinter
-) -> int:
+async def demonstrate(manager: ModelShardingManager, sentences: Sequence[str], progress: ProgressPrinter) -> int:
     if not await manager.initialize_sharding():
         fail(manager.last_error or "initializing the shards failed")
         return 1
@@ -202,9 +196,7 @@ async def demonstrate(
         "\ncorrectness vs native onnxruntime (CPU) on the whole, unsharded model "
         f"(one run of the batch: {native_ms:.1f} ms)"
     )
-    print(
-        f"  max |sharded - native| last_hidden_state at {int(mask.sum())} unmasked tokens: {diff.max():.2e}"
-    )
+    print(f"  max |sharded - native| last_hidden_state at {int(mask.sum())} unmasked tokens: {diff.max():.2e}")
     print(f"  max |sharded - native| sentence embeddings: {emb_diff:.2e}")
     e2e, kernel, over = latency["end_to_end"], latency["kernel"], latency["overhead"]
     print(f"\nlatency of {len(e2e)} single-sentence requests, one at a time")

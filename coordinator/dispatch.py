@@ -36,7 +36,8 @@ class Dispatcher:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        for fut in [*self._requests.values(), *self._assignments.values()]:
+        pending: list[asyncio.Future[Any]] = [*self._requests.values(), *self._assignments.values()]
+        for fut in pending:
             if not fut.done():
                 fut.cancel()
 

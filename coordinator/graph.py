@@ -26,7 +26,7 @@ SAMPLE_BATCH = 1
 SAMPLE_DIM = 16
 SCALAR_FEED_SHAPE = (1,)  # how a rank-0 tensor is fed to a shard
 
-_ONNX_TO_NUMPY = {
+_ONNX_TO_NUMPY: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64",
     onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT16: "int16",
     onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
@@ -180,9 +180,7 @@ def _flops(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> float:
     return out_elems
 
 
-def _vocab_limits(
-    model: onnx.ModelProto, input_names: set[str], inits: dict[str, onnx.TensorProto]
-) -> dict[str, int]:
+def _vocab_limits(model: onnx.ModelProto, input_names: set[str], inits: dict[str, onnx.TensorProto]) -> dict[str, int]:
     """Graph inputs used (maybe through Cast/Identity) as indices of a Gather on a weight table."""
     alias = {n: n for n in input_names}
     limits: dict[str, int] = {}
@@ -305,14 +303,15 @@ def extract_shard(
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name]))
         rank = ranks[name]
         dims: list[str | int] = [f"{name}:{axis}" for axis in range(rank)]
-        return onnx.helper.make_tensor_value_info(
-            name, elem, list(SCALAR_FEED_SHAPE) if feed and not rank else dims
-        )
+        return onnx.helper.make_tensor_value_info(name, elem, list(SCALAR_FEED_SHAPE) if feed and not rank else dims)
 
     graph = onnx.helper.make_graph(
-        nodes, f"{g.name or 'graph'}_{start}_{end}", [vi(x, True) for x in input_names], [vi(x, False) for x in output_names],
+        nodes,
+        f"{g.name or 'graph'}_{start}_{end}",
+        [vi(x, True) for x in input_names],
+        [vi(x, False) for x in output_names],
         initializer=inits,
-    )  # fmt: skip
+    )
     shard = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="xshard")
     shard.ir_version = model.ir_version
     shard.functions.extend(model.functions)

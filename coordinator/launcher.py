@@ -82,9 +82,7 @@ class LocalWorkers:
         log.info("started local worker %s (pid %s, log %s)", worker_id, proc.pid, log_path)
         return w
 
-    async def wait_registered(
-        self, broker: Broker, ids: list[str], timeout_s: float, max_age_ms: int
-    ) -> None:
+    async def wait_registered(self, broker: Broker, ids: list[str], timeout_s: float, max_age_ms: int) -> None:
         deadline = time.monotonic() + timeout_s
         pending = set(ids)
         while pending:
@@ -100,9 +98,7 @@ class LocalWorkers:
                 return
             if time.monotonic() > deadline:
                 tails = "\n".join(f"--- {wid}:\n{self.workers[wid].tail()}" for wid in sorted(pending))
-                raise AllocationError(
-                    f"{len(pending)} local worker(s) did not register within {timeout_s}s\n{tails}"
-                )
+                raise AllocationError(f"{len(pending)} local worker(s) did not register within {timeout_s}s\n{tails}")
             await asyncio.sleep(0.1)
 
     async def stop_all(self) -> None:
@@ -112,8 +108,10 @@ class LocalWorkers:
                     os.kill(w.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for w in self.workers.values():
-            while w.process.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(w.process.wait), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                pass
             if w.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(w.process.pid, signal.SIGKILL)

@@ -188,9 +188,7 @@ class ModelShardingManager:
         plan = self.shards.plan
         self._route = tuple(self._broker.keys.stage(plan.plan_id, st.index) for st in plan.stages)
         slots = dict(self._slots)
-        workers = await (
-            self._start_local_workers(slots) if self.redis_url is None else self._find_workers(slots)
-        )
+        workers = await (self._start_local_workers(slots) if self.redis_url is None else self._find_workers(slots))
         await self._assign(slots, workers)
 
     async def _connect(self) -> None:
@@ -254,8 +252,8 @@ class ModelShardingManager:
             match = next((w for w in free if w.get("browser") == slot.browser), None)
             if match is None:
                 match = free[0]
-                slots[i] = Slot(match["browser"], slot.platform, slot.specialization,
-                                f"{slot.reason}; no free {slot.browser} worker registered, used {match['browser']}")  # fmt: skip
+                why = f"{slot.reason}; no free {slot.browser} worker registered, used {match['browser']}"
+                slots[i] = Slot(match["browser"], slot.platform, slot.specialization, why)
             free.remove(match)
             chosen[i] = [match["worker_id"]]
         for k, extra in enumerate(free):
@@ -342,7 +340,8 @@ class ModelShardingManager:
             attempts = attempt
             job = ShardJob(
                 request_id=request_id, plan_id=self.shards.plan.plan_id, stage_index=0, route=self._route,
-                reply_stream=self._dispatcher.reply_stream, tensors=arrays, enqueued_ms=time.time() * 1000.0, attempt=attempt,
+                reply_stream=self._dispatcher.reply_stream, tensors=arrays, enqueued_ms=time.time() * 1000.0,
+                attempt=attempt,
             )  # fmt: skip
             try:
                 fut = await self._dispatcher.submit(job)
@@ -360,9 +359,7 @@ class ModelShardingManager:
             assert isinstance(reply, ShardFailure)
             self._record_traces(reply.trace)
             self._record_failure(reply)
-            last_error = (
-                f"shard {reply.stage_index} failed on {reply.worker_id} (attempt {attempt}): {reply.error}"
-            )
+            last_error = f"shard {reply.stage_index} failed on {reply.worker_id} (attempt {attempt}): {reply.error}"
             if reply.kind == "input":
                 error_kind = "input"
                 break

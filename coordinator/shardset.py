@@ -61,6 +61,8 @@ def build_shard_set(
             profile.tensor_ranks,
         )
         digests.append(store(shard_dir, data))
-        log.info("plan %s shard %d: nodes [%d, %d), %d weight bytes, cost share %.2f -> %s", plan.plan_id,
-                 stage.index, stage.start, stage.end, stage.weight_bytes, stage.cost_share, digests[-1][:12])  # fmt: skip
+        log.info(
+            "plan %s shard %d: nodes [%d, %d), %d weight bytes, cost share %.2f -> %s", plan.plan_id, stage.index,
+            stage.start, stage.end, stage.weight_bytes, stage.cost_share, digests[-1][:12],
+        )  # fmt: skip
     return ShardSet(plan, profile, tuple(digests), shard_dir)

@@ -49,9 +49,7 @@ def _cast(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr.astype(target, copy=False))
 
 
-def validate_inputs(
-    inputs: Any, specs: Sequence[TensorSpec], vocab_limits: Mapping[str, int]
-) -> dict[str, np.ndarray]:
+def validate_inputs(inputs: Any, specs: Sequence[TensorSpec], vocab_limits: Mapping[str, int]) -> dict[str, np.ndarray]:
     if not isinstance(inputs, Mapping) or not inputs:
         raise InputError("inputs must be a non-empty mapping of input name -> array")
     by_name = {s.name: s for s in specs}
@@ -70,9 +68,7 @@ def validate_inputs(
                 f"input {name!r} must have rank {len(spec.shape)} (shape {_fmt(spec.shape)}), got shape {arr.shape}"
             )
         if arr.size == 0:
-            raise InputError(
-                f"input {name!r} is empty (shape {arr.shape}); the batch needs at least one example"
-            )
+            raise InputError(f"input {name!r} is empty (shape {arr.shape}); the batch needs at least one example")
         for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
             if isinstance(want, int) and want > 0 and want != got:
                 raise InputError(f"input {name!r} axis {axis} must be {want}, got shape {arr.shape}")
@@ -87,9 +83,9 @@ def validate_inputs(
         out[spec.name] = np.full(shape, DEFAULTED[spec.name], dtype=spec.dtype)
     _check_dims(specs, out)
     for name, limit in vocab_limits.items():
-        arr = out.get(name)
-        if arr is not None and (arr.min() < 0 or arr.max() >= limit):
-            bad = arr[(arr < 0) | (arr >= limit)].ravel()[0]
+        ids = out.get(name)
+        if ids is not None and (ids.min() < 0 or ids.max() >= limit):
+            bad = ids[(ids < 0) | (ids >= limit)].ravel()[0]
             raise InputError(f"input {name!r} holds token id {bad} outside the vocabulary [0, {limit})")
     return out
 

@@ -24,9 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--browser", choices=BROWSERS, default="chromium")
     p.add_argument("--platform", choices=PLATFORMS, default="auto")
     p.add_argument("--namespace", default="default", help="key namespace shared with the coordinator")
-    p.add_argument(
-        "--cache-dir", type=Path, default=None, help=f"shard cache (default {default_cache_dir()})"
-    )
+    p.add_argument("--cache-dir", type=Path, default=None, help=f"shard cache (default {default_cache_dir()})")
     p.add_argument("--worker-id", default="")
     p.add_argument("--heartbeat-s", type=float, default=0.5)
     p.add_argument("--wasm-threads", type=int, default=0, help="0: min(4, cores)")
@@ -49,9 +47,7 @@ async def amain(settings: WorkerSettings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
     settings = WorkerSettings(
         redis_url=args.redis, browser=args.browser, platform=args.platform, namespace=args.namespace,

@@ -55,7 +55,7 @@ def encode_frame(header: dict[str, Any], tensors: dict[str, np.ndarray]) -> byte
     frame[4 : 4 + len(head)] = head
     view = memoryview(frame)
     for off, a in arrays:
-        view[base + off : base + off + a.nbytes] = a.reshape(-1).view(np.uint8)
+        view[base + off : base + off + a.nbytes] = a.reshape(-1).view(np.uint8).data
     return bytes(frame)
 
 
@@ -70,9 +70,7 @@ def decode_frame(frame: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         if math.prod(shape) * dtype.itemsize != t["length"]:
             raise PageError(f"page sent tensor {t['name']} with {t['length']} bytes for {t['dtype']}{shape}")
         start = base + t["offset"]
-        tensors[t["name"]] = np.frombuffer(frame, dtype=dtype, count=math.prod(shape), offset=start).reshape(
-            shape
-        )
+        tensors[t["name"]] = np.frombuffer(frame, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape)
     return header, tensors
 
 
@@ -129,9 +127,7 @@ class Bridge:
             header, tensors = decode_frame(raw)
             fut = self._pending.pop(int(header["id"]), None)
             if fut and not fut.done():
-                fut.set_result(
-                    RunResult(tensors, float(header["kernel_ms"]), header["provider"], header["adapter"])
-                )
+                fut.set_result(RunResult(tensors, float(header["kernel_ms"]), header["provider"], header["adapter"]))
             return
         msg = json.loads(raw)
         op = msg.get("op")

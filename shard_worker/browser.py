@@ -143,9 +143,7 @@ class BrowserProcess:
             pass
         if endpoint is None:
             await self.close()
-            raise BrowserError(
-                f"{self.browser} did not open its DevTools endpoint within {LAUNCH_TIMEOUT_S}s"
-            )
+            raise BrowserError(f"{self.browser} did not open its DevTools endpoint within {LAUNCH_TIMEOUT_S}s")
         asyncio.get_running_loop().create_task(self._drain_stderr())
         from playwright.async_api import Error as PlaywrightError
         from playwright.async_api import async_playwright

@@ -89,9 +89,7 @@ class ShardWorker:
         s = self.settings
         ort_dir = find_ort_dist()
         if ort_dir is None:
-            raise WorkerError(
-                "onnxruntime-web is not installed: run `npm ci` in the xshard checkout (make setup)"
-            )
+            raise WorkerError("onnxruntime-web is not installed: run `npm ci` in the xshard checkout (make setup)")
         s.shard_dir.mkdir(parents=True, exist_ok=True)
         self._broker = Broker(s.redis_url, s.namespace)
         await self._broker.ping()
@@ -193,9 +191,7 @@ class ShardWorker:
                 elif isinstance(d.message, Release):
                     await self._release(d.message.stage_stream)
                 else:
-                    log.error(
-                        "worker %s: ignoring control entry %s: %s", self.id, d.entry_id, d.error or d.message
-                    )
+                    log.error("worker %s: ignoring control entry %s: %s", self.id, d.entry_id, d.error or d.message)
 
     async def _assign(self, a: Assignment) -> None:
         assert self._broker and self._bridge
@@ -275,9 +271,7 @@ class ShardWorker:
         queue_ms = max(0.0, now_ms() - job.enqueued_ms)
         missing = [n for n in stage.input_names if n not in job.tensors]
         if missing:
-            await self._fail(
-                d, job, stage, "input", f"job lacks tensors {missing} for shard {stage.shard_index}"
-            )
+            await self._fail(d, job, stage, "input", f"job lacks tensors {missing} for shard {stage.shard_index}")
             return
         # shard graphs take scalars as one-element vectors (onnxruntime-web mis-ranks rank-0 feeds)
         feeds = {n: job.tensors[n].reshape(1) if job.tensors[n].ndim == 0 else job.tensors[n]
@@ -343,6 +337,4 @@ class ShardWorker:
             request_id=job.request_id, plan_id=job.plan_id, stage_index=job.stage_index, worker_id=self.id,
             attempt=job.attempt, kind=kind, error=error, trace=job.trace,
         )  # fmt: skip
-        await asyncio.shield(
-            self._broker.hand_off(d.stream, STAGE_GROUP, d.entry_id, job.reply_stream, failure)
-        )
+        await asyncio.shield(self._broker.hand_off(d.stream, STAGE_GROUP, d.entry_id, job.reply_stream, failure))

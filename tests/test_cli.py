@@ -72,9 +72,7 @@ def test_run_across_chromium_and_firefox_matches_native_onnxruntime(
     assert max_diff_unmasked(got["hidden"], want["hidden"], inputs["attention_mask"]) < TOLERANCE
     assert "chromium" in done.stdout and "firefox" in done.stdout
     assert "kernel" in done.stdout and "reason" in done.stdout
-    assert list((tmp_path / "cache" / "logs").glob("*.log")), (
-        "worker logs are how the bad-input tests see starts"
-    )
+    assert list((tmp_path / "cache" / "logs").glob("*.log")), "worker logs are how the bad-input tests see starts"
 
 
 def bad_unknown_name(tmp: Path, model: Path, inputs: dict[str, np.ndarray]) -> list[str]:

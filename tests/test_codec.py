@@ -11,9 +11,7 @@ from broker.errors import MessageError, SchemaError, TensorError
 from broker.messages import SCHEMA_VERSION, ShardJob, ShardResult, decode, decode_as, encode
 
 
-@pytest.mark.parametrize(
-    "dtype", ["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
-)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"])
 def test_tensors_round_trip_bit_exact(dtype: str) -> None:
     arr = (np.arange(24).reshape(2, 3, 4) % 7).astype(dtype)
     out = unpack(pack({"x": arr}))["x"]

@@ -125,9 +125,7 @@ def test_existing_onnx_file_resolves_to_itself(tmp_path: Path) -> None:
     path = tmp_path / "identity.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), str(path))
     resolved = resolve_model(str(path), tmp_path / "cache")
-    assert resolved == ResolvedModel(
-        onnx_path=path, kind="onnx", source=str(path), hf_dir=None, tokenizer_path=None
-    )
+    assert resolved == ResolvedModel(onnx_path=path, kind="onnx", source=str(path), hf_dir=None, tokenizer_path=None)
     assert not (tmp_path / "cache").exists()
 
 

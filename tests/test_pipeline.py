@@ -229,9 +229,7 @@ async def test_external_workers_registered_in_redis_serve_the_plan(
         try:
             alloc = manager.get_metrics()["browser_allocation"]
             assert [alloc[0]["browser"], alloc[1]["browser"]] == ["chromium", "firefox"]
-            assert (
-                sum(1 + len(a.get("replicas", [])) for a in alloc.values()) == 3
-            )  # the extra worker scales out
+            assert sum(1 + len(a.get("replicas", [])) for a in alloc.values()) == 3  # the extra worker scales out
             inputs = sample_tokens(3, 6)
             results = await asyncio.gather(*(manager.run_inference_sharded(inputs) for _ in range(6)))
             want = run_whole(path, inputs)["hidden"]
