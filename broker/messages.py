@@ -124,11 +124,91 @@ class AssignmentReply:
     note: str = ""
 
 
-Message = ShardJob | ShardResult | ShardFailure | Assignment | Release | AssignmentReply | StageTrace
+# -- events: appended to the events stream by workers and coordinators, written to DuckDB by the
+#    history consumer only. ``event_id`` makes writing them idempotent.
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionEvent:
+    """One shard execution, successful or not (written by the worker that ran it)."""
+
+    TYPE: ClassVar[str] = "ev.exec"
+    event_id: str
+    ts_ms: float
+    request_id: str
+    plan_id: str
+    model_name: str
+    shard_index: int
+    shard_type: str
+    worker_id: str
+    browser: str
+    platform: str
+    adapter: str
+    kernel_ms: float
+    queue_ms: float
+    transfer_ms: float
+    bytes_in: int
+    bytes_out: int
+    attempt: int
+    outcome: str  # "success" | "error"
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEvent:
+    """One request as the coordinator saw it end: result or error."""
+
+    TYPE: ClassVar[str] = "ev.request"
+    event_id: str
+    ts_ms: float
+    request_id: str
+    plan_id: str
+    model_name: str
+    shard_type: str
+    num_shards: int
+    coordinator_id: str
+    latency_ms: float
+    kernel_ms: float
+    attempts: int
+    outcome: str  # "success" | "error" | "dead_letter"
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryEvent:
+    """A failure and the rung of the recovery ladder that handled it."""
+
+    TYPE: ClassVar[str] = "ev.recovery"
+    event_id: str
+    ts_ms: float
+    request_id: str
+    plan_id: str
+    model_name: str
+    shard_index: int
+    worker_id: str
+    browser: str
+    platform: str
+    failure: str  # "crash" | "hang" | "kernel-error" | "worker-lost" | "broker-lost" | ...
+    action: str  # "retry" | "restart" | "reroute" | "change_platform" | "redistribute" | "dead_letter" | ...
+    success: bool
+    duration_ms: float
+    error: str = ""
+
+
+Event = ExecutionEvent | RequestEvent | RecoveryEvent
+
+Message = (
+    ShardJob | ShardResult | ShardFailure | Assignment | Release | AssignmentReply | StageTrace
+    | ExecutionEvent | RequestEvent | RecoveryEvent
+)  # fmt: skip
 M = TypeVar("M", bound=Message)
 
 _TYPES: dict[str, type] = {
-    cls.TYPE: cls for cls in (ShardJob, ShardResult, ShardFailure, Assignment, Release, AssignmentReply, StageTrace)
+    cls.TYPE: cls
+    for cls in (
+        ShardJob, ShardResult, ShardFailure, Assignment, Release, AssignmentReply, StageTrace,
+        ExecutionEvent, RequestEvent, RecoveryEvent,
+    )  # fmt: skip
 }
 
 
@@ -178,6 +258,10 @@ __all__ = [
     "SCHEMA_VERSION",
     "Assignment",
     "AssignmentReply",
+    "Event",
+    "ExecutionEvent",
+    "RecoveryEvent",
+    "RequestEvent",
     "Message",
     "Release",
     "ShardFailure",

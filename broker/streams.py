@@ -24,6 +24,7 @@ from .messages import Message, decode, encode
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
+EVENTS_MAXLEN = 1_000_000
 SOCKET_TIMEOUT_S = 30.0
 
 
@@ -140,6 +141,14 @@ class Broker:
             pipe.xdel(src, entry_id)
             new_id, _, _ = await pipe.execute()
         return _str(new_id)
+
+    async def emit(self, event: Message) -> str:
+        """Append an event to the events stream (bounded: at most ``EVENTS_MAXLEN`` unconsumed)."""
+        async with _translated("XADD events"):
+            entry_id = await self._redis.xadd(
+                self.keys.events, {MESSAGE_FIELD: encode(event)}, maxlen=EVENTS_MAXLEN, approximate=True
+            )
+        return _str(entry_id)
 
     async def stream_length(self, stream: str) -> int:
         async with _translated(f"XLEN {stream}"):
