@@ -98,6 +98,8 @@ class Assignment:
     carry_names: tuple[str, ...]
     platform: str
     reply_stream: str
+    model_name: str = ""
+    shard_type: str = "layer"
 
 
 @dataclass(frozen=True, slots=True)

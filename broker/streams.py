@@ -132,15 +132,20 @@ class Broker:
             pipe.xdel(stream, entry_id)
             await pipe.execute()
 
-    async def hand_off(self, src: str, group: str, entry_id: str, dst: str, msg: Message) -> str:
-        """Publish ``msg`` to ``dst`` and ack (and delete) ``entry_id`` on ``src`` in one MULTI."""
+    async def hand_off(
+        self, src: str, group: str, entry_id: str, dst: str, msg: Message, event: Message | None = None
+    ) -> str:
+        """Publish ``msg`` to ``dst``, ack (and delete) ``entry_id`` on ``src`` and append ``event`` to the
+        events stream, in one MULTI."""
         async with _translated(f"hand_off {src} -> {dst}"):
             pipe = self._redis.pipeline(transaction=True)
             pipe.xadd(dst, {MESSAGE_FIELD: encode(msg)})
             pipe.xack(src, group, entry_id)
             pipe.xdel(src, entry_id)
-            new_id, _, _ = await pipe.execute()
-        return _str(new_id)
+            if event is not None:
+                pipe.xadd(self.keys.events, {MESSAGE_FIELD: encode(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
+            replies = await pipe.execute()
+        return _str(replies[0])
 
     async def emit(self, event: Message) -> str:
         """Append an event to the events stream (bounded: at most ``EVENTS_MAXLEN`` unconsumed)."""

@@ -19,7 +19,7 @@ import numpy as np
 from broker.browsers import find_executable, install_hint
 from broker.embedded import EmbeddedValkey
 from broker.errors import BrokerError
-from broker.messages import Assignment, AssignmentReply, ShardFailure, ShardJob, ShardResult
+from broker.messages import Assignment, AssignmentReply, RequestEvent, ShardFailure, ShardJob, ShardResult
 from broker.streams import Broker
 
 from .allocation import Slot, allocate
@@ -114,6 +114,7 @@ class ModelShardingManager:
         self._route: tuple[str, ...] = ()
         self._assigned: dict[str, list[str]] = {}  # worker_id -> stage streams
         self._slots: dict[int, Slot] = {}
+        self._emitting: set[asyncio.Task[None]] = set()
 
     @property
     def broker_url(self) -> str | None:
@@ -270,7 +271,8 @@ class ModelShardingManager:
                     assignment_id=uuid.uuid4().hex, plan_id=plan.plan_id, shard_index=st.index,
                     stage_stream=self._route[st.index], onnx_sha256=self.shards.shard_sha256[st.index],
                     input_names=st.input_names, carry_names=st.carry_names, platform=slots[st.index].platform,
-                    reply_stream=self._dispatcher.reply_stream,
+                    reply_stream=self._dispatcher.reply_stream, model_name=self.model_name,
+                    shard_type=self.shard_type,
                 )  # fmt: skip
                 futures[(st.index, wid)] = await self._dispatcher.assign(wid, a)
                 self._assigned.setdefault(wid, []).append(a.stage_stream)
@@ -297,6 +299,8 @@ class ModelShardingManager:
 
     async def close(self) -> None:
         """Release shard sessions, stop local workers and the embedded broker."""
+        if self._emitting:
+            await asyncio.gather(*self._emitting, return_exceptions=True)
         if self._dispatcher is not None:
             await self._dispatcher.close()
         if self._local is not None:
@@ -365,7 +369,31 @@ class ModelShardingManager:
                 break
         latency_ms = (time.perf_counter() - started) * 1000.0
         self.metrics.record_request(request_id, False, latency_ms, last_error)
+        self._emit_request(request_id, latency_ms, 0.0, attempts, "error", last_error)
         return {"error": last_error, "error_kind": error_kind, "request_id": request_id, "attempts": attempts}
+
+    def _emit_request(
+        self, request_id: str, latency_ms: float, kernel_ms: float, attempts: int, outcome: str, error: str
+    ) -> None:
+        """Append the request's event to the events stream without delaying the caller."""
+        if self._broker is None or self.shards is None:
+            return
+        event = RequestEvent(
+            event_id=uuid.uuid4().hex, ts_ms=time.time() * 1000.0, request_id=request_id,
+            plan_id=self.shards.plan.plan_id, model_name=self.model_name, shard_type=self.shard_type,
+            num_shards=self.num_shards, coordinator_id=self.coordinator_id, latency_ms=latency_ms,
+            kernel_ms=kernel_ms, attempts=attempts, outcome=outcome, error=error,
+        )  # fmt: skip
+        task = asyncio.get_running_loop().create_task(self._emit(event))
+        self._emitting.add(task)
+        task.add_done_callback(self._emitting.discard)
+
+    async def _emit(self, event: RequestEvent) -> None:
+        assert self._broker is not None
+        try:
+            await self._broker.emit(event)
+        except BrokerError as e:
+            log.warning("request %s: could not append its event: %s", event.request_id, e)
 
     def _component_id(self, shard_index: int) -> str:
         return f"shard_{shard_index}"
@@ -397,6 +425,7 @@ class ModelShardingManager:
                 "attempt": t["attempt"],
             }  # fmt: skip
         kernel_ms = sum(t["kernel_ms"] for t in reply.trace)
+        self._emit_request(request_id, latency_ms, kernel_ms, attempts, "success", "")
         return {
             "result": {name: np.array(arr) for name, arr in reply.tensors.items()},
             "metrics": {

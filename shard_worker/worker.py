@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from broker.keys import STAGE_GROUP
 from broker.messages import (
     Assignment,
     AssignmentReply,
+    ExecutionEvent,
     Message,
     Release,
     ShardFailure,
@@ -55,6 +57,8 @@ class Stage:
     carry_names: tuple[str, ...]
     provider: str
     adapter: str
+    model_name: str
+    shard_type: str
 
 
 class ShardWorker:
@@ -220,6 +224,8 @@ class ShardWorker:
                     a.carry_names,
                     info["provider"],
                     info["adapter"],
+                    a.model_name,
+                    a.shard_type,
                 )
                 self._stages_changed.set()
                 reply.update(ok=True, execution_provider=info["provider"], adapter=info["adapter"],
@@ -314,7 +320,21 @@ class ShardWorker:
         else:
             dst = job.reply_stream
             msg = ShardResult(job.request_id, job.plan_id, out, (*job.trace, trace), job.attempt)
-        await asyncio.shield(self._broker.hand_off(d.stream, STAGE_GROUP, d.entry_id, dst, msg))
+        event = self._event(stage, job, "success", result.kernel_ms, queue_ms, worker_ms - result.kernel_ms,
+                            bytes_in, bytes_out)  # fmt: skip
+        await asyncio.shield(self._broker.hand_off(d.stream, STAGE_GROUP, d.entry_id, dst, msg, event))
+
+    def _event(
+        self, stage: Stage, job: ShardJob, outcome: str, kernel_ms: float, queue_ms: float, transfer_ms: float,
+        bytes_in: int, bytes_out: int, error: str = "",
+    ) -> ExecutionEvent:  # fmt: skip
+        return ExecutionEvent(
+            event_id=uuid.uuid4().hex, ts_ms=now_ms(), request_id=job.request_id, plan_id=job.plan_id,
+            model_name=stage.model_name, shard_index=stage.shard_index, shard_type=stage.shard_type,
+            worker_id=self.id, browser=self.settings.browser, platform=stage.provider, adapter=stage.adapter,
+            kernel_ms=kernel_ms, queue_ms=queue_ms, transfer_ms=transfer_ms, bytes_in=bytes_in,
+            bytes_out=bytes_out, attempt=job.attempt, outcome=outcome, error=error,
+        )  # fmt: skip
 
     def _trace(
         self, stage: Stage, job: ShardJob, kernel_ms: float, queue_ms: float, worker_ms: float,
@@ -337,4 +357,7 @@ class ShardWorker:
             request_id=job.request_id, plan_id=job.plan_id, stage_index=job.stage_index, worker_id=self.id,
             attempt=job.attempt, kind=kind, error=error, trace=job.trace,
         )  # fmt: skip
-        await asyncio.shield(self._broker.hand_off(d.stream, STAGE_GROUP, d.entry_id, job.reply_stream, failure))
+        event = self._event(stage, job, "error", 0.0, max(0.0, now_ms() - job.enqueued_ms), 0.0, 0, 0, error)
+        await asyncio.shield(
+            self._broker.hand_off(d.stream, STAGE_GROUP, d.entry_id, job.reply_stream, failure, event)
+        )
