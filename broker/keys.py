@@ -6,13 +6,19 @@ Key layout (``{ns}`` is the namespace, ``default`` unless configured; tests use 
     xshard:{ns}:worker:{worker_id}         HASH    registration: browser, platform, user_agent,
                                                    capabilities (json), pid, host, started_ms,
                                                    heartbeat_ms, stages (json list)
-    xshard:{ns}:control:{worker_id}        STREAM  assignments sent to one worker
+    xshard:{ns}:control:{worker_id}        STREAM  assignments and commands sent to one worker
+    xshard:{ns}:direct:{worker_id}         STREAM  shard jobs routed to one worker (reroute, redistribute,
+                                                   change platform); group ``workers``
     xshard:{ns}:stage:{plan_id}:{index}    STREAM  shard jobs of one stage of one plan
                                                    group ``workers``: every worker serving it
     xshard:{ns}:reply:{coordinator_id}     STREAM  results, failures and assignment replies
                                                    for one coordinator; group ``coordinator``
+    xshard:{ns}:request:{request_id}       HASH    one request's state: status (pending|done|dead),
+                                                   coordinator, plan, the stage-0 job, per-stage progress
+                                                   (``s{i}`` = worker:attempt), the result once done
+    xshard:{ns}:inflight:{coordinator_id}  SET     request ids a coordinator has accepted, not finished
     xshard:{ns}:events                     STREAM  execution and recovery events (history)
-    xshard:{ns}:dead                       STREAM  dead-lettered jobs with their reason
+    xshard:{ns}:dead                       STREAM  dead-lettered jobs with their reason; group-less
 
 Every stream entry has one field, ``m``: a msgpack-encoded message (see ``codec``).
 """
@@ -25,6 +31,7 @@ DEFAULT_NAMESPACE = "default"
 MESSAGE_FIELD = b"m"
 STAGE_GROUP = "workers"
 REPLY_GROUP = "coordinator"
+RECOVERY_CONSUMER = "recovery"  # consumer name a coordinator claims stuck entries into
 EVENTS_GROUP = "history"
 
 
@@ -48,6 +55,15 @@ class Keys:
 
     def control(self, worker_id: str) -> str:
         return f"{self._base}:control:{worker_id}"
+
+    def direct(self, worker_id: str) -> str:
+        return f"{self._base}:direct:{worker_id}"
+
+    def request(self, request_id: str) -> str:
+        return f"{self._base}:request:{request_id}"
+
+    def inflight(self, coordinator_id: str) -> str:
+        return f"{self._base}:inflight:{coordinator_id}"
 
     def stage(self, plan_id: str, index: int) -> str:
         return f"{self._base}:stage:{plan_id}:{index}"

@@ -9,7 +9,7 @@ Tensors are ``dict[str, np.ndarray]`` and travel as the codec's tensor ext type.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -55,6 +55,7 @@ class ShardJob:
     enqueued_ms: float
     attempt: int = 1
     trace: tuple[dict[str, Any], ...] = ()
+    target_platform: str = ""  # run on this execution provider instead of the stage's (change platform)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,10 @@ class ShardFailure:
     kind: str
     error: str
     trace: tuple[dict[str, Any], ...] = ()
+    tensors: Tensors = field(default_factory=dict)  # the failed stage's inputs, to try it again
+    route: tuple[str, ...] = ()
+    reply_stream: str = ""
+    platform: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +113,43 @@ class Release:
 
     TYPE: ClassVar[str] = "release"
     stage_stream: str
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """Tell a worker to restart its browser and reload its shards."""
+
+    TYPE: ClassVar[str] = "restart"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Inject:
+    """Fault injection for tests and ``xshard fault-test``: make the page throw in its next
+    ``count`` kernels (``kernel-error``)."""
+
+    TYPE: ClassVar[str] = "inject"
+    kind: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A stage that exhausted its recovery; enough to replay it."""
+
+    TYPE: ClassVar[str] = "dead"
+    request_id: str
+    plan_id: str
+    stage_index: int
+    route: tuple[str, ...]
+    reply_stream: str
+    tensors: Tensors
+    reason: str
+    error: str
+    attempts: int
+    workers_tried: tuple[str, ...]
+    ts_ms: float
+    trace: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,15 +243,26 @@ Event = ExecutionEvent | RequestEvent | RecoveryEvent
 
 Message = (
     ShardJob | ShardResult | ShardFailure | Assignment | Release | AssignmentReply | StageTrace
-    | ExecutionEvent | RequestEvent | RecoveryEvent
+    | Restart | Inject | DeadLetter | ExecutionEvent | RequestEvent | RecoveryEvent
 )  # fmt: skip
 M = TypeVar("M", bound=Message)
 
 _TYPES: dict[str, type] = {
     cls.TYPE: cls
     for cls in (
-        ShardJob, ShardResult, ShardFailure, Assignment, Release, AssignmentReply, StageTrace,
-        ExecutionEvent, RequestEvent, RecoveryEvent,
+        ShardJob,
+        ShardResult,
+        ShardFailure,
+        Assignment,
+        Release,
+        AssignmentReply,
+        StageTrace,
+        Restart,
+        Inject,
+        DeadLetter,
+        ExecutionEvent,
+        RequestEvent,
+        RecoveryEvent,
     )  # fmt: skip
 }
 
@@ -260,7 +313,10 @@ __all__ = [
     "SCHEMA_VERSION",
     "Assignment",
     "AssignmentReply",
+    "DeadLetter",
     "Event",
+    "Inject",
+    "Restart",
     "ExecutionEvent",
     "RecoveryEvent",
     "RequestEvent",

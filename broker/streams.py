@@ -25,6 +25,22 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 EVENTS_MAXLEN = 1_000_000
+
+# KEYS: src, dst, request hash (or ""), events; ARGV: group, id, consumer, msg, event, field, value, final, maxlen
+HAND_OFF_LUA = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] then return false end
+local has_request = KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1
+local id = 'duplicate'
+if not (ARGV[8] == '1' and has_request and redis.call('HGET', KEYS[3], 'status') ~= 'pending') then
+  id = redis.call('XADD', KEYS[2], '*', 'm', ARGV[4])
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if ARGV[5] ~= '' then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'm', ARGV[5]) end
+if has_request and ARGV[6] ~= '' then redis.call('HSET', KEYS[3], ARGV[6], ARGV[7]) end
+return id
+"""
 SOCKET_TIMEOUT_S = 30.0
 
 
@@ -133,19 +149,67 @@ class Broker:
             await pipe.execute()
 
     async def hand_off(
-        self, src: str, group: str, entry_id: str, dst: str, msg: Message, event: Message | None = None
-    ) -> str:
-        """Publish ``msg`` to ``dst``, ack (and delete) ``entry_id`` on ``src`` and append ``event`` to the
-        events stream, in one MULTI."""
+        self,
+        src: str,
+        group: str,
+        entry_id: str,
+        consumer: str,
+        dst: str,
+        msg: Message,
+        *,
+        event: Message | None = None,
+        request_id: str = "",
+        progress: tuple[str, str] | None = None,
+        final: bool = False,
+    ) -> str | None:
+        """The ``hand_off`` change, one Lua script: if ``consumer`` still owns ``entry_id``, publish
+        ``msg`` to ``dst``, ack and delete the entry, append ``event``, record ``progress`` (field, value)
+        in the request's hash. A ``final`` hand-off of a request already done publishes nothing.
+
+        Returns the new entry id; ``"duplicate"`` when the request was already done; None when the entry
+        is no longer this consumer's (reclaimed by recovery: a late result must not duplicate)."""
+        field, value = progress or ("", "")
+        keys = [src, dst, self.keys.request(request_id) if request_id else "", self.keys.events]
+        args = [group, entry_id, consumer, encode(msg), encode(event) if event else b"", field, value,
+                "1" if final else "0", EVENTS_MAXLEN]  # fmt: skip
         async with _translated(f"hand_off {src} -> {dst}"):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.xadd(dst, {MESSAGE_FIELD: encode(msg)})
-            pipe.xack(src, group, entry_id)
-            pipe.xdel(src, entry_id)
-            if event is not None:
-                pipe.xadd(self.keys.events, {MESSAGE_FIELD: encode(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
-            replies = await pipe.execute()
-        return _str(replies[0])
+            result = await self._redis.eval(HAND_OFF_LUA, len(keys), *keys, *args)
+        return None if result is None else _str(result)
+
+    async def read_own_pending(
+        self, group: str, consumer: str, streams: Iterable[str], count: int = 16
+    ) -> list[Delivery]:
+        """Entries delivered to ``consumer`` and not yet acked (after a restart or a reconnect)."""
+        wanted = {s: "0" for s in streams}
+        if not wanted:
+            return []
+        async with _translated(f"XREADGROUP {group} pending"):
+            reply = await self._redis.xreadgroup(group, consumer, wanted, count=count)
+        return [self._delivery(s, eid, f) for s, entries in reply or [] for eid, f in entries if f]
+
+    async def claim_from(self, stream: str, group: str, owner: str, claimer: str) -> list[tuple[Delivery, int]]:
+        """XCLAIM every entry ``owner`` holds on ``stream`` to ``claimer``; with each entry's delivery count."""
+        async with _translated(f"XPENDING {stream} {owner}"):
+            try:
+                pending = await self._redis.xpending_range(stream, group, "-", "+", 1000, consumername=owner)
+            except rexc.ResponseError:
+                return []
+            if not pending:
+                return []
+            ids = [p["message_id"] for p in pending]
+            claimed = await self._redis.xclaim(stream, group, claimer, 0, ids)
+        counts = {_str(p["message_id"]): int(p["times_delivered"]) + 1 for p in pending}
+        return [(self._delivery(stream, eid, f), counts.get(_str(eid), 1)) for eid, f in claimed if f]
+
+    async def claim_stale(self, stream: str, group: str, claimer: str, min_idle_ms: int) -> list[Delivery]:
+        """XAUTOCLAIM entries idle for ``min_idle_ms`` or more to ``claimer`` (the periodic sweep)."""
+        async with _translated(f"XAUTOCLAIM {stream}"):
+            try:
+                reply = await self._redis.xautoclaim(stream, group, claimer, min_idle_ms, "0-0", count=100)
+            except rexc.ResponseError:
+                return []
+        entries = reply[1] if reply else []
+        return [self._delivery(stream, eid, f) for eid, f in entries if f]
 
     async def emit(self, event: Message) -> str:
         """Append an event to the events stream (bounded: at most ``EVENTS_MAXLEN`` unconsumed)."""
@@ -187,12 +251,12 @@ class Broker:
             pipe.zadd(self.keys.workers, {worker_id: now_ms})
             await pipe.execute()
 
-    async def heartbeat(self, worker_id: str, now_ms: int, stages: list[str]) -> None:
+    async def heartbeat(self, worker_id: str, now_ms: int, stages: list[str], state: str = "ready") -> None:
         async with _translated(f"heartbeat {worker_id}"):
             pipe = self._redis.pipeline(transaction=True)
             pipe.hset(
                 self.keys.worker(worker_id),
-                mapping={"heartbeat_ms": str(now_ms), "stages": json.dumps(stages)},
+                mapping={"heartbeat_ms": str(now_ms), "stages": json.dumps(stages), "state": state},
             )
             pipe.zadd(self.keys.workers, {worker_id: now_ms})
             await pipe.execute()

@@ -1,29 +1,37 @@
-"""The coordinator's side of the streams: submit stage-0 jobs and assignments, and read the reply
-stream (results, failures, assignment replies) into futures. One reader task per coordinator."""
+"""The coordinator's side of the streams: submit jobs and assignments, and read the reply stream
+(results, failures, assignment replies). One reader task per coordinator; what is read is handed to
+callbacks and acked by them (a result is acked in the same MULTI that records it)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.errors import BrokerUnavailable
 from broker.keys import REPLY_GROUP
-from broker.messages import Assignment, AssignmentReply, ShardFailure, ShardJob, ShardResult
+from broker.messages import Assignment, AssignmentReply, ShardFailure, ShardResult
 from broker.streams import Broker
 
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 500
+BACKOFF_MAX_S = 2.0
+
+Entry = tuple[str, str]  # (stream, entry id)
+OnResult = Callable[[ShardResult, Entry], Awaitable[None]]
+OnFailure = Callable[[ShardFailure, Entry], Awaitable[None]]
 
 
 class Dispatcher:
-    def __init__(self, broker: Broker, coordinator_id: str) -> None:
+    def __init__(self, broker: Broker, coordinator_id: str, on_result: OnResult, on_failure: OnFailure) -> None:
         self.broker = broker
         self.coordinator_id = coordinator_id
         self.reply_stream = broker.keys.reply(coordinator_id)
-        self._requests: dict[str, asyncio.Future[ShardResult | ShardFailure]] = {}
+        self._on_result = on_result
+        self._on_failure = on_failure
         self._assignments: dict[str, asyncio.Future[AssignmentReply]] = {}
         self._reader: asyncio.Task[None] | None = None
 
@@ -36,23 +44,9 @@ class Dispatcher:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        pending: list[asyncio.Future[Any]] = [*self._requests.values(), *self._assignments.values()]
-        for fut in pending:
+        for fut in self._assignments.values():
             if not fut.done():
                 fut.cancel()
-
-    async def submit(self, job: ShardJob) -> asyncio.Future[ShardResult | ShardFailure]:
-        fut: asyncio.Future[ShardResult | ShardFailure] = asyncio.get_running_loop().create_future()
-        self._requests[job.request_id] = fut
-        try:
-            await self.broker.add(job.route[0], job)
-        except BaseException:
-            self._requests.pop(job.request_id, None)
-            raise
-        return fut
-
-    def forget(self, request_id: str) -> None:
-        self._requests.pop(request_id, None)
 
     async def assign(self, worker_id: str, a: Assignment) -> asyncio.Future[AssignmentReply]:
         fut: asyncio.Future[AssignmentReply] = asyncio.get_running_loop().create_future()
@@ -61,30 +55,36 @@ class Dispatcher:
         return fut
 
     async def _read_loop(self) -> None:
-        consumer = self.coordinator_id
+        consumer, pending, delay_s = self.coordinator_id, True, 0.05
         while True:
             try:
-                deliveries = await self.broker.read_group(
-                    REPLY_GROUP, consumer, [self.reply_stream], count=64, block_ms=READ_BLOCK_MS
-                )
+                if pending:  # entries read before a restart or an outage but not acked
+                    deliveries = await self.broker.read_own_pending(REPLY_GROUP, consumer, [self.reply_stream], 64)
+                    pending = bool(deliveries)
+                else:
+                    deliveries = await self.broker.read_group(
+                        REPLY_GROUP, consumer, [self.reply_stream], count=64, block_ms=READ_BLOCK_MS
+                    )
+                for d in deliveries:
+                    await self._handle(d.message, (d.stream, d.entry_id), d.error)
+                delay_s = 0.05
             except BrokerUnavailable as e:
-                log.warning("coordinator %s: reply stream unavailable (%s); retrying", self.coordinator_id, e)
-                await asyncio.sleep(0.5)
-                continue
-            for d in deliveries:
-                self._resolve(d.message, d.error)
-                await asyncio.shield(self.broker.ack(d.stream, REPLY_GROUP, d.entry_id))
+                log.warning("coordinator %s: reply stream unavailable (%s); retrying in %.2fs", consumer, e, delay_s)
+                pending = True
+                await asyncio.sleep(delay_s)
+                delay_s = min(BACKOFF_MAX_S, delay_s * 2)
 
-    def _resolve(self, msg: Any, error: str | None) -> None:
-        if isinstance(msg, ShardResult | ShardFailure):
-            fut = self._requests.pop(msg.request_id, None)
-            if fut is None:
-                log.info("request %s: late or duplicate %s ignored", msg.request_id, msg.TYPE)
-            elif not fut.done():
+    async def _handle(self, msg: Any, entry: Entry, error: str | None) -> None:
+        if isinstance(msg, ShardResult):
+            await asyncio.shield(self._on_result(msg, entry))
+            return
+        if isinstance(msg, ShardFailure):
+            await asyncio.shield(self._on_failure(msg, entry))
+            return
+        if isinstance(msg, AssignmentReply):
+            fut = self._assignments.pop(msg.assignment_id, None)
+            if fut is not None and not fut.done():
                 fut.set_result(msg)
-        elif isinstance(msg, AssignmentReply):
-            afut = self._assignments.pop(msg.assignment_id, None)
-            if afut is not None and not afut.done():
-                afut.set_result(msg)
         else:
-            log.error("coordinator %s: undecodable reply entry: %s", self.coordinator_id, error or msg)
+            log.error("coordinator %s: undecodable reply entry %s: %s", self.coordinator_id, entry[1], error or msg)
+        await asyncio.shield(self.broker.ack(entry[0], REPLY_GROUP, entry[1]))

@@ -19,23 +19,29 @@ import numpy as np
 from broker.browsers import find_executable, install_hint
 from broker.embedded import EmbeddedValkey
 from broker.errors import BrokerError
-from broker.messages import Assignment, AssignmentReply, RequestEvent, ShardFailure, ShardJob, ShardResult
+from broker.ledger import Ledger
+from broker.messages import Assignment, AssignmentReply, RequestEvent, ShardJob, ShardResult
+from broker.messages import DeadLetter as DeadLetterMessage
 from broker.streams import Broker
 
 from .allocation import Slot, allocate
 from .dispatch import Dispatcher
 from .errors import AllocationError, InputError, XshardError
+from .fleet import Fleet
 from .launcher import LocalWorkers
 from .metrics import LiveMetrics
 from .models import ResolvedModel, resolve_model
+from .monitor import Monitor
+from .recoverer import Recoverer
+from .recovery import Policy
+from .recovery.ladder import FAULT_TOLERANCE_LEVELS, RECOVERY_STRATEGIES
+from .requests import RequestTracker
 from .settings import ManagerSettings
 from .shardset import ShardSet, build_shard_set
 from .validation import validate_inputs
 
 log = logging.getLogger(__name__)
 
-FAULT_TOLERANCE_LEVELS = ("none", "low", "medium", "high", "critical")
-RECOVERY_STRATEGIES = ("restart", "reconnect", "failover", "progressive", "parallel")
 
 Progress = Callable[[str], None]
 
@@ -99,7 +105,8 @@ class ModelShardingManager:
         self.browsers = list(browsers) if browsers else None
         self.platform = platform
         self.settings = settings or ManagerSettings.from_env()
-        self.coordinator_id = f"coord-{uuid.uuid4().hex[:10]}"
+        self.coordinator_id = self.settings.coordinator_id or f"coord-{uuid.uuid4().hex[:10]}"
+        self.policy = Policy.from_env(level=fault_tolerance_level, strategy=recovery_strategy)
         self.last_error: str | None = None
         self.initialized = False
         self.model: ResolvedModel | None = None
@@ -115,6 +122,11 @@ class ModelShardingManager:
         self._assigned: dict[str, list[str]] = {}  # worker_id -> stage streams
         self._slots: dict[int, Slot] = {}
         self._emitting: set[asyncio.Task[None]] = set()
+        self._ledger: Ledger | None = None
+        self._tracker: RequestTracker | None = None
+        self._recoverer: Recoverer | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+        self.fleet = Fleet(self.settings.heartbeat_max_age_ms)
 
     @property
     def broker_url(self) -> str | None:
@@ -191,6 +203,12 @@ class ModelShardingManager:
         slots = dict(self._slots)
         workers = await (self._start_local_workers(slots) if self.redis_url is None else self._find_workers(slots))
         await self._assign(slots, workers)
+        self.fleet.update(await self._broker.live_workers(now_ms(), self.settings.heartbeat_max_age_ms))
+        assert self._recoverer is not None
+        s = self.settings
+        monitor = Monitor(self._broker, self.fleet, self._recoverer, self._route, self._assign_stage,
+                          s.monitor_interval_s, s.sweep_interval_s, s.min_idle_ms)  # fmt: skip
+        self._monitor_task = asyncio.get_running_loop().create_task(monitor.run())
 
     async def _connect(self) -> None:
         s = self.settings
@@ -202,7 +220,15 @@ class ModelShardingManager:
             url = self.redis_url
         self._broker = Broker(url, s.namespace)
         await self._broker.ping()
-        self._dispatcher = Dispatcher(self._broker, self.coordinator_id)
+        assert self.shards is not None
+        self._ledger = Ledger(self._broker)
+        self._tracker = RequestTracker(self._ledger, self.coordinator_id)
+        self._recoverer = Recoverer(
+            broker=self._broker, ledger=self._ledger, fleet=self.fleet, policy=self.policy, tracker=self._tracker,
+            metrics=self.metrics, assign=self._assign_stage, coordinator_id=self.coordinator_id,
+            model_name=self.model_name, plan_id=self.shards.plan.plan_id,
+        )  # fmt: skip
+        self._dispatcher = Dispatcher(self._broker, self.coordinator_id, self._on_result, self._recoverer.on_failure)
         await self._dispatcher.start()
 
     async def _start_local_workers(self, slots: dict[int, Slot]) -> dict[int, list[str]]:
@@ -276,6 +302,7 @@ class ModelShardingManager:
                 )  # fmt: skip
                 futures[(st.index, wid)] = await self._dispatcher.assign(wid, a)
                 self._assigned.setdefault(wid, []).append(a.stage_stream)
+                self.fleet.add(st.index, wid)
         self._progress(f"loading {len(futures)} shard sessions in the browsers")
         try:
             async with asyncio.timeout(s.assign_timeout_s):
@@ -297,10 +324,49 @@ class ModelShardingManager:
             else:
                 self.allocation[i] = entry
 
+    async def _assign_stage(self, index: int, worker_id: str) -> bool:
+        """Redistribute: load stage ``index``'s shard onto ``worker_id`` and make it consume the stage."""
+        assert self._dispatcher is not None and self.shards is not None
+        if worker_id in self.fleet.serving.get(index, []):
+            return True
+        st = self.shards.plan.stages[index]
+        slot = self._slots.get(index)
+        a = Assignment(
+            assignment_id=uuid.uuid4().hex, plan_id=self.shards.plan.plan_id, shard_index=index,
+            stage_stream=self._route[index], onnx_sha256=self.shards.shard_sha256[index],
+            input_names=st.input_names, carry_names=st.carry_names, platform=slot.platform if slot else "auto",
+            reply_stream=self._dispatcher.reply_stream, model_name=self.model_name, shard_type=self.shard_type,
+        )  # fmt: skip
+        fut = await self._dispatcher.assign(worker_id, a)
+        try:
+            reply = await asyncio.wait_for(fut, self.settings.assign_reply_timeout_s)
+        except TimeoutError:
+            log.warning("redistributing shard %d onto %s: no reply within %ss", index, worker_id,
+                        self.settings.assign_reply_timeout_s)  # fmt: skip
+            return False
+        if not reply.ok:
+            log.warning("redistributing shard %d onto %s failed: %s", index, worker_id, reply.error)
+            return False
+        self.fleet.add(index, worker_id)
+        self._assigned.setdefault(worker_id, []).append(a.stage_stream)
+        entry = {"browser": self.fleet.browser(worker_id), "worker_id": worker_id, "platform": reply.execution_provider,
+                 "execution_provider": reply.execution_provider, "adapter": reply.adapter,
+                 "reason": "redistributed by recovery", "load_ms": round(reply.load_ms, 1)}  # fmt: skip
+        self.allocation.setdefault(index, entry).setdefault("replicas", []).append(entry)
+        return True
+
     async def close(self) -> None:
         """Release shard sessions, stop local workers and the embedded broker."""
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            await asyncio.gather(self._monitor_task, return_exceptions=True)
+            self._monitor_task = None
         if self._emitting:
             await asyncio.gather(*self._emitting, return_exceptions=True)
+        if self._recoverer is not None:
+            await self._recoverer.drain()
+        if self._tracker is not None:
+            self._tracker.cancel_all()
         if self._dispatcher is not None:
             await self._dispatcher.close()
         if self._local is not None:
@@ -316,7 +382,8 @@ class ModelShardingManager:
                         log.warning("could not release %s on %s: %s", stream, wid, e)
         if self._broker is not None:
             try:
-                await self._broker.delete(self._broker.keys.reply(self.coordinator_id))
+                if self._ledger is not None and not await self._ledger.inflight(self.coordinator_id):
+                    await self._broker.delete(self._broker.keys.reply(self.coordinator_id))
             except BrokerError:
                 pass
             await self._broker.close()
@@ -328,8 +395,12 @@ class ModelShardingManager:
     # -- inference ---------------------------------------------------------------------------
 
     async def run_inference_sharded(self, inputs: Mapping[str, Any], max_retries: int = 2) -> dict[str, Any]:
-        """Run one request through the shards; ``{"result", "metrics"}`` or ``{"error"}``."""
-        if not self.initialized or self.shards is None or self._dispatcher is None:
+        """Run one request through the shards; ``{"result", "metrics"}`` or ``{"error", "error_kind"}``.
+
+        ``max_retries`` bounds the tries of each stage beyond the first; the recovery policy
+        (``fault_tolerance_level``, ``recovery_strategy``) decides how each retry is made.
+        """
+        if not self.initialized or self.shards is None or self._tracker is None or self._dispatcher is None:
             return {"error": "the manager is not initialized: call initialize_sharding() first",
                     "error_kind": "state"}  # fmt: skip
         try:
@@ -337,40 +408,103 @@ class ModelShardingManager:
         except InputError as e:
             return {"error": str(e), "error_kind": "input"}
         request_id = uuid.uuid4().hex
+        job = ShardJob(
+            request_id=request_id, plan_id=self.shards.plan.plan_id, stage_index=0, route=self._route,
+            reply_stream=self._dispatcher.reply_stream, tensors=arrays, enqueued_ms=time.time() * 1000.0,
+        )  # fmt: skip
+        if self._recoverer is not None:
+            self._recoverer.max_attempts[request_id] = max(0, max_retries) + 1
         started = time.perf_counter()
-        last_error, error_kind = "", "failed"
-        attempts = 0
-        for attempt in range(1, max(0, max_retries) + 2):
-            attempts = attempt
-            job = ShardJob(
-                request_id=request_id, plan_id=self.shards.plan.plan_id, stage_index=0, route=self._route,
-                reply_stream=self._dispatcher.reply_stream, tensors=arrays, enqueued_ms=time.time() * 1000.0,
-                attempt=attempt,
-            )  # fmt: skip
-            try:
-                fut = await self._dispatcher.submit(job)
-                reply = await asyncio.wait_for(fut, self.settings.request_timeout_s)
-            except TimeoutError:
-                self._dispatcher.forget(request_id)
-                last_error = f"request {request_id} timed out after {self.settings.request_timeout_s}s"
-                error_kind = "timeout"
-                break
-            except BrokerError as e:
-                last_error = f"request {request_id}: {e}"
-                break
-            if isinstance(reply, ShardResult):
-                return self._success(request_id, reply, started, attempts)
-            assert isinstance(reply, ShardFailure)
-            self._record_traces(reply.trace)
-            self._record_failure(reply)
-            last_error = f"shard {reply.stage_index} failed on {reply.worker_id} (attempt {attempt}): {reply.error}"
-            if reply.kind == "input":
-                error_kind = "input"
-                break
+        try:
+            fut = await self._tracker.submit(job)
+        except BrokerError as e:
+            return {"error": f"request not accepted: {e}", "error_kind": "unavailable", "request_id": request_id}
+        return await self._outcome(request_id, fut, started)
+
+    async def _outcome(self, request_id: str, fut: asyncio.Future[Any], started: float) -> dict[str, Any]:
+        assert self._tracker is not None
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(fut), self.settings.request_timeout_s)
+        except TimeoutError:
+            self._tracker.forget(request_id)
+            outcome = await self._bury_timed_out(request_id)
+        if isinstance(outcome, ShardResult):
+            return self._success(request_id, outcome, started, max((t.get("attempt", 1) for t in outcome.trace),
+                                                                   default=1))  # fmt: skip
         latency_ms = (time.perf_counter() - started) * 1000.0
-        self.metrics.record_request(request_id, False, latency_ms, last_error)
-        self._emit_request(request_id, latency_ms, 0.0, attempts, "error", last_error)
-        return {"error": last_error, "error_kind": error_kind, "request_id": request_id, "attempts": attempts}
+        error = f"dead-lettered at shard {outcome.stage_index}: {outcome.reason}"
+        self.metrics.record_request(request_id, False, latency_ms, error)
+        self._emit_request(request_id, latency_ms, 0.0, outcome.attempts, "dead_letter", error)
+        return {"error": error, "error_kind": "dead_letter", "request_id": request_id, "attempts": outcome.attempts,
+                "workers_tried": list(outcome.workers_tried)}  # fmt: skip
+
+    async def _bury_timed_out(self, request_id: str) -> DeadLetterMessage:
+        assert self._ledger is not None and self.shards is not None
+        state = await self._ledger.state(request_id)
+        job = state.job if state else None
+        reason = f"timed out after {self.settings.request_timeout_s}s"
+        dead = DeadLetterMessage(
+            request_id=request_id, plan_id=self.shards.plan.plan_id, stage_index=0, route=self._route,
+            reply_stream=self._dispatcher.reply_stream if self._dispatcher else "",
+            tensors=job.tensors if job else {}, reason=reason, error=reason, attempts=1, workers_tried=(),
+            ts_ms=time.time() * 1000.0,
+        )  # fmt: skip
+        await self._ledger.bury(dead, self.coordinator_id)
+        if self._recoverer is not None:
+            self._recoverer.finished(request_id, ok=False)
+        return dead
+
+    async def _on_result(self, msg: ShardResult, entry: tuple[str, str]) -> None:
+        assert self._tracker is not None
+        for t in msg.trace:
+            self.fleet.record(t["worker_id"], t["execution_provider"], ok=True)
+        await self._tracker.on_result(msg, entry)
+        if self._recoverer is not None:
+            self._recoverer.finished(msg.request_id, ok=True)
+
+    async def resume(self) -> list[str]:
+        """Requests this coordinator id accepted before a restart and has not finished; ``wait_for`` each."""
+        if self._tracker is None:
+            raise XshardError("the manager is not initialized: call initialize_sharding() first")
+        return await self._tracker.resume()
+
+    async def wait_for(self, request_id: str) -> dict[str, Any]:
+        """The outcome of a request accepted earlier (e.g. before a coordinator restart)."""
+        assert self._tracker is not None and self._ledger is not None
+        state = await self._ledger.state(request_id)
+        if state is not None and isinstance(state.result, ShardResult):
+            return self._success(request_id, state.result, time.perf_counter(), 1)
+        if state is None:
+            return {"error": f"unknown request {request_id}", "error_kind": "state", "request_id": request_id}
+        if state.status == "dead":
+            return {"error": f"request {request_id} is in the dead letter", "error_kind": "dead_letter",
+                    "request_id": request_id}  # fmt: skip
+        return await self._outcome(request_id, self._tracker.watch(request_id), time.perf_counter())
+
+    async def dead_letters(self) -> list[tuple[str, DeadLetterMessage | None, str]]:
+        assert self._ledger is not None
+        return await self._ledger.dead_letters()
+
+    async def replay(self, entry_ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Re-enqueue dead-lettered jobs of this plan (all, or those ids) and wait for their outcomes."""
+        assert self._ledger is not None and self._tracker is not None and self._dispatcher is not None
+        wanted = set(entry_ids) if entry_ids else None
+        waits = {}
+        for entry_id, dead, _ in await self._ledger.dead_letters():
+            if dead is None or (wanted is not None and entry_id not in wanted) or dead.route[:1] != self._route[:1]:
+                continue
+            job = ShardJob(
+                request_id=dead.request_id, plan_id=dead.plan_id, stage_index=dead.stage_index, route=dead.route,
+                reply_stream=self._dispatcher.reply_stream, tensors=dead.tensors, enqueued_ms=time.time() * 1000.0,
+                trace=dead.trace,
+            )  # fmt: skip
+            fut = self._tracker.watch(dead.request_id)
+            await self._ledger.exhume(entry_id, job, self.coordinator_id)
+            waits[entry_id] = (dead.request_id, fut)
+        out = {}
+        for entry_id, (request_id, fut) in waits.items():
+            out[entry_id] = await self._outcome(request_id, fut, time.perf_counter())
+        return out
 
     def _emit_request(
         self, request_id: str, latency_ms: float, kernel_ms: float, attempts: int, outcome: str, error: str
@@ -403,12 +537,6 @@ class ModelShardingManager:
             info = {"browser": t["browser"], "platform": t["execution_provider"], "shard_type": self.shard_type,
                     "shard_index": t["shard_index"], "worker_id": t["worker_id"]}  # fmt: skip
             self.metrics.record_component(self._component_id(t["shard_index"]), info, True, t["kernel_ms"])
-
-    def _record_failure(self, f: ShardFailure) -> None:
-        alloc = self.allocation.get(f.stage_index, {})
-        info = {"browser": alloc.get("browser", "unknown"), "platform": alloc.get("platform", "unknown"),
-                "shard_type": self.shard_type, "shard_index": f.stage_index, "worker_id": f.worker_id}  # fmt: skip
-        self.metrics.record_component(self._component_id(f.stage_index), info, False, None)
 
     def _success(self, request_id: str, reply: ShardResult, started: float, attempts: int) -> dict[str, Any]:
         latency_ms = (time.perf_counter() - started) * 1000.0

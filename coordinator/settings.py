@@ -20,7 +20,12 @@ class ManagerSettings:
     assign_timeout_s: float = 900.0
     request_timeout_s: float = 600.0
     heartbeat_s: float = 0.5
-    heartbeat_max_age_ms: int = 2000
+    heartbeat_max_age_ms: int = 2000  # a worker whose heartbeat is older is dead to the coordinator
+    monitor_interval_s: float = 0.1
+    sweep_interval_s: float = 5.0
+    min_idle_ms: int = 330_000  # the sweep reclaims jobs idle this long (> the worker's kernel timeout)
+    assign_reply_timeout_s: float = 120.0  # redistributing a shard onto another worker
+    coordinator_id: str = ""  # reuse one to resume a killed coordinator's requests
     weight_share: float = 0.5
 
     @classmethod

@@ -1,0 +1,99 @@
+"""Liveness: a worker whose heartbeat lapses is dead to the coordinator. Its jobs are claimed at once
+(XCLAIM into the recovery consumer) and recovered; a stage left with no live worker is loaded onto a
+healthy one. A periodic sweep (XAUTOCLAIM, ``min_idle_ms``) catches jobs stuck with a live worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from broker.errors import BrokerUnavailable
+from broker.keys import STAGE_GROUP
+from broker.messages import ShardJob
+from broker.streams import Broker
+
+from .fleet import Fleet
+from .recoverer import Recoverer
+
+log = logging.getLogger(__name__)
+
+Assign = Callable[[int, str], Awaitable[bool]]
+
+
+class Monitor:
+    def __init__(
+        self, broker: Broker, fleet: Fleet, recoverer: Recoverer, route: tuple[str, ...], assign: Assign,
+        interval_s: float, sweep_interval_s: float, min_idle_ms: int,
+    ) -> None:  # fmt: skip
+        self.broker = broker
+        self.fleet = fleet
+        self.recoverer = recoverer
+        self.route = route
+        self._assign = assign
+        self.interval_s = interval_s
+        self.sweep_interval_s = sweep_interval_s
+        self.min_idle_ms = min_idle_ms
+        self._last_sweep = time.monotonic()
+
+    async def run(self) -> None:
+        delay_s = 0.05
+        while True:
+            try:
+                await self.tick()
+                delay_s = 0.05
+                await asyncio.sleep(self.interval_s)
+            except BrokerUnavailable as e:
+                log.warning("monitor: broker unavailable (%s); retrying in %.2fs", e, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(2.0, delay_s * 2)
+
+    async def tick(self) -> None:
+        now_ms = int(time.time() * 1000)
+        live = await self.broker.live_workers(now_ms, self.fleet.heartbeat_timeout_ms)
+        died, revived = self.fleet.update(live)
+        for wid in revived:
+            log.warning("worker %s is alive again", wid)
+        for wid in died:
+            await self._reclaim(wid, "worker-lost")
+        if died:
+            await self._cover_orphaned_stages()
+        if time.monotonic() - self._last_sweep >= self.sweep_interval_s:
+            self._last_sweep = time.monotonic()
+            await self._sweep()
+
+    def _streams_of(self, worker_id: str) -> list[str]:
+        return [self.route[i] for i in self.fleet.stages_of(worker_id)] + [self.broker.keys.direct(worker_id)]
+
+    async def _reclaim(self, worker_id: str, kind: str) -> None:
+        log.warning("worker %s: heartbeat lapsed (> %d ms); reclaiming its jobs", worker_id,
+                    self.fleet.heartbeat_timeout_ms)  # fmt: skip
+        for stream in self._streams_of(worker_id):
+            for d, deliveries in await self.broker.claim_from(stream, STAGE_GROUP, worker_id, self.recoverer.claimer):
+                if isinstance(d.message, ShardJob):
+                    log.warning("request %s stage %d: claimed from %s (delivery %d)", d.message.request_id,
+                                d.message.stage_index, worker_id, deliveries)  # fmt: skip
+                    await self.recoverer.on_claimed(d.stream, d.entry_id, d.message, kind, worker_id)
+                else:
+                    await self.broker.ack(d.stream, STAGE_GROUP, d.entry_id)
+
+    async def _cover_orphaned_stages(self) -> None:
+        """A stage with no live worker gets one: load its shard onto a healthy worker (redistribute)."""
+        for index in range(len(self.route)):
+            if self.fleet.replicas(index, ""):
+                continue
+            for spare in self.fleet.spares(index, ""):
+                log.warning("stage %d has no live worker; loading its shard onto %s", index, spare)
+                if await self._assign(index, spare):
+                    break
+
+    async def _sweep(self) -> None:
+        streams = list(self.route) + sorted({self.broker.keys.direct(w) for ids in self.fleet.serving.values()
+                                             for w in ids})  # fmt: skip
+        for stream in streams:
+            for d in await self.broker.claim_stale(stream, STAGE_GROUP, self.recoverer.claimer, self.min_idle_ms):
+                if isinstance(d.message, ShardJob):
+                    await self.recoverer.on_claimed(d.stream, d.entry_id, d.message, "timeout", "")
+                else:
+                    await self.broker.ack(d.stream, STAGE_GROUP, d.entry_id)

@@ -1,0 +1,81 @@
+"""Requests in flight: accepted into Redis (``Ledger.accept``), finished once (``Ledger.finish``),
+resumed by a restarted coordinator with the same id. Futures resolve to the result or the dead letter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from broker.errors import BrokerUnavailable
+from broker.ledger import Ledger
+from broker.messages import DeadLetter, ShardJob, ShardResult
+
+from .dispatch import Entry
+
+log = logging.getLogger(__name__)
+
+SUBMIT_DEADLINE_S = 30.0
+BACKOFF_MAX_S = 2.0
+
+Outcome = ShardResult | DeadLetter
+
+
+class RequestTracker:
+    def __init__(self, ledger: Ledger, coordinator_id: str) -> None:
+        self.ledger = ledger
+        self.coordinator_id = coordinator_id
+        self._futures: dict[str, asyncio.Future[Outcome]] = {}
+
+    def watch(self, request_id: str) -> asyncio.Future[Outcome]:
+        fut = self._futures.get(request_id)
+        if fut is None or fut.done():
+            fut = asyncio.get_running_loop().create_future()
+            self._futures[request_id] = fut
+        return fut
+
+    def forget(self, request_id: str) -> None:
+        self._futures.pop(request_id, None)
+
+    async def submit(self, job: ShardJob) -> asyncio.Future[Outcome]:
+        """Accept the request (one MULTI); rides out a broker outage for up to ``SUBMIT_DEADLINE_S``."""
+        fut = self.watch(job.request_id)
+        delay_s, deadline = 0.05, time.monotonic() + SUBMIT_DEADLINE_S
+        while True:
+            try:
+                await self.ledger.accept(job, self.coordinator_id)
+                return fut
+            except BrokerUnavailable as e:
+                if time.monotonic() > deadline:
+                    self.forget(job.request_id)
+                    raise
+                log.warning("request %s: broker unavailable on submit (%s); retrying in %.2fs", job.request_id, e,
+                            delay_s)  # fmt: skip
+                await asyncio.sleep(delay_s)
+                delay_s = min(BACKOFF_MAX_S, delay_s * 2)
+
+    async def on_result(self, msg: ShardResult, entry: Entry) -> None:
+        await self.ledger.finish(msg.request_id, self.coordinator_id, "done", msg, entry)
+        fut = self._futures.pop(msg.request_id, None)
+        if fut is None:
+            log.info("request %s: result recorded (no caller waiting here)", msg.request_id)
+        elif not fut.done():
+            fut.set_result(msg)
+
+    def dead(self, dead: DeadLetter) -> None:
+        fut = self._futures.pop(dead.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(dead)
+
+    async def resume(self) -> list[str]:
+        """Watch every request this coordinator id accepted and has not finished."""
+        ids = await self.ledger.inflight(self.coordinator_id)
+        for request_id in ids:
+            self.watch(request_id)
+        return ids
+
+    def cancel_all(self) -> None:
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.cancel()
+        self._futures.clear()

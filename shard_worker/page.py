@@ -1,0 +1,108 @@
+"""One browser showing the shard page, with its bridge: launch, load shards, run, restart.
+
+``lost`` is set the moment the browser exits or disconnects or the bridge closes; the worker then
+restarts the page and reloads its shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import numpy as np
+
+from .bridge import Bridge, RunResult
+from .browser import BrowserProcess
+from .errors import BrowserError, WorkerError
+from .server import StaticServer
+from .settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class Page:
+    def __init__(self, settings: WorkerSettings, server: StaticServer) -> None:
+        self.settings = settings
+        self.server = server
+        self.lost = asyncio.Event()
+        self.lost_reason = ""
+        self.capabilities: dict[str, Any] = {}
+        self.choice: dict[str, Any] = {}
+        self.loaded: dict[str, dict[str, Any]] = {}  # session key -> load info
+        self._bridge: Bridge | None = None
+        self._browser: BrowserProcess | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+
+    @property
+    def browser_pid(self) -> int | None:
+        return self._browser.pid if self._browser else None
+
+    @property
+    def user_agent(self) -> str:
+        return str(self.capabilities.get("userAgent", ""))
+
+    async def launch(self) -> Page:
+        s = self.settings
+        self._bridge = await Bridge().start()
+        url = (
+            f"http://127.0.0.1:{self.server.port}/#ws={self._bridge.port}&token={self._bridge.token}"
+            f"&platform={s.platform}&threads={s.wasm_threads}"
+        )
+        try:
+            self._browser = await BrowserProcess(s.browser, url).launch()
+            hello = asyncio.ensure_future(self._bridge.wait_hello(s.launch_timeout_s))
+            died = asyncio.ensure_future(self._browser.lost.wait())
+            await asyncio.wait({hello, died}, return_when=asyncio.FIRST_COMPLETED)
+            died.cancel()
+            if not hello.done():
+                hello.cancel()
+                raise BrowserError(f"{s.browser} died before its page connected: {self._browser.lost_reason}")
+            self.capabilities = hello.result()
+        except BaseException:
+            await self.close()
+            raise
+        self.choice = self._bridge.choice
+        if "error" in self.choice:
+            await self.close()
+            raise WorkerError(f"{s.browser} cannot run platform {s.platform}: {self.choice['error']}")
+        self._watchers = [
+            asyncio.ensure_future(self._watch(self._browser.lost, lambda: self._browser.lost_reason)),  # type: ignore[union-attr]
+            asyncio.ensure_future(self._watch(self._bridge.closed, lambda: self._bridge.close_reason)),  # type: ignore[union-attr]
+        ]
+        return self
+
+    async def _watch(self, event: asyncio.Event, reason: Any) -> None:
+        await event.wait()
+        if not self.lost.is_set():
+            self.lost_reason = reason()
+            self.lost.set()
+
+    async def close(self) -> None:
+        for t in self._watchers:
+            t.cancel()
+        if self._bridge is not None:
+            await self._bridge.close()
+        if self._browser is not None:
+            await self._browser.close()
+
+    def _live_bridge(self) -> Bridge:
+        if self._bridge is None:
+            raise WorkerError("page not launched")
+        return self._bridge
+
+    async def load(self, key: str, onnx_sha256: str, platform: str) -> dict[str, Any]:
+        info: dict[str, Any] = await self._live_bridge().request(
+            "load", self.settings.load_timeout_s, key=key, url=f"/shards/{onnx_sha256}.onnx", platform=platform
+        )
+        self.loaded[key] = info
+        return info
+
+    async def release(self, key: str) -> None:
+        if self.loaded.pop(key, None) is not None:
+            with contextlib.suppress(WorkerError):
+                await self._live_bridge().request("release", self.settings.load_timeout_s, key=key)
+
+    async def run(self, key: str, feeds: dict[str, np.ndarray], fail: str | None = None) -> RunResult:
+        return await self._live_bridge().run(key, feeds, self.settings.run_timeout_s, fail)
