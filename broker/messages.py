@@ -121,6 +121,7 @@ class Restart:
 
     TYPE: ClassVar[str] = "restart"
     reason: str
+    since_ms: float = 0.0  # skip if the browser was (re)started after this time: it already was restarted
 
 
 @dataclass(frozen=True, slots=True)

@@ -187,6 +187,23 @@ class Broker:
             reply = await self._redis.xreadgroup(group, consumer, wanted, count=count)
         return [self._delivery(s, eid, f) for s, entries in reply or [] for eid, f in entries if f]
 
+    async def read_pending(
+        self, group: str, consumer: str, streams: Iterable[str], *, count: int = 100
+    ) -> list[Delivery]:
+        """Every entry delivered to ``consumer`` and not acked yet, oldest first (paged XREADGROUP from 0)."""
+        out: list[Delivery] = []
+        for stream in streams:
+            after = "0"
+            while True:
+                async with _translated(f"XREADGROUP {group} {stream} pending"):
+                    reply = await self._redis.xreadgroup(group, consumer, {stream: after}, count=count)
+                entries = [(eid, f) for _, batch in reply or [] for eid, f in batch]
+                if not entries:
+                    break
+                out += [self._delivery(stream, eid, f) for eid, f in entries]
+                after = out[-1].entry_id
+        return out
+
     async def claim_from(self, stream: str, group: str, owner: str, claimer: str) -> list[tuple[Delivery, int]]:
         """XCLAIM every entry ``owner`` holds on ``stream`` to ``claimer``; with each entry's delivery count."""
         async with _translated(f"XPENDING {stream} {owner}"):
@@ -218,6 +235,22 @@ class Broker:
                 self.keys.events, {MESSAGE_FIELD: encode(event)}, maxlen=EVENTS_MAXLEN, approximate=True
             )
         return _str(entry_id)
+
+    async def read_events(self, count: int = 100_000) -> list[Message]:
+        """Events still on the events stream (not yet consumed by the history writer), oldest first."""
+        async with _translated("XRANGE events"):
+            entries = await self._redis.xrange(self.keys.events, "-", "+", count=count)
+        out = []
+        for eid, fields in entries:
+            d = self._delivery(self.keys.events, eid, fields)
+            if d.message is not None:
+                out.append(d.message)
+        return out
+
+    async def worker_info(self, worker_id: str) -> dict[str, str]:
+        async with _translated(f"HGETALL worker {worker_id}"):
+            row = await self._redis.hgetall(self.keys.worker(worker_id))
+        return {_str(k): _str(v) for k, v in row.items()}
 
     async def stream_length(self, stream: str) -> int:
         async with _translated(f"XLEN {stream}"):

@@ -35,6 +35,8 @@ from broker.errors import BrokerError
 from .allocation import PLATFORMS, normalize_browser
 from .console import ProgressPrinter, fail, format_allocation, format_components, format_fields
 from .errors import ConversionError, XshardError
+from .fault_cli import add_fault_commands, run_fault_command
+from .history_cli import add_history_commands, run_history_command
 from .manager import ModelShardingManager
 from .planner import SHARD_TYPES
 from .settings import ManagerSettings
@@ -341,7 +343,8 @@ def build_parser() -> Parser:
     d.add_argument("--shards", type=positive_int, default=3)
     d.add_argument("--platform", choices=PLATFORMS, default="auto")
     d.add_argument("--sentences", nargs="+", default=None, metavar="SENTENCE")
-    # Later: fault-test, dead-letter, replay, history, report, history-writer.
+    add_fault_commands(sub, common)
+    add_history_commands(sub, common)
     return parser
 
 
@@ -360,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_broker(args.port, args.appendonly, args.data_dir)
         if args.command == "demo":
             return run_demo_command(args)
+        for handler in (run_fault_command, run_history_command):
+            code = handler(args)
+            if code is not None:
+                return code
     except KeyboardInterrupt:
         fail("interrupted")
         return 130

@@ -28,10 +28,13 @@ from .allocation import Slot, allocate
 from .dispatch import Dispatcher
 from .errors import AllocationError, InputError, XshardError
 from .fleet import Fleet
+from .history import HistoryError, HistoryStore, merge_history
+from .history_writer import HistoryWriter
 from .launcher import LocalWorkers
 from .metrics import LiveMetrics
 from .models import ResolvedModel, resolve_model
 from .monitor import Monitor
+from .recommendations import BrowserStat, allocate_from_history, recommend
 from .recoverer import Recoverer
 from .recovery import Policy
 from .recovery.ladder import FAULT_TOLERANCE_LEVELS, RECOVERY_STRATEGIES
@@ -127,6 +130,10 @@ class ModelShardingManager:
         self._recoverer: Recoverer | None = None
         self._monitor_task: asyncio.Task[None] | None = None
         self.fleet = Fleet(self.settings.heartbeat_max_age_ms)
+        self._history = HistoryStore(db_path) if db_path else None
+        self._history_writer: HistoryWriter | None = None
+        self._history_stats: list[BrowserStat] = []
+        self._prior_history: dict[str, Any] = {}
 
     @property
     def broker_url(self) -> str | None:
@@ -173,8 +180,30 @@ class ModelShardingManager:
             installed=lambda b: find_executable(b) is not None, platform=self.platform, browsers=self.browsers,
             custom=self.custom_browser_allocation,
         )  # fmt: skip
+        if self._history is not None:
+            await self._read_history(shards.plan.plan_id)
         self.shards = shards
         return shards
+
+    async def _read_history(self, plan_id: str) -> None:
+        """Measured history of this model steers the allocation (unless the user fixed it)."""
+        assert self._history is not None
+        try:
+            stats = await asyncio.to_thread(self._history.browser_stats, self.model_name, self.shard_type)
+            stats += await asyncio.to_thread(
+                self._history.browser_stats, self.model_name, self.shard_type, by_shard=True, plan_id=plan_id
+            )
+            self._prior_history = await asyncio.to_thread(self._history.model_history, self.model_name, plan_id)
+        except HistoryError as e:
+            log.warning("history in %s unreadable, allocating from the guide table: %s", self.db_path, e)
+            return
+        self._history_stats = stats
+        if not self.browsers and stats:
+            installed = (lambda b: find_executable(b) is not None) if self.redis_url is None else (lambda b: True)
+            self._slots = allocate_from_history(
+                self._slots, stats, platform=self.platform, fixed=set(self.custom_browser_allocation),
+                installed=installed,
+            )  # fmt: skip
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The inputs as the model's arrays, or InputError; needs ``prepare()`` first."""
@@ -230,6 +259,9 @@ class ModelShardingManager:
         )  # fmt: skip
         self._dispatcher = Dispatcher(self._broker, self.coordinator_id, self._on_result, self._recoverer.on_failure)
         await self._dispatcher.start()
+        if self.db_path:
+            self._history_writer = HistoryWriter(self._broker, self.db_path, on_commit=self._on_history_commit)
+            await self._history_writer.start()
 
     async def _start_local_workers(self, slots: dict[int, Slot]) -> dict[int, list[str]]:
         assert self._broker is not None
@@ -367,6 +399,12 @@ class ModelShardingManager:
             await self._recoverer.drain()
         if self._tracker is not None:
             self._tracker.cancel_all()
+        if self._history_writer is not None:
+            try:
+                await self._history_writer.close()  # flushes what is in the events stream
+            except (BrokerError, HistoryError) as e:
+                log.warning("history writer: %s", e)
+            self._history_writer = None
         if self._dispatcher is not None:
             await self._dispatcher.close()
         if self._local is not None:
@@ -600,8 +638,29 @@ class ModelShardingManager:
                 for st in (plan.stages if plan else ())
             ],  # fmt: skip
             "browser_allocation": {i: dict(v) for i, v in sorted(self.allocation.items())},
+            "recommendations": recommend(self._history_stats, self.allocation, self.model_type),
+            "circuit_breakers": self.fleet.breakers.snapshot(time.monotonic()),
             "requests": self.metrics.requests.as_dict(),
         }
 
     def get_performance_history(self) -> dict[str, Any]:
-        return self.metrics.history()
+        """The guide's structure: live counters of this manager, merged with what the database
+        already held for this model and plan when ``db_path`` was given."""
+        live = self.metrics.history()
+        return merge_history(self._prior_history, live) if self._history is not None else live
+
+    def _on_history_commit(self, *_: object) -> None:
+        if self._history is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh_stats())
+        self._emitting.add(task)
+        task.add_done_callback(self._emitting.discard)
+
+    async def _refresh_stats(self) -> None:
+        assert self._history is not None
+        try:
+            self._history_stats = await asyncio.to_thread(
+                self._history.browser_stats, self.model_name, self.shard_type
+            )
+        except HistoryError as e:
+            log.info("history stats not refreshed: %s", e)

@@ -171,7 +171,8 @@ class Recoverer:
             await asyncio.sleep(decision.delay_s)
             return (keys.direct(decision.worker_id) if decision.worker_id else job.route[job.stage_index]), ""
         if isinstance(decision, RestartDecision):
-            await self.broker.add(keys.control(decision.worker_id), Restart(f"recovery of request {job.request_id}"))
+            restart = Restart(f"recovery of request {job.request_id}", since_ms=job.enqueued_ms)
+            await self.broker.add(keys.control(decision.worker_id), restart)
             return keys.direct(decision.worker_id), ""
         if isinstance(decision, Reroute):
             return keys.direct(decision.worker_id), ""
@@ -209,18 +210,18 @@ class Recoverer:
         self.finished(job.request_id, ok=False)
 
     def _record_event(self, request_id: str, rec: OpenRecovery, ok: bool, duration_ms: float) -> None:
-        entry = {
-            "timestamp": rec.ts_ms / 1000.0, "request_id": request_id, "shard_index": rec.shard_index,
-            "worker_id": rec.worker_id, "browser": rec.browser, "platform": rec.platform, "failure": rec.failure,
-            "action": rec.action, "success": ok, "duration_ms": round(duration_ms, 3), "error": rec.error[:300],
-        }  # fmt: skip
-        self.metrics.recovery_events.append(entry)
         event = RecoveryEvent(
             event_id=uuid.uuid4().hex, ts_ms=rec.ts_ms, request_id=request_id, plan_id=self.plan_id,
             model_name=self.model_name, shard_index=rec.shard_index, worker_id=rec.worker_id, browser=rec.browser,
             platform=rec.platform, failure=rec.failure, action=rec.action, success=ok, duration_ms=duration_ms,
             error=rec.error[:1000],
         )  # fmt: skip
+        self.metrics.recovery_events.append({
+            "timestamp": rec.ts_ms / 1000.0, "event_id": event.event_id, "request_id": request_id,
+            "plan_id": self.plan_id, "shard_index": rec.shard_index, "worker_id": rec.worker_id,
+            "browser": rec.browser, "platform": rec.platform, "failure": rec.failure, "action": rec.action,
+            "success": ok, "duration_ms": round(duration_ms, 3), "error": rec.error[:300],
+        })  # fmt: skip
         task = asyncio.get_running_loop().create_task(self._emit(event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

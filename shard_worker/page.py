@@ -60,6 +60,7 @@ class Page:
                 hello.cancel()
                 raise BrowserError(f"{s.browser} died before its page connected: {self._browser.lost_reason}")
             self.capabilities = hello.result()
+            await self._browser.detach_devtools()
         except BaseException:
             await self.close()
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -70,9 +71,10 @@ class Stage:
     onnx_sha256: str
     input_names: tuple[str, ...]
     carry_names: tuple[str, ...]
-    platform: str
+    platform: str  # as assigned: auto, wasm, webgpu or webnn
     model_name: str
     shard_type: str
+    provider: str = ""  # what the page picked for ``platform``
 
     def session_key(self, platform: str) -> str:
         return f"{self.stream}|{platform}"
@@ -96,6 +98,7 @@ class ShardWorker:
         self._restarts: list[float] = []
         self._read_pending = True
         self._inject_kernel_errors = 0
+        self._page_started_ms = 0.0
         self.exit_reason = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -133,6 +136,7 @@ class ShardWorker:
         await self._broker.ping()
         self._server = StaticServer(ort_dir, s.shard_dir).start()
         self._page = await Page(s, self._server).launch()
+        self._page_started_ms = now_ms()
         choice = self._page.choice
         if choice.get("note"):
             log.warning("worker %s: %s", self.id, choice["note"])
@@ -236,6 +240,7 @@ class ShardWorker:
             if old is not None:
                 await old.close()
             assert self._server is not None
+            self._page_started_ms = now_ms()
             self._page = await Page(self.settings, self._server).launch()
             for stage in list(self.stages.values()):
                 await self.page.load(stage.session_key(stage.platform), stage.onnx_sha256, stage.platform)
@@ -246,6 +251,10 @@ class ShardWorker:
                 await self.broker.register_worker(self.id, self._registration(), int(now_ms()))
             log.warning("worker %s: browser restarted and %d shard(s) reloaded in %.0f ms", self.id,
                         len(self.stages), (time.perf_counter() - started) * 1000)  # fmt: skip
+
+    @staticmethod
+    def _provider(stage: Stage, platform: str) -> str:
+        return stage.provider if platform == stage.platform else platform
 
     async def _session(self, stage: Stage, platform: str) -> str:
         key = stage.session_key(platform)
@@ -271,7 +280,10 @@ class ShardWorker:
                 elif isinstance(msg, Release):
                     await self._release(msg.stage_stream)
                 elif isinstance(msg, Restart):
-                    asyncio.ensure_future(self.restart_page(f"asked to: {msg.reason}"))
+                    if self._page_started_ms < msg.since_ms and not self._restart_lock.locked():
+                        asyncio.ensure_future(self.restart_page(f"asked to: {msg.reason}"))
+                    else:
+                        log.info("worker %s: browser already restarted since the failure; %s", self.id, msg.reason)
                 elif isinstance(msg, Inject) and msg.kind == "kernel-error":
                     self._inject_kernel_errors = msg.count
                     log.warning("worker %s: the next %d kernel(s) will throw (injected)", self.id, msg.count)
@@ -292,7 +304,7 @@ class ShardWorker:
                 info = await self.page.load(stage.session_key(platform), a.onnx_sha256, platform)
                 await self.broker.ensure_group(a.stage_stream, STAGE_GROUP)
                 await self.broker.ensure_group(self.broker.keys.direct(self.id), STAGE_GROUP)
-                self.stages[a.stage_stream] = stage
+                self.stages[a.stage_stream] = dataclasses.replace(stage, provider=info["provider"])
                 self._stages_changed.set()
                 reply.update(ok=True, execution_provider=info["provider"], adapter=info["adapter"],
                              load_ms=float(info["load_ms"]), note=info.get("note") or "")  # fmt: skip
@@ -331,6 +343,7 @@ class ShardWorker:
     # -- one job -----------------------------------------------------------------------------
 
     async def _process(self, d: Delivery) -> None:
+        await self._ready.wait()  # a job read just as the browser was lost runs on the restarted one
         started = time.perf_counter()
         job = d.message
         if not isinstance(job, ShardJob):
@@ -359,14 +372,15 @@ class ShardWorker:
             result = await self.page.run(key, feeds, fail)
         except PageError as e:
             shapes = ", ".join(f"{n}: {a.dtype}{list(a.shape)}" for n, a in feeds.items())
-            await self._fail(d, job, stage, "kernel", f"{e} (inputs {shapes})", platform)
+            await self._fail(d, job, stage, "kernel", f"{e} (inputs {shapes})", self._provider(stage, platform))
             return
         except BridgeTimeout as e:
-            await self._fail(d, job, stage, "timeout", str(e), platform)
+            await self._fail(d, job, stage, "timeout", str(e), self._provider(stage, platform))
             asyncio.ensure_future(self.restart_page(f"kernel timed out: {e}"))
             return
         except (BridgeClosed, WorkerError) as e:
-            await self._fail(d, job, stage, "browser-lost", f"{self.settings.browser} lost mid-job: {e}", platform)
+            lost = f"{self.settings.browser} lost mid-job: {e}"
+            await self._fail(d, job, stage, "browser-lost", lost, self._provider(stage, platform))
             return
         env = {**job.tensors, **result.outputs}
         lacking = [n for n in stage.carry_names if n not in env]
@@ -438,7 +452,7 @@ class ShardWorker:
         """Hand the job back to its coordinator with why it failed; recovery decides what next."""
         index = stage.shard_index if stage else job.stage_index
         log.warning("worker %s: request %s shard %d failed (%s): %s", self.id, job.request_id, index, kind, error)
-        platform = platform or (stage.platform if stage else "")
+        platform = platform or (stage.provider if stage else "")
         failure = ShardFailure(
             request_id=job.request_id, plan_id=job.plan_id, stage_index=job.stage_index, worker_id=self.id,
             attempt=job.attempt, kind=kind, error=error, trace=job.trace, tensors=job.tensors, route=job.route,

@@ -1,0 +1,291 @@
+"""The history consumer: the events stream into DuckDB, in batches, each event exactly once.
+
+One consumer group (``EVENTS_GROUP``) reads ``xshard:{ns}:events``. A batch is acked (XACK + XDEL)
+only after its DuckDB transaction committed, so a consumer killed between the two leaves the batch
+pending; the next start re-reads its pending entries first (XREADGROUP from id ``0``) and writes them
+again, which adds nothing because the tables are idempotent on ``event_id``. Entries that cannot be
+decoded, or are not history events, are acked and logged, never retried.
+
+The consumer name is stable (``writer`` unless configured) so a restarted writer finds the entries its
+previous run left pending. One writer per namespace and database file.
+
+Runs inside the manager (``HistoryWriter`` as an async context manager on the manager's broker) or
+alone: ``xshard history-writer`` / ``python -m coordinator.history_writer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from broker.errors import BrokerError, BrokerUnavailable
+from broker.keys import EVENTS_GROUP
+from broker.messages import Event, ExecutionEvent, RecoveryEvent, RequestEvent
+from broker.streams import Broker, Delivery
+
+from .console import fail
+from .history import HistoryError, HistoryStore, WriteResult, event_row
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES = (ExecutionEvent, RequestEvent, RecoveryEvent)
+
+
+@dataclass(frozen=True, slots=True)
+class WriterSettings:
+    consumer: str = "writer"
+    batch_size: int = 256
+    flush_interval_s: float = 1.0  # how long a partial batch may wait for more events
+    block_ms: int = 500  # one XREADGROUP's wait when the stream is empty
+    max_failures: int = 30  # consecutive failed batches (database or broker) before the writer stops
+    backoff_s: float = 0.5
+    max_backoff_s: float = 5.0
+    lock_wait_s: float = 10.0  # waiting for a reader to release the database file
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.block_ms < 1 or self.flush_interval_s < 0 or self.max_failures < 1:
+            raise ValueError(f"invalid history writer settings: {self}")
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> WriterSettings:
+        """``XSHARD_HISTORY_<FIELD>`` environment variables, then ``overrides`` (None is ignored)."""
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            env = os.environ.get(f"XSHARD_HISTORY_{f.name.upper()}")
+            if env is not None:
+                values[f.name] = type(getattr(cls(), f.name))(env)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def sort_deliveries(deliveries: Sequence[Delivery]) -> tuple[list[Event], list[Delivery]]:
+    """History events to write, and entries to ack without writing (undecodable or foreign)."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    events: list[Event] = []
+    rejected: list[Delivery] = []
+    for d in deliveries:
+        msg = d.message
+        if not isinstance(msg, EVENT_TYPES):
+            why = d.error or f"{type(msg).__name__} is not a history event"
+            log.warning("history: dropping events entry %s: %s", d.entry_id, why)
+            rejected.append(d)
+            continue
+        try:
+            event_row(msg, now)
+        except (TypeError, ValueError) as e:
+            log.warning("history: dropping %s %s of request %s (entry %s): %s", msg.TYPE, msg.event_id,
+                        msg.request_id, d.entry_id, e)  # fmt: skip
+            rejected.append(d)
+            continue
+        events.append(msg)
+    return events, rejected
+
+
+class HistoryWriter:
+    """Consumes the events stream of ``broker``'s namespace into the DuckDB file at ``db_path``."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        db_path: str | Path,
+        batch_size: int | None = None,
+        flush_interval_s: float | None = None,
+        *,
+        settings: WriterSettings | None = None,
+        on_commit: Callable[[WriteResult], None] | None = None,
+    ) -> None:
+        base = settings or WriterSettings.from_env()
+        self.settings = replace(
+            base,
+            batch_size=batch_size if batch_size is not None else base.batch_size,
+            flush_interval_s=flush_interval_s if flush_interval_s is not None else base.flush_interval_s,
+        )
+        self.broker = broker
+        self.stream = broker.keys.events
+        self.store = HistoryStore(db_path, self.settings.lock_wait_s)
+        self.totals = WriteResult()
+        self.dropped = 0
+        self.error: BaseException | None = None
+        self._on_commit = on_commit
+        self._io = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._committing: asyncio.Task[None] | None = None
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The consuming loop (done when stopped, or failed: see ``error``)."""
+        return self._task
+
+    async def __aenter__(self) -> HistoryWriter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Create the group and the tables, write what an earlier run left pending, then consume."""
+        await self.broker.ensure_group(self.stream, EVENTS_GROUP, "0")
+        await asyncio.to_thread(self.store.create)
+        async with self._io:
+            await self._drain_pending()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"history-writer {self.stream}")
+        log.info("history: consuming %s into %s as %s", self.stream, self.store.db_path, self.settings.consumer)
+
+    async def flush(self) -> WriteResult:
+        """Write everything in the stream now (and anything left pending); returns what it added."""
+        before = self.totals
+        async with self._io:
+            await self._drain_pending()
+            while batch := await self._read(self.settings.batch_size, block_ms=1):
+                await self._commit(batch)
+        t = self.totals
+        return WriteResult(t.requests - before.requests, t.executions - before.executions,
+                           t.recoveries - before.recoveries, t.duplicates - before.duplicates)  # fmt: skip
+
+    async def close(self, flush: bool = True) -> None:
+        """Stop consuming; with ``flush``, write what is in the stream first."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a failure is kept in self.error
+                await self._task
+            self._task = None
+        if self._committing is not None and not self._committing.done():
+            with contextlib.suppress(Exception):
+                await self._committing
+        if flush and self.error is None:
+            await self.flush()
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        s = self.settings
+        failures = 0
+        while True:
+            try:
+                async with self._io:
+                    if failures:
+                        await self._drain_pending()  # the failed batch is still pending
+                    batch = await self._collect()
+                    if batch:
+                        await self._commit(batch)
+                failures = 0
+            except (HistoryError, BrokerUnavailable) as e:
+                failures += 1
+                if failures >= s.max_failures:
+                    log.error("history: giving up after %d failed batches: %s", failures, e)
+                    self.error = e
+                    raise
+                delay_s = min(s.backoff_s * 2 ** (failures - 1), s.max_backoff_s)
+                log.warning("history: batch failed (%d/%d), retrying in %.1fs: %s", failures, s.max_failures,
+                            delay_s, e)  # fmt: skip
+                await asyncio.sleep(delay_s)
+            except Exception as e:
+                log.exception("history: the writer stopped")
+                self.error = e
+                raise
+
+    async def _read(self, count: int, block_ms: int) -> list[Delivery]:
+        return await self.broker.read_group(EVENTS_GROUP, self.settings.consumer, [self.stream], count=count,
+                                            block_ms=block_ms)  # fmt: skip
+
+    async def _collect(self) -> list[Delivery]:
+        """Block for the first events, then gather more for up to ``flush_interval_s`` or a full batch."""
+        s = self.settings
+        batch = await self._read(s.batch_size, s.block_ms)
+        deadline = time.monotonic() + s.flush_interval_s
+        while batch and len(batch) < s.batch_size:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms < 1:
+                break
+            more = await self._read(s.batch_size - len(batch), min(left_ms, s.block_ms))
+            batch += more
+        return batch
+
+    async def _drain_pending(self) -> None:
+        pending = await self.broker.read_pending(
+            EVENTS_GROUP, self.settings.consumer, [self.stream], count=self.settings.batch_size
+        )
+        if pending:
+            log.info("history: re-reading %d pending events of %s", len(pending), self.settings.consumer)
+        for i in range(0, len(pending), self.settings.batch_size):
+            await self._commit(pending[i : i + self.settings.batch_size])
+
+    async def _commit(self, batch: list[Delivery]) -> None:
+        """Write, then ack; shielded so a cancelled loop does not tear the pair."""
+        self._committing = asyncio.ensure_future(self._write_and_ack(batch))
+        await asyncio.shield(self._committing)
+
+    async def _write_and_ack(self, batch: list[Delivery]) -> None:
+        events, rejected = sort_deliveries(batch)
+        result = await asyncio.to_thread(self.store.write_events, events) if events else WriteResult()
+        for d in batch:
+            await self.broker.ack(self.stream, EVENTS_GROUP, d.entry_id)
+        t = self.totals
+        self.totals = WriteResult(t.requests + result.requests, t.executions + result.executions,
+                                  t.recoveries + result.recoveries, t.duplicates + result.duplicates)  # fmt: skip
+        self.dropped += len(rejected)
+        log.debug("history: wrote %d requests, %d executions, %d recoveries (%d already written, %d dropped)",
+                  result.requests, result.executions, result.recoveries, result.duplicates, len(rejected))  # fmt: skip
+        if self._on_commit is not None:
+            self._on_commit(result)
+
+
+async def run_history_writer(
+    redis_url: str, namespace: str, db_path: str | Path, settings: WriterSettings | None = None
+) -> int:
+    """``xshard history-writer``: consume until SIGINT or SIGTERM, then write what is left. Exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Broker(redis_url, namespace) as broker, HistoryWriter(broker, db_path, settings=settings) as w:
+            print(f"xshard history-writer: consuming {w.stream} on {redis_url} into {w.store.db_path}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            assert w.task is not None
+            stopping = loop.create_task(stop.wait())
+            await asyncio.wait({w.task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if w.error is not None:
+                fail(f"history writer stopped: {w.error}")
+                return 1
+        t = w.totals
+        print(f"xshard history-writer: stopped; wrote {t.requests} requests, {t.executions} executions, "
+              f"{t.recoveries} recoveries ({t.duplicates} redelivered, {w.dropped} dropped)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return 0
+    except (BrokerError, HistoryError) as e:
+        fail(str(e))
+        return 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m coordinator.history_writer", description=__doc__.splitlines()[0])
+    p.add_argument("--redis", default=os.environ.get("REDIS_URL"), required=not os.environ.get("REDIS_URL"))
+    p.add_argument("--db", type=Path, required=True)
+    p.add_argument("--namespace", default=os.environ.get("XSHARD_NAMESPACE", "default"))
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--flush-interval-s", type=float, default=None)
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = WriterSettings.from_env(batch_size=args.batch_size, flush_interval_s=args.flush_interval_s)
+    return asyncio.run(run_history_writer(args.redis, args.namespace, args.db, settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
