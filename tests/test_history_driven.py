@@ -1,0 +1,94 @@
+"""The history the manager writes is used: faults land in the recovery table, and a second manager on
+the same database allocates from what was measured rather than from the guide's static table."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from broker.messages import Inject
+from coordinator.manager import ModelShardingManager
+from coordinator.settings import ManagerSettings
+from tests.conftest import require_browsers
+from tests.onnx_models import residual_mlp, sample_tokens
+
+pytestmark = pytest.mark.browser
+
+
+def rows(db: Path, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+async def test_a_run_with_a_fault_fills_the_four_tables_with_the_recovery_event(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    require_browsers("chromium", "firefox")
+    model = residual_mlp(tmp_path / "mlp.onnx", layers=4)
+    db = tmp_path / "history.duckdb"
+    manager = ModelShardingManager(str(model), num_shards=2, browsers=["chromium", "firefox"], db_path=str(db),
+                                   settings=ManagerSettings(cache_dir=cache_dir))  # fmt: skip
+    assert await manager.initialize_sharding(), manager.last_error
+    try:
+        broker = manager._broker
+        assert broker is not None
+        for i in range(4):
+            assert "result" in await manager.run_inference_sharded(sample_tokens(1, 6 + i, seed=i))
+        stage1 = manager.fleet.serving[1][0]
+        await broker.add(broker.keys.control(stage1), Inject("kernel-error", 1))
+        await asyncio.sleep(0.3)
+        for i in range(4):
+            assert "result" in await manager.run_inference_sharded(sample_tokens(1, 6 + i, seed=10 + i))
+        history = manager.get_performance_history()
+        assert [e["failure"] for e in history["recovery_events"]] == ["kernel"]
+    finally:
+        await manager.close()
+    assert rows(db, "select count(*) from model_sharding_history")[0][0] == 8
+    # 8 requests x 2 shards succeeded, plus the one kernel that threw
+    assert rows(db, "select outcome, count(*) from model_sharding_components group by 1 order by 1") == [
+        ("error", 1), ("success", 16)]  # fmt: skip
+    recovery = rows(db, "select failure, action, success from model_sharding_recovery_events")
+    assert recovery == [("kernel", "retry", True)]
+    browsers = {r[0] for r in rows(db, "select browser from model_sharding_browser_metrics")}
+    assert browsers == {"chromium", "firefox"}
+
+
+async def test_second_manager_allocates_from_measured_history_and_quotes_the_numbers(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    require_browsers("chromium", "firefox")
+    db = tmp_path / "history.duckdb"
+    settings = ManagerSettings(cache_dir=cache_dir)
+    inputs = {"input_ids": [[101] + [2023 + i for i in range(60)] + [102]]}
+    for browser in ("chromium", "firefox"):  # measure every shard on both browsers
+        m = ModelShardingManager("all-MiniLM-L6-v2", num_shards=2, browsers=[browser], platform="wasm",
+                                 db_path=str(db), settings=settings)  # fmt: skip
+        assert await m.initialize_sharding(), m.last_error
+        try:
+            for _ in range(8):
+                assert "result" in await m.run_inference_sharded(inputs)
+        finally:
+            await m.close()
+    stats = rows(db, "select browser, platform, p50_kernel_ms from model_sharding_browser_metrics order by 3")
+    fastest = stats[0][0]
+    static = ModelShardingManager("all-MiniLM-L6-v2", num_shards=2, platform="wasm", settings=settings)
+    await static.prepare()
+    assert {s.browser for s in static._slots.values()} == {"chromium"}  # the guide: text embedding -> Edge
+    learned = ModelShardingManager("all-MiniLM-L6-v2", num_shards=2, platform="wasm", db_path=str(db),
+                                   settings=settings)  # fmt: skip
+    assert await learned.initialize_sharding(), learned.last_error
+    try:
+        alloc = learned.get_metrics()["browser_allocation"]
+        assert {a["browser"] for a in alloc.values()} == {fastest}
+        if fastest != "chromium":
+            assert all("ms" in a["reason"] and "%" in a["reason"] for a in alloc.values()), alloc
+        recs = learned.get_metrics()["recommendations"]
+        assert recs["browser_allocation"]["overall"]["recommended_browser"] == fastest
+    finally:
+        await learned.close()
