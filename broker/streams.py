@@ -204,6 +204,14 @@ class Broker:
                 after = out[-1].entry_id
         return out
 
+    async def pending_for(self, stream: str, group: str, consumer: str) -> int:
+        """How many entries of ``stream`` are delivered to ``consumer`` and not acked."""
+        async with _translated(f"XPENDING {stream} {consumer}"):
+            try:
+                return len(await self._redis.xpending_range(stream, group, "-", "+", 100, consumername=consumer))
+            except rexc.ResponseError:
+                return 0
+
     async def claim_from(self, stream: str, group: str, owner: str, claimer: str) -> list[tuple[Delivery, int]]:
         """XCLAIM every entry ``owner`` holds on ``stream`` to ``claimer``; with each entry's delivery count."""
         async with _translated(f"XPENDING {stream} {owner}"):

@@ -34,16 +34,22 @@ class Dispatcher:
         self._on_failure = on_failure
         self._assignments: dict[str, asyncio.Future[AssignmentReply]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._recoveries: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def start(self) -> None:
         await self.broker.ensure_group(self.reply_stream, REPLY_GROUP, "0")
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
     async def close(self) -> None:
+        self._closing = True
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+        for task in list(self._recoveries):
+            task.cancel()
+        await asyncio.gather(*self._recoveries, return_exceptions=True)
         for fut in self._assignments.values():
             if not fut.done():
                 fut.cancel()
@@ -54,9 +60,15 @@ class Dispatcher:
         await self.broker.add(self.broker.keys.control(worker_id), a)
         return fut
 
+    async def _recover(self, msg: ShardFailure, entry: Entry) -> None:
+        try:
+            await self._on_failure(msg, entry)
+        except Exception:
+            log.exception("request %s: recovery of stage %d failed", msg.request_id, msg.stage_index)
+
     async def _read_loop(self) -> None:
         consumer, pending, delay_s = self.coordinator_id, True, 0.05
-        while True:
+        while not self._closing:
             try:
                 if pending:  # entries read before a restart or an outage but not acked
                     deliveries = await self.broker.read_own_pending(REPLY_GROUP, consumer, [self.reply_stream], 64)
@@ -66,7 +78,13 @@ class Dispatcher:
                         REPLY_GROUP, consumer, [self.reply_stream], count=64, block_ms=READ_BLOCK_MS
                     )
                 for d in deliveries:
-                    await self._handle(d.message, (d.stream, d.entry_id), d.error)
+                    try:
+                        await self._handle(d.message, (d.stream, d.entry_id), d.error)
+                    except BrokerUnavailable:
+                        raise
+                    except Exception:  # one bad entry must not stop the coordinator reading its replies
+                        log.exception("coordinator %s: handling reply entry %s failed", consumer, d.entry_id)
+                        pending = True
                 delay_s = 0.05
             except BrokerUnavailable as e:
                 log.warning("coordinator %s: reply stream unavailable (%s); retrying in %.2fs", consumer, e, delay_s)
@@ -79,7 +97,10 @@ class Dispatcher:
             await asyncio.shield(self._on_result(msg, entry))
             return
         if isinstance(msg, ShardFailure):
-            await asyncio.shield(self._on_failure(msg, entry))
+            # recovery may wait on replies read by this very loop (redistribution): run it beside the loop
+            task = asyncio.get_running_loop().create_task(self._recover(msg, entry))
+            self._recoveries.add(task)
+            task.add_done_callback(self._recoveries.discard)
             return
         if isinstance(msg, AssignmentReply):
             fut = self._assignments.pop(msg.assignment_id, None)

@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from broker.embedded import EmbeddedValkey
+from broker.keys import STAGE_GROUP
 from broker.messages import ExecutionEvent, Inject
 from broker.streams import Broker
 
@@ -86,7 +87,8 @@ async def run_fault_test(cfg: FaultTestConfig) -> dict[str, Any]:
         raise ValueError(f"failure type must be one of {', '.join(FAILURE_TYPES)}, got {cfg.failure_type!r}")
     cache_dir = cfg.cache_dir or Path(tempfile.mkdtemp(prefix="xshard-faulttest-"))
     namespace = f"ft{int(time.time())}"
-    settings = ManagerSettings.from_env(cache_dir=cache_dir, namespace=namespace, **cfg.settings)
+    options: dict[str, Any] = {"request_timeout_s": 120.0, **cfg.settings}
+    settings = ManagerSettings.from_env(cache_dir=cache_dir, namespace=namespace, **options)
     valkey = EmbeddedValkey(appendonly=True)
     await valkey.__aenter__()
     workers = LocalWorkers(valkey.url, namespace, cache_dir, settings.heartbeat_s)
@@ -109,10 +111,13 @@ async def run_fault_test(cfg: FaultTestConfig) -> dict[str, Any]:
             await workers.wait_registered(broker, spares, settings.worker_wait_s, settings.heartbeat_max_age_ms)
             return await _drive(cfg, manager, broker, valkey, workers)
     finally:
+        log.info("fault-test: closing")
         if manager is not None:
             await manager.close()
+        log.info("fault-test: stopping workers")
         await workers.stop_all()
         await valkey.__aexit__(None, None, None)
+        log.info("fault-test: done")
 
 
 async def _drive(
@@ -137,10 +142,18 @@ async def _drive(
         return res
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(cfg.requests)]
-    await asyncio.sleep(min(cfg.requests * cfg.spacing_s / 3, 1.0))
+    await asyncio.sleep(min(cfg.requests * cfg.spacing_s / 4, 1.0))
+    await _until_holding(broker, manager.route[stage], target, deadline_s=cfg.requests * cfg.spacing_s / 2)
     fault_s = time.monotonic()
+    log.info("fault-test: firing %s at %s", cfg.failure_type, target)
     what = await _fire(cfg, broker, valkey, target, pid, browser_pid, manager.settings.heartbeat_max_age_ms / 1000)
-    results = await asyncio.gather(*tasks)
+    log.info("fault-test: fired (%s); waiting for %d requests", what, len(tasks))
+    await asyncio.wait(tasks, timeout=manager.settings.request_timeout_s + 60)
+    log.info("fault-test: %d of %d requests ended", sum(t.done() for t in tasks), len(tasks))
+    lost: dict[str, Any] = {"error": "no outcome", "error_kind": "lost"}
+    results: list[dict[str, Any]] = [t.result() if t.done() and not t.cancelled() else lost for t in tasks]
+    for t in tasks:
+        t.cancel()
     events = await broker.read_events()
     finals: Counter[str] = Counter(
         e.request_id for e in events
@@ -178,6 +191,15 @@ async def _drive(
         "recovery_events": manager.metrics.recovery_events,
         "per_request": rows,
     }  # fmt: skip
+
+
+async def _until_holding(broker: Broker, stream: str, worker_id: str, deadline_s: float) -> None:
+    """Wait (a little) until ``worker_id`` holds a job, so that the fault hits one in flight."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if await broker.pending_for(stream, STAGE_GROUP, worker_id):
+            return
+        await asyncio.sleep(0.002)
 
 
 def _token_inputs(manager: ModelShardingManager) -> Callable[[int], dict[str, np.ndarray]]:

@@ -120,6 +120,7 @@ class HistoryWriter:
         self._io = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._committing: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -154,6 +155,7 @@ class HistoryWriter:
                            t.recoveries - before.recoveries, t.duplicates - before.duplicates)  # fmt: skip
 
     async def close(self, flush: bool = True) -> None:
+        self._closing = True
         """Stop consuming; with ``flush``, write what is in the stream first."""
         if self._task is not None:
             self._task.cancel()
@@ -171,7 +173,7 @@ class HistoryWriter:
     async def _run(self) -> None:
         s = self.settings
         failures = 0
-        while True:
+        while not self._closing:  # redis-py may turn a cancellation into a connection error
             try:
                 async with self._io:
                     if failures:

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 
 Progress = Callable[[str], None]
+CLOSE_STEP_TIMEOUT_S = 10.0
 
 
 def now_ms() -> int:
@@ -129,6 +130,7 @@ class ModelShardingManager:
         self._tracker: RequestTracker | None = None
         self._recoverer: Recoverer | None = None
         self._monitor_task: asyncio.Task[None] | None = None
+        self._monitor: Monitor | None = None
         self.fleet = Fleet(self.settings.heartbeat_max_age_ms)
         self._history = HistoryStore(db_path) if db_path else None
         self._history_writer: HistoryWriter | None = None
@@ -235,9 +237,9 @@ class ModelShardingManager:
         self.fleet.update(await self._broker.live_workers(now_ms(), self.settings.heartbeat_max_age_ms))
         assert self._recoverer is not None
         s = self.settings
-        monitor = Monitor(self._broker, self.fleet, self._recoverer, self._route, self._assign_stage,
-                          s.monitor_interval_s, s.sweep_interval_s, s.min_idle_ms)  # fmt: skip
-        self._monitor_task = asyncio.get_running_loop().create_task(monitor.run())
+        self._monitor = Monitor(self._broker, self.fleet, self._recoverer, self._route, self._assign_stage,
+                                s.monitor_interval_s, s.sweep_interval_s, s.min_idle_ms)  # fmt: skip
+        self._monitor_task = asyncio.get_running_loop().create_task(self._monitor.run())
 
     async def _connect(self) -> None:
         s = self.settings
@@ -387,16 +389,23 @@ class ModelShardingManager:
         self.allocation.setdefault(index, entry).setdefault("replicas", []).append(entry)
         return True
 
+    async def _bounded(self, what: str, aw: Any, timeout_s: float = CLOSE_STEP_TIMEOUT_S) -> None:
+        try:
+            await asyncio.wait_for(aw, timeout_s)
+        except TimeoutError:
+            log.warning("close: %s did not finish within %ss", what, timeout_s)
+
     async def close(self) -> None:
         """Release shard sessions, stop local workers and the embedded broker."""
         if self._monitor_task is not None:
+            if self._monitor is not None:
+                self._monitor.stop()
             self._monitor_task.cancel()
-            await asyncio.gather(self._monitor_task, return_exceptions=True)
+            await self._bounded("the monitor", asyncio.gather(self._monitor_task, return_exceptions=True))
             self._monitor_task = None
-        if self._emitting:
-            await asyncio.gather(*self._emitting, return_exceptions=True)
+        await self._bounded("pending event appends", asyncio.gather(*self._emitting, return_exceptions=True))
         if self._recoverer is not None:
-            await self._recoverer.drain()
+            await self._bounded("recovery event appends", self._recoverer.drain())
         if self._tracker is not None:
             self._tracker.cancel_all()
         if self._history_writer is not None:
@@ -406,7 +415,7 @@ class ModelShardingManager:
                 log.warning("history writer: %s", e)
             self._history_writer = None
         if self._dispatcher is not None:
-            await self._dispatcher.close()
+            await self._bounded("the reply reader", self._dispatcher.close())
         if self._local is not None:
             await self._local.stop_all()
         elif self._broker is not None and self._assigned:

@@ -36,10 +36,15 @@ class Monitor:
         self.sweep_interval_s = sweep_interval_s
         self.min_idle_ms = min_idle_ms
         self._last_sweep = time.monotonic()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """End ``run`` at its next step (redis-py can turn a cancellation into a connection error)."""
+        self._stopping = True
 
     async def run(self) -> None:
         delay_s = 0.05
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
                 delay_s = 0.05
@@ -48,6 +53,9 @@ class Monitor:
                 log.warning("monitor: broker unavailable (%s); retrying in %.2fs", e, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(2.0, delay_s * 2)
+            except Exception:  # the monitor must outlive one failed tick
+                log.exception("monitor: tick failed")
+                await asyncio.sleep(self.interval_s)
 
     async def tick(self) -> None:
         now_ms = int(time.time() * 1000)
@@ -58,7 +66,7 @@ class Monitor:
         for wid in died:
             await self._reclaim(wid, "worker-lost")
         if died:
-            await self._cover_orphaned_stages()
+            await self._cover_orphaned_stages(died)
         if time.monotonic() - self._last_sweep >= self.sweep_interval_s:
             self._last_sweep = time.monotonic()
             await self._sweep()
@@ -78,15 +86,20 @@ class Monitor:
                 else:
                     await self.broker.ack(d.stream, STAGE_GROUP, d.entry_id)
 
-    async def _cover_orphaned_stages(self) -> None:
+    async def _cover_orphaned_stages(self, died: list[str]) -> None:
         """A stage with no live worker gets one: load its shard onto a healthy worker (redistribute)."""
         for index in range(len(self.route)):
             if self.fleet.replicas(index, ""):
                 continue
+            lost = next((w for w in died if index in self.fleet.stages_of(w)), "")
+            started, ok = time.monotonic(), False
             for spare in self.fleet.spares(index, ""):
                 log.warning("stage %d has no live worker; loading its shard onto %s", index, spare)
                 if await self._assign(index, spare):
+                    ok = True
                     break
+            self.recoverer.note(index, lost, "worker-lost", "redistribute", ok, started,
+                                f"stage {index} lost its only worker {lost}")  # fmt: skip
 
     async def _sweep(self) -> None:
         streams = list(self.route) + sorted({self.broker.keys.direct(w) for ids in self.fleet.serving.values()

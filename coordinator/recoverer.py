@@ -109,6 +109,13 @@ class Recoverer:
         platform = str((self.fleet.live.get(worker_id) or {}).get("execution_provider", ""))
         await self.recover(job, kind, worker_id, platform, f"worker {worker_id} {kind}", (stream, entry_id))
 
+    def note(self, shard_index: int, worker_id: str, failure: str, action: str, ok: bool, started_s: float,
+             error: str) -> None:  # fmt: skip
+        """Record a recovery that belongs to no single request (a stage left without a worker)."""
+        rec = OpenRecovery(failure, action, worker_id, self.fleet.browser(worker_id), "", shard_index, error,
+                           started_s, time.time() * 1000.0)  # fmt: skip
+        self._record_event("", rec, ok, (time.monotonic() - started_s) * 1000.0)
+
     def finished(self, request_id: str, ok: bool) -> None:
         """Close the request's open recovery events (its completion is their end)."""
         for key in [k for k in self._histories if k[0] == request_id]:
@@ -235,4 +242,3 @@ class Recoverer:
     async def drain(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-

@@ -156,11 +156,15 @@ class BrowserProcess:
         except PlaywrightError as e:
             await self.close()
             raise BrowserError(f"playwright could not attach to {self.browser}: {e}") from e
-        self._cdp.on("disconnected", lambda _b: self._detached or self._mark_lost("browser disconnected (playwright)"))
+        self._cdp.on("disconnected", self._on_disconnected)
         for context in self._cdp.contexts:
             for page in context.pages:
                 page.on("crash", lambda _p: self._mark_lost("page crashed"))
                 page.on("console", lambda m: log.debug("%s console %s: %s", self.browser, m.type, m.text))
+
+    def _on_disconnected(self, _browser: Any) -> None:
+        if not self._detached:
+            self._mark_lost("browser disconnected (playwright)")
 
     async def detach_devtools(self) -> None:
         """Drop the Playwright connection once the page is up. Playwright tracks the page's network,

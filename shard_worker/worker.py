@@ -194,7 +194,7 @@ class ShardWorker:
     async def _resilient(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Run ``loop``; when the broker is unreachable, back off and run it again (reconnect)."""
         delay_s = 0.05
-        while True:
+        while not self._stop.is_set():  # redis-py may turn a cancellation into a connection error
             try:
                 await loop()
                 return

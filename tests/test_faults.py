@@ -35,7 +35,8 @@ REQUESTS = 16
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return residual_mlp(tmp_path_factory.mktemp("faults") / "mlp.onnx", layers=6, hidden=64, vocab=50)
+    # big enough that a job is in flight when the fault hits
+    return residual_mlp(tmp_path_factory.mktemp("faults") / "mlp.onnx", layers=8, hidden=256, vocab=50)
 
 
 async def fault_run(model: Path, cache_dir: Path, failure: str, **kw: Any) -> dict[str, Any]:
