@@ -518,15 +518,17 @@ class ModelShardingManager:
     async def wait_for(self, request_id: str) -> dict[str, Any]:
         """The outcome of a request accepted earlier (e.g. before a coordinator restart)."""
         assert self._tracker is not None and self._ledger is not None
+        fut = self._tracker.watch(request_id)  # before reading the state: a result may land in between
         state = await self._ledger.state(request_id)
         if state is not None and isinstance(state.result, ShardResult):
+            self._tracker.forget(request_id)
             return self._success(request_id, state.result, time.perf_counter(), 1)
-        if state is None:
-            return {"error": f"unknown request {request_id}", "error_kind": "state", "request_id": request_id}
-        if state.status == "dead":
-            return {"error": f"request {request_id} is in the dead letter", "error_kind": "dead_letter",
-                    "request_id": request_id}  # fmt: skip
-        return await self._outcome(request_id, self._tracker.watch(request_id), time.perf_counter())
+        if state is None or state.status == "dead":
+            self._tracker.forget(request_id)
+            why = "is in the dead letter" if state else "is unknown"
+            kind = "dead_letter" if state else "state"
+            return {"error": f"request {request_id} {why}", "error_kind": kind, "request_id": request_id}
+        return await self._outcome(request_id, fut, time.perf_counter())
 
     async def dead_letters(self) -> list[tuple[str, DeadLetterMessage | None, str]]:
         assert self._ledger is not None

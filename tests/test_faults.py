@@ -94,7 +94,7 @@ async def test_poison_input_lands_in_the_dead_letter_and_replays_on_a_fixed_pool
             await broker.add(broker.keys.control(wid), Inject("kernel-error", 1000))
         await asyncio.sleep(0.5)
         inputs = sample_tokens(2, 9)
-        res = await manager.run_inference_sharded(inputs)
+        res = await manager.run_inference_sharded(inputs, max_retries=8)  # room to climb the whole ladder
         assert res.get("error_kind") == "dead_letter", res
         letters = await manager.dead_letters()
         assert len(letters) == 1
@@ -175,8 +175,8 @@ async def test_coordinator_killed_mid_request_resumes_its_requests(
             assert await manager.initialize_sharding(), manager.last_error
             try:
                 resumed = await manager.resume()
-                assert sorted(resumed) == sorted(inflight)
-                for rid in resumed:
+                assert set(resumed) <= set(inflight)  # some may have finished since the new reader started
+                for rid in inflight:
                     res = await manager.wait_for(rid)
                     assert "result" in res, res
                     want = run_whole(model, {k: np.array(v) for k, v in inputs[rid].items()})["hidden"]
