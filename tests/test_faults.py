@@ -186,3 +186,60 @@ async def test_coordinator_killed_mid_request_resumes_its_requests(
                 await manager.close()
     finally:
         await workers.stop_all()
+
+
+async def test_sixty_requests_survive_a_killed_browser_a_killed_worker_and_a_frozen_one(
+    model: Path, cache_dir: Path, valkey: Any, namespace: str
+) -> None:
+    """Three workers started as `xshard worker` processes, a manager given redis_url, 60 requests in
+    flight; one browser SIGKILLed, one worker SIGKILLed, another frozen for 4 s."""
+    require_browsers("chromium", "firefox")
+    procs = {}
+    for browser in ("chromium", "firefox", "chromium"):
+        wid = f"{browser}-{namespace}-{len(procs)}"
+        procs[wid] = subprocess.Popen(  # noqa: ASYNC220 (a quick fork)
+            [sys.executable, "-m", "coordinator.cli", "worker", "--redis", valkey.url, "--browser", browser,
+             "--namespace", namespace, "--cache-dir", str(cache_dir), "--worker-id", wid, "--log-level", "WARNING"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )  # fmt: skip
+    manager = ModelShardingManager(
+        str(model), num_shards=2, browsers=["chromium", "firefox"], redis_url=valkey.url,
+        settings=ManagerSettings(cache_dir=cache_dir, namespace=namespace, worker_wait_s=90),
+    )  # fmt: skip
+    try:
+        assert await manager.initialize_sharding(), manager.last_error
+        async with Broker(valkey.url, namespace) as broker:
+            info = {wid: await broker.worker_info(wid) for wid in procs}
+        inputs = [sample_tokens(1, 6 + i % 20, seed=i) for i in range(60)]
+
+        async def one(i: int) -> dict[str, Any]:
+            await asyncio.sleep(i * 0.03)
+            return await manager.run_inference_sharded(inputs[i])
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(60)]
+        crashed, killed, frozen = list(procs)
+        await asyncio.sleep(0.3)
+        os.kill(int(info[crashed]["browser_pid"]), signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        procs[killed].kill()
+        await asyncio.sleep(0.3)
+        procs[frozen].send_signal(signal.SIGSTOP)
+        await asyncio.sleep(4.0)
+        procs[frozen].send_signal(signal.SIGCONT)
+        results = await asyncio.gather(*tasks)
+        for inp, res in zip(inputs, results, strict=True):
+            assert "result" in res, res
+            want = run_whole(model, inp)["hidden"]
+            assert max_diff_unmasked(res["result"]["hidden"], want, None) <= 1e-4
+        assert len({r["metrics"]["request_id"] for r in results}) == 60
+    finally:
+        await manager.close()
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
