@@ -11,6 +11,7 @@ import pytest
 
 from broker.messages import Inject
 from coordinator.manager import ModelShardingManager
+from coordinator.report import print_history, write_html_report
 from coordinator.settings import ManagerSettings
 from tests.conftest import require_browsers
 from tests.onnx_models import residual_mlp, sample_tokens
@@ -57,6 +58,13 @@ async def test_a_run_with_a_fault_fills_the_four_tables_with_the_recovery_event(
     assert recovery == [("kernel", "retry", True)]
     browsers = {r[0] for r in rows(db, "select browser from model_sharding_browser_metrics")}
     assert browsers == {"chromium", "firefox"}
+    # `xshard history` and `xshard report` on that database
+    text = print_history(db)
+    assert "chromium" in text and "firefox" in text and "kernel" in text
+    page = tmp_path / "report.html"
+    write_html_report(db, page)
+    html = page.read_text()
+    assert 'id="latency-over-time"' in html and 'id="recovery-timeline"' in html
 
 
 async def test_second_manager_allocates_from_measured_history_and_quotes_the_numbers(
