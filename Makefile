@@ -14,6 +14,7 @@ test: setup
 bench: setup
 	@$(PY) -m benchmarks.hop_overhead
 	@$(PY) -m benchmarks.minilm_latency
+	@$(PY) -m benchmarks.recovery
 
 lint: setup
 	@.venv/bin/ruff check broker coordinator shard_worker tests benchmarks

@@ -165,9 +165,7 @@ class Floors:
     async def _wrapped(self) -> tuple[str, float]:
         t0 = time.perf_counter()
         await self._broker.add(self.streams["broker"], self.job)
-        [d] = await self._broker.read_group(
-            STAGE_GROUP, "c", [self.streams["broker"]], count=1, block_ms=BLOCK_MS
-        )
+        [d] = await self._broker.read_group(STAGE_GROUP, "c", [self.streams["broker"]], count=1, block_ms=BLOCK_MS)
         await self._broker.ack(d.stream, STAGE_GROUP, d.entry_id)
         return "broker", (time.perf_counter() - t0) * 1000.0
 

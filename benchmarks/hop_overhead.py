@@ -21,23 +21,20 @@ after every request, so both see the same load. Variants (codec in the loop, a r
 second connection, the project's ``Broker`` wrappers, a second process) are printed next to it.
 
 When the ratio misses the target (or with ``--investigate always``) the page bridge is probed
-directly, and for Chromium the chain is run again with workers that attach no Playwright CDP client
-(``benchmarks.cdp_free_worker``). Everything is measured in this run; nothing is simulated.
+directly (``benchmarks.page_probe``): the browser as the worker launches it, and for Chromium bare and with
+a raw CDP client enabling only Runtime or only Network. Everything is measured in this run; nothing is
+simulated.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +43,6 @@ import numpy as np
 from benchmarks.floors import VARIANTS, Floors
 from benchmarks.page_probe import LAUNCHES, probe_page
 from benchmarks.report import fmt, machine, markdown_table, summarize, write_json
-from broker.embedded import EmbeddedValkey
 from broker.keys import Keys
 from broker.messages import ShardJob, decode, encode
 from coordinator.manager import ModelShardingManager
@@ -57,7 +53,6 @@ from tests.onnx_models import identity_chain
 
 SHAPE = (1, 128, 384)
 TARGET_RATIO = 2.0
-WORKER_STOP_TIMEOUT_S = 10.0
 WAIT_S = 120.0  # for workers to register and to load their shards (a dead worker must not hang the run)
 REQUEST_TIMEOUT_S = 30.0
 CHAIN_TIMEOUT_S = 420.0  # start + all requests of one chain
@@ -74,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--investigate",
         choices=("auto", "always", "never"),
         default="auto",
-        help="probe the page bridge and run the CDP-free A/B: auto = when the ratio misses the target",
+        help="probe the page bridge directly: auto = when the ratio misses the target",
     )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p.parse_args(argv)
@@ -133,16 +128,12 @@ def probe_job(x: np.ndarray, k: int) -> ShardJob:
     )
 
 
-async def measure(
-    m: ModelShardingManager, x: np.ndarray, args: argparse.Namespace, label: str
-) -> dict[str, Any]:
+async def measure(m: ModelShardingManager, x: np.ndarray, args: argparse.Namespace, label: str) -> dict[str, Any]:
     """Warm up, then N requests, each followed by one sample of every floor variant."""
     if not await m.initialize_sharding():
         raise RuntimeError(f"initialize_sharding failed: {m.last_error}")
     url = m.get_metrics()["broker"]
-    progress(
-        f"{label}: {args.warmup} warm-up + {args.requests} requests, each followed by the floor round trips"
-    )
+    progress(f"{label}: {args.warmup} warm-up + {args.requests} requests, each followed by the floor round trips")
     samples, floor_samples = [], []
     job = probe_job(x, args.stages)
     async with Floors(url, job) as floors:
@@ -170,48 +161,7 @@ async def measure(
     }
 
 
-def start_cdp_free_workers(
-    k: int, url: str, namespace: str, cache_dir: Path, platform: str
-) -> list[subprocess.Popen[bytes]]:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for i in range(k):
-        cmd = [
-            sys.executable, "-m", "benchmarks.cdp_free_worker", "--redis", url, "--browser", "chromium",
-            "--platform", platform, "--namespace", namespace, "--cache-dir", str(cache_dir),
-            "--log-level", "WARNING",
-        ]  # fmt: skip
-        with open(cache_dir / f"cdp-free-worker-{i}.log", "wb") as out:
-            procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True))  # fmt: skip
-    return procs
-
-
-def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(WORKER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
-@contextlib.asynccontextmanager
-async def cdp_free_workers(k: int, namespace: str, cache_dir: Path, platform: str) -> AsyncIterator[str]:
-    """An embedded valkey-server and K Chromium workers without a CDP client; yields the broker URL."""
-    async with EmbeddedValkey() as valkey:
-        procs = await asyncio.to_thread(start_cdp_free_workers, k, valkey.url, namespace, cache_dir, platform)
-        try:
-            yield valkey.url
-        finally:
-            await asyncio.to_thread(stop_workers, procs)
-
-
-async def run_chain(browser: str, args: argparse.Namespace, workdir: Path, cdp_free: bool) -> dict[str, Any]:
+async def run_chain(browser: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     k = args.stages
     model = identity_chain(workdir / f"identity_chain_{k}.onnx", stages=k, shape=SHAPE)
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
@@ -220,20 +170,13 @@ async def run_chain(browser: str, args: argparse.Namespace, workdir: Path, cdp_f
         cache_dir=workdir / "cache", namespace=namespace, worker_wait_s=WAIT_S, assign_timeout_s=WAIT_S,
         request_timeout_s=REQUEST_TIMEOUT_S,
     )  # fmt: skip
-    label = f"{browser}, workers without CDP client (A/B)" if cdp_free else browser
-    async with contextlib.AsyncExitStack() as stack:
-        url = None
-        if cdp_free:
-            url = await stack.enter_async_context(
-                cdp_free_workers(k, namespace, settings.cache_dir, args.platform)
-            )
-        m = ModelShardingManager(
-            str(model), num_shards=k, browsers=[browser], platform=args.platform, settings=settings,
-            progress=progress, redis_url=url,
-        )  # fmt: skip
-        stack.push_async_callback(m.close)
+    m = ModelShardingManager(
+        str(model), num_shards=k, browsers=[browser], platform=args.platform, settings=settings,
+        progress=progress,
+    )  # fmt: skip
+    try:
         async with asyncio.timeout(CHAIN_TIMEOUT_S):
-            result = await measure(m, x, args, label)
+            result = await measure(m, x, args, browser)
         assert m.shards is not None
         result["browser"] = browser
         result["shard0"] = (
@@ -241,6 +184,8 @@ async def run_chain(browser: str, args: argparse.Namespace, workdir: Path, cdp_f
             m.shards.shard_sha256[0],
             m.shards.plan.stages[0].input_names[0],
         )
+    finally:
+        await m.close()
     return result
 
 
@@ -273,9 +218,7 @@ def python_costs(m: ModelShardingManager, job: ShardJob, reps: int = 200) -> dic
     return out
 
 
-async def investigate(
-    browser: str, shard0: tuple[Path, str, str], args: argparse.Namespace
-) -> dict[str, Any]:
+async def investigate(browser: str, shard0: tuple[Path, str, str], args: argparse.Namespace) -> dict[str, Any]:
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     launches = list(LAUNCHES) if browser == "chromium" else ["worker"]
     out = {}
@@ -292,21 +235,13 @@ def verdict(ratio: float) -> str:
     return "PASS" if ratio <= TARGET_RATIO else "MISS"
 
 
-def print_report(
-    runs: list[dict[str, Any]], probes: dict[str, dict[str, Any]], args: argparse.Namespace
-) -> None:
+def print_report(runs: list[dict[str, Any]], probes: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     k = args.stages
     hops = " -> ".join(["coordinator", *(f"stage{i}" for i in range(k)), "coordinator"])
-    print(
-        f"\n## Hop overhead: identity chain, K={k} shards, 1x128x384 float32 ({int(np.prod(SHAPE)) * 4:,} B)"
-    )
-    print(
-        f"execution provider: {args.platform}; {args.requests} sequential requests, {args.warmup} warm-ups\n"
-    )
+    print(f"\n## Hop overhead: identity chain, K={k} shards, 1x128x384 float32 ({int(np.prod(SHAPE)) * 4:,} B)")
+    print(f"execution provider: {args.platform}; {args.requests} sequential requests, {args.warmup} warm-ups\n")
     print(f"hops: {hops} = {k + 1} stream hops and {k} page round trips")
-    print(
-        f"per-stage = (e2e - sum kernel) / {k}; per-hop = (e2e - sum kernel) / {k + 1}: per-hop is compared"
-    )
+    print(f"per-stage = (e2e - sum kernel) / {k}; per-hop = (e2e - sum kernel) / {k + 1}: per-hop is compared")
     payload_bytes = runs[0]["floor_payload_bytes"]
     print("floor: XADD + XREADGROUP + XACK from redis.asyncio on the same valkey-server; one sample of each")
     print("variant after every request, variants in rotating order;")
@@ -316,10 +251,7 @@ def print_report(
         ("per_stage_ms", "p50"), ("per_stage_ms", "mean"), ("per_hop_ms", "p50"), ("per_hop_ms", "mean"),
     ]  # fmt: skip
     headers = ["chain", "n", *(f"{key.removesuffix('_ms').replace('_', ' ')} {stat}" for key, stat in stats)]
-    rows = [
-        [r["label"], r["chain"]["e2e_ms"]["n"], *(fmt(r["chain"][key][stat]) for key, stat in stats)]
-        for r in runs
-    ]
+    rows = [[r["label"], r["chain"]["e2e_ms"]["n"], *(fmt(r["chain"][key][stat]) for key, stat in stats)] for r in runs]
     print(markdown_table(headers, rows))
     print()
     rows = [
@@ -327,11 +259,7 @@ def print_report(
          f"{r['ratio_p50']:.1f}x", f"<= {TARGET_RATIO:.1f}x", verdict(r["ratio_p50"])]
         for r in runs
     ]  # fmt: skip
-    print(
-        markdown_table(
-            ["chain", "floor p50 ms", "per-hop overhead p50 ms", "ratio", "target", "verdict"], rows
-        )
-    )
+    print(markdown_table(["chain", "floor p50 ms", "per-hop overhead p50 ms", "ratio", "target", "verdict"], rows))
     print("\n### Floors (same valkey-server, redis.asyncio, ms, one sample of each after every request)\n")
     rows = [[f"{r['label']}: {v}, {label}", fmt(r["floor"][v]["p50"], 3), fmt(r["floor"][v]["mean"], 3)]
             for r in runs for v, label in VARIANTS.items()]  # fmt: skip
@@ -361,12 +289,8 @@ def print_breakdown(runs: list[dict[str, Any]], k: int) -> None:
     rows.append([f"hop {k}: stage{k - 1} hand_off -> coordinator, + coordinator work", *cells("tail_ms")])
     rows.append(["end-to-end", *cells("e2e_ms")])
     print(markdown_table(["segment", *(f"{r['label']} {s}" for r in runs for s in ("p50", "mean"))], rows))
-    print(
-        "\nqueue_ms = producer encode + XADD (in hand_off's MULTI) + consumer wake-up + XREADGROUP + decode;"
-    )
-    print(
-        f"hop {k} = e2e - sum(queue_ms + worker_ms): last hand_off, reply read and decode, coordinator work."
-    )
+    print("\nqueue_ms = producer encode + XADD (in hand_off's MULTI) + consumer wake-up + XREADGROUP + decode;")
+    print(f"hop {k} = e2e - sum(queue_ms + worker_ms): last hand_off, reply read and decode, coordinator work.")
     for r in runs:
         c = r["chain"]
         hop_ms = sum(q["mean"] for q in c["queue_ms"]) + c["tail_ms"]["mean"]
@@ -383,11 +307,7 @@ def print_breakdown(runs: list[dict[str, Any]], k: int) -> None:
 
 def print_probes(probes: dict[str, dict[str, Any]]) -> None:
     print("\n### Page bridge probed directly, no Redis (p50 ms)\n")
-    cols = [
-        (f"{browser}, {launch}", p)
-        for browser, by_launch in probes.items()
-        for launch, p in by_launch.items()
-    ]
+    cols = [(f"{browser}, {launch}", p) for browser, by_launch in probes.items() for launch, p in by_launch.items()]
     kinds = [
         ("text_ping_ms", "text ping (release of an unloaded key)"),
         ("frame_in_error_out_ms", "196,608 B frame in, text error out"),
@@ -398,11 +318,10 @@ def print_probes(probes: dict[str, dict[str, Any]]) -> None:
     cdp = [fmt(p["cdp_bytes_per_run"], 0) if "cdp_bytes_per_run" in p else "-" for _, p in cols]
     rows.append(["raw CDP client: bytes received per identity run", *cdp])
     print(markdown_table(["probe", *(name for name, _ in cols)], rows))
-    print("worker: as shard_worker launches it (for Chromium, Playwright attached over CDP)")
+    print("worker: as shard_worker launches it (for Chromium, Playwright attached over CDP until the page is up,")
+    print("        then detached)")
     print("bare: Chromium with the worker's flags, no CDP client")
-    print(
-        "bare+runtime / bare+network: bare plus one raw CDP client enabling only Runtime+Inspector / Network"
-    )
+    print("bare+runtime / bare+network: bare plus one raw CDP client enabling only Runtime+Inspector / Network")
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
@@ -412,12 +331,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     probes: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="xshard-hopbench-") as tmp:
         for browser in browsers:
-            run = await run_chain(browser, args, Path(tmp), cdp_free=False)
+            run = await run_chain(browser, args, Path(tmp))
             runs.append(run)
             missed = run["ratio_p50"] > TARGET_RATIO
             if args.investigate == "always" or (args.investigate == "auto" and missed):
-                if browser == "chromium":
-                    runs.append(await run_chain(browser, args, Path(tmp), cdp_free=True))
                 probes[browser] = await investigate(browser, run["shard0"], args)
     print_report(runs, probes, args)
     after = machine()

@@ -44,13 +44,9 @@ CONFIG_TIMEOUT_S = 420.0  # start + all requests of one config; then it is repor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.minilm_latency", description=__doc__.splitlines()[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m benchmarks.minilm_latency", description=__doc__.splitlines()[0])
     p.add_argument("--browsers", default="chromium,firefox", help="comma list (chromium,firefox)")
-    p.add_argument(
-        "--webgpu", action="store_true", help="also run the webgpu provider (slow on software adapters)"
-    )
+    p.add_argument("--webgpu", action="store_true", help="also run the webgpu provider (slow on software adapters)")
     p.add_argument("--requests", type=int, default=10, help="measured sequential requests per config (10)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests first (2)")
     p.add_argument("--concurrent", type=int, default=32, help="pipelined requests in flight at once (32)")
@@ -80,9 +76,7 @@ def vocab_size(model: ResolvedModel) -> int:
 # -- native ------------------------------------------------------------------------------------
 
 
-def run_native(
-    model: ResolvedModel, inputs: dict[str, np.ndarray], args: argparse.Namespace
-) -> dict[str, Any]:
+def run_native(model: ResolvedModel, inputs: dict[str, np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
     session = ort.InferenceSession(str(model.onnx_path), providers=["CPUExecutionProvider"])
     reference = session.run(None, inputs)[0]
     for _ in range(args.warmup):
@@ -105,9 +99,7 @@ def run_native(
 # -- sharded -----------------------------------------------------------------------------------
 
 
-def new_manager(
-    shards: int, browsers: list[str], platform: str, cache_dir: Path | None
-) -> ModelShardingManager:
+def new_manager(shards: int, browsers: list[str], platform: str, cache_dir: Path | None) -> ModelShardingManager:
     settings = ManagerSettings.from_env(
         cache_dir=cache_dir,
         worker_wait_s=WAIT_S,
@@ -126,9 +118,7 @@ async def start(m: ModelShardingManager) -> float:
     return time.perf_counter() - t0
 
 
-async def infer(
-    m: ModelShardingManager, inputs: dict[str, np.ndarray], reference: np.ndarray
-) -> dict[str, Any]:
+async def infer(m: ModelShardingManager, inputs: dict[str, np.ndarray], reference: np.ndarray) -> dict[str, Any]:
     r = await m.run_inference_sharded(inputs)
     if "error" in r:
         raise RuntimeError(f"request failed: {r['error']}")
@@ -189,9 +179,7 @@ async def run_pipelined(
             row["init_s"] = await start(m)
             for _ in range(args.warmup):
                 await infer(m, inputs, reference)
-            progress(
-                f"pipelined ({row['browsers']}): {args.requests} sequential, then {args.concurrent} at once"
-            )
+            progress(f"pipelined ({row['browsers']}): {args.requests} sequential, then {args.concurrent} at once")
             t0 = time.perf_counter()
             seq = [await infer(m, inputs, reference) for _ in range(args.requests)]
             seq_wall = time.perf_counter() - t0
@@ -290,9 +278,7 @@ def print_report(native: dict[str, Any], rows: list[dict[str, Any]], pipe: dict[
             ]
         )
     print(
-        markdown_table(
-            ["browser", "EP", "unsharded p50 ms", "3 shards p50 ms", "ratio", "target", "verdict"], ratios
-        )
+        markdown_table(["browser", "EP", "unsharded p50 ms", "3 shards p50 ms", "ratio", "target", "verdict"], ratios)
     )
     print("\n### Pipelined throughput, 3 shards, wasm\n")
     if "error" in pipe:
@@ -314,9 +300,7 @@ def print_report(native: dict[str, Any], rows: list[dict[str, Any]], pipe: dict[
             ]
         )
     print(
-        markdown_table(
-            ["browsers", "mode", "requests", "wall s", "req/s", "latency p50 ms", "latency mean ms"], table
-        )
+        markdown_table(["browsers", "mode", "requests", "wall s", "req/s", "latency p50 ms", "latency mean ms"], table)
     )
     print(
         f"\npipelined / sequential throughput: {pipe['speedup']:.2f}x; "

@@ -3,8 +3,9 @@ page round trip costs and why.
 
 Ways to start the browser (``LAUNCHES``):
 
-- ``worker``: ``shard_worker.browser.BrowserProcess``, as the worker does (for Chromium that attaches
-  Playwright over CDP, which enables the DevTools Network domain on the page);
+- ``worker``: ``shard_worker.browser.BrowserProcess``, as the worker does: for Chromium, Playwright is
+  attached over CDP until the page has said hello, then detached (``detach_devtools``), so the page's
+  DevTools Network domain no longer copies the bridge's frames;
 - ``bare``: Chromium with the worker's flags and no CDP client at all;
 - ``bare+runtime``: bare Chromium plus one raw CDP client on the page that enables only ``Runtime`` and
   ``Inspector`` (what console forwarding and crash detection need);
@@ -178,9 +179,9 @@ async def probe_page(
         await bridge.wait_hello(PAGE_TIMEOUT_S)
         if isinstance(proc, BareChromium):
             await proc.attach()
-        await bridge.request(
-            "load", PAGE_TIMEOUT_S, key="probe", url=f"/shards/{sha}.onnx", platform=platform
-        )
+        else:
+            await proc.detach_devtools()  # as shard_worker.page.Page.launch does once the page is up
+        await bridge.request("load", PAGE_TIMEOUT_S, key="probe", url=f"/shards/{sha}.onnx", platform=platform)
 
         async def ping() -> None:
             await bridge.request("release", PAGE_TIMEOUT_S, key="not-loaded")
