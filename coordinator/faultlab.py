@@ -155,6 +155,7 @@ async def _drive(
     for t in tasks:
         t.cancel()
     events = await broker.read_events()
+    delivered = manager._tracker.deliveries if manager._tracker else Counter()
     finals: Counter[str] = Counter(
         e.request_id for e in events
         if isinstance(e, ExecutionEvent) and e.outcome == "success" and e.shard_index == cfg.shards - 1
@@ -172,7 +173,10 @@ async def _drive(
         else:
             row.update(outcome="dead_letter" if res.get("error_kind") == "dead_letter" else "lost",
                        correct=False, error=res.get("error"))  # fmt: skip
-        row["duplicated"] = finals.get(rid or "", 0) > 1
+        # returned twice = a second result reached the coordinator; a stage run twice whose late result
+        # the hand-off script dropped (reclaimed job, request already done) is counted apart
+        row["duplicated"] = delivered.get(rid or "", 0) > 1
+        row["reexecuted"] = finals.get(rid or "", 0) > 1
         row["recovered"] = rid in recovered
         row["recovery_ms"] = round((finished[i] - fault_s) * 1000, 1) if rid in recovered else None
         rows.append(row)
@@ -185,6 +189,7 @@ async def _drive(
         "lost": sum(r["outcome"] == "lost" for r in rows),
         "dead_lettered": sum(r["outcome"] == "dead_letter" for r in rows),
         "duplicated": sum(r["duplicated"] for r in rows),
+        "reexecuted_final_stage": sum(r["reexecuted"] for r in rows),
         "recovered": len(times),
         "recovery_ms_p50": float(np.percentile(times, 50)) if times else None,
         "recovery_ms_max": max(times) if times else None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 
 from broker.errors import BrokerUnavailable
 from broker.ledger import Ledger
@@ -26,6 +27,7 @@ class RequestTracker:
         self.ledger = ledger
         self.coordinator_id = coordinator_id
         self._futures: dict[str, asyncio.Future[Outcome]] = {}
+        self.deliveries: Counter[str] = Counter()  # results that reached this coordinator, per request
 
     def watch(self, request_id: str) -> asyncio.Future[Outcome]:
         fut = self._futures.get(request_id)
@@ -55,6 +57,7 @@ class RequestTracker:
                 delay_s = min(BACKOFF_MAX_S, delay_s * 2)
 
     async def on_result(self, msg: ShardResult, entry: Entry) -> None:
+        self.deliveries[msg.request_id] += 1
         await self.ledger.finish(msg.request_id, self.coordinator_id, "done", msg, entry)
         fut = self._futures.pop(msg.request_id, None)
         if fut is None:
