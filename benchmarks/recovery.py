@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -178,8 +179,10 @@ class Trials:
         row["notes"] = await self.restore(failure, target, stage, browser_pid)
         await self.load.until_drained(SETTLE_TIMEOUT_S)
         # a recovery event is recorded when its request ends: read them once everything has settled
+        # (stage-level events, such as a stage's shard loaded elsewhere, carry no request id)
         events = [e for e in dep.manager.metrics.recovery_events  # type: ignore[union-attr]
-                  if e["worker_id"] == target and fault_wall_s - 0.05 <= e["timestamp"] < restore_wall_s]  # fmt: skip
+                  if e["request_id"] and e["worker_id"] == target
+                  and fault_wall_s - 0.05 <= e["timestamp"] < restore_wall_s]  # fmt: skip
         hit = {e["request_id"] for e in events}
         inflight = sorted(hit)
         queued_only = sorted(set(queued_ids) - hit)
@@ -433,6 +436,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             c = await run_config(CONFIGS[key], model, args, tmp)
             c["summary"] = summarize_config(c)
             results.append(c)
+            if args.json:  # what is done so far survives a run cut short
+                args.json.write_text(json.dumps({"partial": True, "configs": results}, default=str))
     finally:
         if args.keep:
             progress(f"worker logs kept under {tmp}/<configuration>/cache/logs")
