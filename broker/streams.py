@@ -124,9 +124,9 @@ class Broker:
             return Delivery(s, eid, None, str(e), len(raw))
 
     async def read_group(
-        self, group: str, consumer: str, streams: Iterable[str], *, count: int = 1, block_ms: int = 1000
+        self, group: str, consumer: str, streams: Iterable[str], *, count: int = 1, block_ms: int | None = 1000
     ) -> list[Delivery]:
-        """XREADGROUP new entries (``>``) from ``streams``; blocks up to ``block_ms``."""
+        """XREADGROUP new entries (``>``) from ``streams``; blocks up to ``block_ms`` (None: not at all)."""
         wanted = {s: ">" for s in streams}
         if not wanted:
             return []

@@ -85,6 +85,15 @@ class Monitor:
                     await self.recoverer.on_claimed(d.stream, d.entry_id, d.message, kind, worker_id)
                 else:
                     await self.broker.ack(d.stream, STAGE_GROUP, d.entry_id)
+        # jobs routed to this worker alone (retries) that it never read: it was their only reader
+        direct = self.broker.keys.direct(worker_id)
+        for d in await self.broker.read_group(STAGE_GROUP, self.recoverer.claimer, [direct], count=1000, block_ms=None):
+            if isinstance(d.message, ShardJob):
+                log.warning("request %s stage %d: unread on lost %s; recovering", d.message.request_id,
+                            d.message.stage_index, worker_id)  # fmt: skip
+                await self.recoverer.on_claimed(d.stream, d.entry_id, d.message, kind, worker_id)
+            else:
+                await self.broker.ack(d.stream, STAGE_GROUP, d.entry_id)
 
     async def _cover_orphaned_stages(self, died: list[str]) -> None:
         """A stage with no live worker gets one: load its shard onto a healthy worker (redistribute)."""
