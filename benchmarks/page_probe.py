@@ -17,12 +17,10 @@ The raw CDP client counts the bytes DevTools pushes to it (binary WebSocket fram
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import tempfile
 import time
 import urllib.request
@@ -36,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from benchmarks.report import summarize
 from broker.browsers import find_executable, install_hint
 from shard_worker.bridge import Bridge
-from shard_worker.browser import CHROMIUM_FLAGS, BrowserProcess
+from shard_worker.browser import CHROMIUM_FLAGS, BrowserProcess, stop_process_group
 from shard_worker.errors import PageError
 from shard_worker.server import StaticServer, find_ort_dist
 
@@ -128,16 +126,8 @@ class BareChromium:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._cdp is not None:
             await self._cdp.close()
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), CLOSE_TIMEOUT_S)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        if self._proc is not None:
+            await stop_process_group(self._proc, CLOSE_TIMEOUT_S)
         shutil.rmtree(self._profile, ignore_errors=True)
 
 

@@ -33,6 +33,7 @@ from broker.embedded import EmbeddedValkey
 from broker.errors import BrokerError
 
 from .allocation import PLATFORMS, normalize_browser
+from .argtypes import EXIT_FAILED, EXIT_USAGE, positive_float, positive_int
 from .console import ProgressPrinter, fail, format_allocation, format_components, format_fields
 from .errors import ConversionError, XshardError
 from .fault_cli import add_fault_commands, run_fault_command
@@ -44,8 +45,6 @@ from .settings import ManagerSettings
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("text", "vision", "audio", "multimodal")
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 ZIP_MAGIC = b"PK\x03\x04"
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -262,26 +261,6 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 # -- argument parsing ---------------------------------------------------------------------------
-
-
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
-def positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return x
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

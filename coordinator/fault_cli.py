@@ -17,6 +17,7 @@ from broker.ledger import Ledger
 from broker.messages import DeadLetter, ShardFailure, ShardJob, ShardResult
 from broker.streams import Broker
 
+from .argtypes import EXIT_FAILED, EXIT_USAGE
 from .console import fail, format_table
 from .dispatch import Dispatcher, Entry
 from .faultlab import FAILURE_TYPES, FaultTestConfig, run_fault_test, write_report
@@ -57,7 +58,7 @@ def run_fault_command(args: argparse.Namespace) -> int | None:
     if args.command in ("dead-letter", "replay"):
         if not args.redis:
             fail("give --redis URL (or set REDIS_URL): the dead letter lives in a broker")
-            return 2
+            return EXIT_USAGE
         return asyncio.run(_dead_letter(args) if args.command == "dead-letter" else _replay(args))
     return None
 
@@ -79,7 +80,7 @@ async def _fault_test(args: argparse.Namespace) -> int:
           report["recovered"], report["recovery_ms_p50"], report["recovery_ms_max"])],
     ))  # fmt: skip
     ok = report["correct"] == report["requests"] and not report["lost"] and not report["duplicated"]
-    return 0 if ok else 1
+    return 0 if ok else EXIT_FAILED
 
 
 def _summary(entry_id: str, d: DeadLetter) -> tuple[Any, ...]:
@@ -98,7 +99,7 @@ async def _dead_letter(args: argparse.Namespace) -> int:
     found = next(((eid, d) for eid, d, _ in letters if eid == args.id), None)
     if found is None or found[1] is None:
         fail(f"no dead letter {args.id!r} in namespace {args.namespace}")
-        return 2
+        return EXIT_USAGE
     d = found[1]
     print(json.dumps({
         "id": found[0], "request_id": d.request_id, "plan_id": d.plan_id, "stage_index": d.stage_index,
@@ -112,7 +113,7 @@ async def _dead_letter(args: argparse.Namespace) -> int:
 async def _replay(args: argparse.Namespace) -> int:
     if not args.ids and not args.all:
         fail("give dead-letter IDs or --all")
-        return 2
+        return EXIT_USAGE
     coordinator_id = f"replay-{uuid.uuid4().hex[:8]}"
     async with Broker(args.redis, args.namespace) as broker:
         ledger = Ledger(broker)
@@ -155,7 +156,7 @@ async def _replay(args: argparse.Namespace) -> int:
                     why = outcome.reason if isinstance(outcome, DeadLetter) else f"no result in {args.timeout_s}s"
                     rows.append((entry_id, "", "failed", why[:100]))
             print(format_table(("id", "request", "outcome", "why"), rows) if rows else "nothing to replay")
-            return 1 if failed else 0
+            return EXIT_FAILED if failed else 0
         finally:
             await dispatcher.close()
             await broker.delete(Keys(args.namespace).reply(coordinator_id))

@@ -23,34 +23,12 @@ from typing import Any
 
 from broker.keys import Keys
 
+from .argtypes import EXIT_FAILED, EXIT_USAGE, non_negative_float, positive_int
 from .console import fail
 from .history import HistoryError
 from .history_writer import WriterSettings, run_history_writer
 from .report import NoHistory, print_history, write_html_report
 from .settings import ManagerSettings
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-def _count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
-def _seconds(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return x
 
 
 def add_history_commands(sub: Any, common_parent: argparse.ArgumentParser) -> None:
@@ -64,7 +42,7 @@ def add_history_commands(sub: Any, common_parent: argparse.ArgumentParser) -> No
     )
     h.add_argument("--db", type=Path, required=True, help="the DuckDB file the history writer fills")
     h.add_argument("--model", default=None, help="only this model (as the manager named it)")
-    h.add_argument("--recent", type=_count, default=10, help="recent requests and recovery events (default 10)")
+    h.add_argument("--recent", type=positive_int, default=10, help="recent requests and recovery events (default 10)")
     r = sub.add_parser(
         "report",
         parents=[common_parent],
@@ -85,8 +63,8 @@ def add_history_commands(sub: Any, common_parent: argparse.ArgumentParser) -> No
     w.add_argument("--redis", default=os.environ.get("REDIS_URL"), help="the broker (default: $REDIS_URL)")
     w.add_argument("--db", type=Path, required=True, help="the DuckDB file to write (created if missing)")
     w.add_argument("--namespace", default=None, help="key namespace (default: XSHARD_NAMESPACE or default)")
-    w.add_argument("--batch-size", type=_count, default=None, help="events per DuckDB transaction (default 256)")
-    w.add_argument("--flush-interval-s", type=_seconds, default=None,
+    w.add_argument("--batch-size", type=positive_int, default=None, help="events per DuckDB transaction (default 256)")
+    w.add_argument("--flush-interval-s", type=non_negative_float, default=None,
                    help="how long a partial batch waits for more events (default 1)")  # fmt: skip
 
 

@@ -71,6 +71,20 @@ FIREFOX_PREFS = {
 }
 
 
+async def stop_process_group(proc: asyncio.subprocess.Process, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """SIGTERM a browser's process group, SIGKILL it after ``timeout_s``, and reap it."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), timeout_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
 class BrowserProcess:
     """One running headless browser showing ``url``."""
 
@@ -208,16 +222,8 @@ class BrowserProcess:
         if self._pw is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pw.stop(), CLOSE_TIMEOUT_S)
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), CLOSE_TIMEOUT_S)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        if self._proc is not None:
+            await stop_process_group(self._proc)
         if self._watch is not None:
             self._watch.cancel()
         shutil.rmtree(self._profile, ignore_errors=True)
