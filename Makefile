@@ -17,6 +17,7 @@ bench: setup
 	@$(PY) -m benchmarks.recovery
 
 lint: setup
+	@.venv/bin/ruff format --check broker coordinator shard_worker tests benchmarks
 	@.venv/bin/ruff check broker coordinator shard_worker tests benchmarks
 	@.venv/bin/mypy broker coordinator shard_worker
 

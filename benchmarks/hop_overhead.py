@@ -46,8 +46,8 @@ from benchmarks.report import fmt, machine, markdown_table, summarize, write_jso
 from broker.keys import Keys
 from broker.messages import ShardJob, decode, encode
 from coordinator.manager import ModelShardingManager
+from coordinator.model.validation import validate_inputs
 from coordinator.settings import ManagerSettings
-from coordinator.validation import validate_inputs
 from shard_worker.bridge import decode_frame, encode_frame
 from tests.onnx_models import identity_chain
 
@@ -167,13 +167,20 @@ async def run_chain(browser: str, args: argparse.Namespace, workdir: Path) -> di
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     namespace = f"hopbench{uuid.uuid4().hex[:8]}"
     settings = ManagerSettings(
-        cache_dir=workdir / "cache", namespace=namespace, worker_wait_s=WAIT_S, assign_timeout_s=WAIT_S,
+        cache_dir=workdir / "cache",
+        namespace=namespace,
+        worker_wait_s=WAIT_S,
+        assign_timeout_s=WAIT_S,
         request_timeout_s=REQUEST_TIMEOUT_S,
-    )  # fmt: skip
+    )
     m = ModelShardingManager(
-        str(model), num_shards=k, browsers=[browser], platform=args.platform, settings=settings,
+        str(model),
+        num_shards=k,
+        browsers=[browser],
+        platform=args.platform,
+        settings=settings,
         progress=progress,
-    )  # fmt: skip
+    )
     try:
         async with asyncio.timeout(CHAIN_TIMEOUT_S):
             result = await measure(m, x, args, browser)
@@ -247,22 +254,37 @@ def print_report(runs: list[dict[str, Any]], probes: dict[str, dict[str, Any]], 
     print("variant after every request, variants in rotating order;")
     print(f"payload = broker.messages.encode(ShardJob), {payload_bytes:,} B, encoded once before timing\n")
     stats = [
-        ("e2e_ms", "p50"), ("e2e_ms", "mean"), ("kernel_sum_ms", "p50"), ("overhead_ms", "p50"),
-        ("per_stage_ms", "p50"), ("per_stage_ms", "mean"), ("per_hop_ms", "p50"), ("per_hop_ms", "mean"),
-    ]  # fmt: skip
+        ("e2e_ms", "p50"),
+        ("e2e_ms", "mean"),
+        ("kernel_sum_ms", "p50"),
+        ("overhead_ms", "p50"),
+        ("per_stage_ms", "p50"),
+        ("per_stage_ms", "mean"),
+        ("per_hop_ms", "p50"),
+        ("per_hop_ms", "mean"),
+    ]
     headers = ["chain", "n", *(f"{key.removesuffix('_ms').replace('_', ' ')} {stat}" for key, stat in stats)]
     rows = [[r["label"], r["chain"]["e2e_ms"]["n"], *(fmt(r["chain"][key][stat]) for key, stat in stats)] for r in runs]
     print(markdown_table(headers, rows))
     print()
     rows = [
-        [r["label"], fmt(r["floor"]["raw"]["p50"], 3), fmt(r["chain"]["per_hop_ms"]["p50"], 3),
-         f"{r['ratio_p50']:.1f}x", f"<= {TARGET_RATIO:.1f}x", verdict(r["ratio_p50"])]
+        [
+            r["label"],
+            fmt(r["floor"]["raw"]["p50"], 3),
+            fmt(r["chain"]["per_hop_ms"]["p50"], 3),
+            f"{r['ratio_p50']:.1f}x",
+            f"<= {TARGET_RATIO:.1f}x",
+            verdict(r["ratio_p50"]),
+        ]
         for r in runs
-    ]  # fmt: skip
+    ]
     print(markdown_table(["chain", "floor p50 ms", "per-hop overhead p50 ms", "ratio", "target", "verdict"], rows))
     print("\n### Floors (same valkey-server, redis.asyncio, ms, one sample of each after every request)\n")
-    rows = [[f"{r['label']}: {v}, {label}", fmt(r["floor"][v]["p50"], 3), fmt(r["floor"][v]["mean"], 3)]
-            for r in runs for v, label in VARIANTS.items()]  # fmt: skip
+    rows = [
+        [f"{r['label']}: {v}, {label}", fmt(r["floor"][v]["p50"], 3), fmt(r["floor"][v]["mean"], 3)]
+        for r in runs
+        for v, label in VARIANTS.items()
+    ]
     print(markdown_table(["variant", "p50", "mean"], rows))
     print_breakdown(runs, k)
     print("\n### Python-side CPU per call (this process, p50 ms)\n")
@@ -345,10 +367,18 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     for r in runs:
         r.pop("shard0", None)
     return {
-        "benchmark": "hop_overhead", "shape": list(SHAPE), "platform": args.platform, "stages": args.stages,
-        "requests": args.requests, "warmup": args.warmup, "target_ratio": TARGET_RATIO,
-        "machine_before": before, "machine_after": after, "runs": runs, "page_probes": probes,
-    }  # fmt: skip
+        "benchmark": "hop_overhead",
+        "shape": list(SHAPE),
+        "platform": args.platform,
+        "stages": args.stages,
+        "requests": args.requests,
+        "warmup": args.warmup,
+        "target_ratio": TARGET_RATIO,
+        "machine_before": before,
+        "machine_after": after,
+        "runs": runs,
+        "page_probes": probes,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

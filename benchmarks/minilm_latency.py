@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from benchmarks.report import fmt, machine, markdown_table, summarize, write_json
 from coordinator.manager import ModelShardingManager
-from coordinator.models import ResolvedModel, resolve_model
+from coordinator.model.resolve import ResolvedModel, resolve_model
 from coordinator.settings import ManagerSettings
 
 MODEL = "all-MiniLM-L6-v2"

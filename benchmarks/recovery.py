@@ -152,10 +152,10 @@ class Trials:
         dep = self.dep
         target, stage = await self.pick(failure, k)
         info = await dep.worker_info(target)
-        pid, browser_pid = int(info["pid"]), int(info["browser_pid"])
+        assert info is not None
+        pid, browser_pid = info.pid, info.browser_pid
         alone = [dep.manager.route[i] for i, ws in dep.serving().items() if ws == [target]]  # type: ignore[union-attr]
-        row: dict[str, Any] = {"failure": failure, "target": target, "browser": dep.browser_of(target),
-                               "stage": stage}  # fmt: skip
+        row: dict[str, Any] = {"failure": failure, "target": target, "browser": dep.browser_of(target), "stage": stage}
         held = await self.catch(target)
         if not held:
             row["skipped"] = f"{target} took no job within {CATCH_TIMEOUT_S}s"
@@ -180,19 +180,25 @@ class Trials:
         await self.load.until_drained(SETTLE_TIMEOUT_S)
         # a recovery event is recorded when its request ends: read them once everything has settled
         # (stage-level events, such as a stage's shard loaded elsewhere, carry no request id)
-        events = [e for e in dep.manager.metrics.recovery_events  # type: ignore[union-attr]
-                  if e["request_id"] and e["worker_id"] == target
-                  and fault_wall_s - 0.05 <= e["timestamp"] < restore_wall_s]  # fmt: skip
+        events = [
+            e
+            for e in dep.manager.metrics.recovery_events  # type: ignore[union-attr]
+            if e["request_id"] and e["worker_id"] == target and fault_wall_s - 0.05 <= e["timestamp"] < restore_wall_s
+        ]
         hit = {e["request_id"] for e in events}
         inflight = sorted(hit)
         queued_only = sorted(set(queued_ids) - hit)
         finished = self.load.finished
         row.update(
-            held_at_fault=len(held_ids), inflight=len(inflight), queued=len(queued_only),
+            held_at_fault=len(held_ids),
+            inflight=len(inflight),
+            queued=len(queued_only),
             unfinished=[r for r in [*inflight, *queued_only] if r not in finished],
-            rungs=sorted(e["action"] for e in events), failures=sorted({e["failure"] for e in events}),
-            recovered_ok=all(e["success"] for e in events), shape_after=dep.shape(),
-        )  # fmt: skip
+            rungs=sorted(e["action"] for e in events),
+            failures=sorted({e["failure"] for e in events}),
+            recovered_ok=all(e["success"] for e in events),
+            shape_after=dep.shape(),
+        )
         row["expected_failure"] = EXPECTED_FAILURE[failure] in row["failures"]
         if not inflight:
             row["skipped"] = "the fault hit no job (it finished before the signal landed)"
@@ -220,8 +226,10 @@ class Trials:
         if failure == "crash":
             restarted = await self._until_restarted(target, browser_pid)
             if restarted is None:
-                notes.append(f"{target} did not restart its browser within {SETTLE_TIMEOUT_S:.0f}s (killed and "
-                             f"replaced); its log ends: {dep.last_log_line(target)}")  # fmt: skip
+                notes.append(
+                    f"{target} did not restart its browser within {SETTLE_TIMEOUT_S:.0f}s (killed and "
+                    f"replaced); its log ends: {dep.last_log_line(target)}"
+                )
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(dep.process(target).pid, signal.SIGKILL)
                 await self._replace(target, stage, browser)
@@ -265,7 +273,7 @@ class Trials:
             if self.dep.process(target).poll() is not None:
                 return False
             info = await self.dep.worker_info(target)
-            if info.get("browser_pid") not in (None, str(old_browser_pid)) and info.get("state") == "ready":
+            if info is not None and info.browser_pid not in (0, old_browser_pid) and info.state == "ready":
                 return True
             await asyncio.sleep(0.05)
         return None
@@ -279,8 +287,12 @@ def reference(model: Path, args: argparse.Namespace) -> tuple[list[dict[str, np.
     inputs = []
     for seed in range(INPUT_VARIANTS):
         rng = np.random.default_rng(seed)
-        inputs.append({"input_ids": rng.integers(0, 50, (1, args.seq)).astype(np.int64),
-                       "attention_mask": np.ones((1, args.seq), dtype=np.int64)})  # fmt: skip
+        inputs.append(
+            {
+                "input_ids": rng.integers(0, 50, (1, args.seq)).astype(np.int64),
+                "attention_mask": np.ones((1, args.seq), dtype=np.int64),
+            }
+        )
     return inputs, [sess.run(None, x)[0].astype(np.float64) for x in inputs]
 
 
@@ -289,10 +301,17 @@ async def run_config(cfg: Config, model: Path, args: argparse.Namespace, workdir
     failures = [f.strip() for f in args.failures.split(",") if f.strip()]
     inputs, want = reference(model, args)
     started = time.monotonic()
-    out: dict[str, Any] = {"config": cfg.key, "label": cfg.label, "strategy": cfg.strategy,
-                           "workers_per_stage": cfg.workers_per_stage, "spares": cfg.spares,
-                           "heartbeat_max_age_ms": cfg.heartbeat_max_age_ms, "heartbeat_s": cfg.heartbeat_s,
-                           "machine_before": machine(), "trials": []}  # fmt: skip
+    out: dict[str, Any] = {
+        "config": cfg.key,
+        "label": cfg.label,
+        "strategy": cfg.strategy,
+        "workers_per_stage": cfg.workers_per_stage,
+        "spares": cfg.spares,
+        "heartbeat_max_age_ms": cfg.heartbeat_max_age_ms,
+        "heartbeat_s": cfg.heartbeat_s,
+        "machine_before": machine(),
+        "trials": [],
+    }
     progress(f"{cfg.label}: starting {args.shards * cfg.workers_per_stage + cfg.spares} workers")
     async with Deployment(cfg, model, args.shards, browsers, workdir / cfg.key) as dep:
         assert dep.manager is not None
@@ -316,19 +335,29 @@ async def run_config(cfg: Config, model: Path, args: argparse.Namespace, workdir
                     measured += 1
                     shape = f"; shape after: {row['shape_after']}" if row["shape_after"] else ""
                     shape += "".join(f"; {n}" for n in row["notes"])
-                    progress(f"  {failure} #{measured} on {row['target']} (stage {row['stage']}): in-flight "
-                             f"{fmt(row['inflight_ms'], 0)} ms, +queued {fmt(row['all_ms'], 0)} ms via "
-                             f"{','.join(row['rungs'])}{shape}")  # fmt: skip
+                    progress(
+                        f"  {failure} #{measured} on {row['target']} (stage {row['stage']}): in-flight "
+                        f"{fmt(row['inflight_ms'], 0)} ms, +queued {fmt(row['all_ms'], 0)} ms via "
+                        f"{','.join(row['rungs'])}{shape}"
+                    )
         finally:
             await load.stop(SETTLE_TIMEOUT_S)
         out.update(
             restart_failures=sum(any("restart" in n for n in t.get("notes", [])) for t in out["trials"]),
-            start_failures=dep.start_failures, requests=len(load.submitted), correct=load.ok, wrong=load.wrong,
-            errors=load.errors[:20], error_count=len(load.errors), still_running=len(load.unfinished),
-            spawned=dep.spawned, orphan_browsers=trials.orphan_browsers, e2e_ms_p50=percentile(baseline_ms, 50),
-            kernel_ms_p50=percentile(baseline_kernel_ms, 50), wall_s=time.monotonic() - started,
+            start_failures=dep.start_failures,
+            requests=len(load.submitted),
+            correct=load.ok,
+            wrong=load.wrong,
+            errors=load.errors[:20],
+            error_count=len(load.errors),
+            still_running=len(load.unfinished),
+            spawned=dep.spawned,
+            orphan_browsers=trials.orphan_browsers,
+            e2e_ms_p50=percentile(baseline_ms, 50),
+            kernel_ms_p50=percentile(baseline_kernel_ms, 50),
+            wall_s=time.monotonic() - started,
             dead_letters=len(await dep.manager.dead_letters()),
-        )  # fmt: skip
+        )
     out["machine_after"] = machine()
     return out
 
@@ -355,17 +384,29 @@ def summarize_config(c: dict[str, Any]) -> list[dict[str, Any]]:
                 rungs[r] = rungs.get(r, 0) + 1
         target = target_ms(failure, c)
         p99 = percentile(inflight, 99)
-        rows.append({
-            "failure": failure, "trials": len(measured), "skipped": len(trials) - len(measured),
-            "noticed_p50": percentile([t["noticed_ms"] for t in measured], 50),
-            "inflight": {"p50": percentile(inflight, 50), "p99": p99, "max": max(inflight, default=math.nan)},
-            "all": {"p50": percentile(every, 50), "p99": percentile(every, 99), "max": max(every, default=math.nan)},
-            "queued_per_trial": float(np.mean([t["queued"] for t in measured])) if measured else float("nan"),
-            "target_p99_ms": target, "verdict": "PASS" if measured and p99 <= target else "MISS",
-            "rungs": rungs, "bad_shape": sum(bool(t["shape_after"]) for t in measured),
-            "by_browser": {b: [t["inflight_ms"] for t in measured if t["browser"] == b]
-                           for b in sorted({t["browser"] for t in measured})},
-        })  # fmt: skip
+        rows.append(
+            {
+                "failure": failure,
+                "trials": len(measured),
+                "skipped": len(trials) - len(measured),
+                "noticed_p50": percentile([t["noticed_ms"] for t in measured], 50),
+                "inflight": {"p50": percentile(inflight, 50), "p99": p99, "max": max(inflight, default=math.nan)},
+                "all": {
+                    "p50": percentile(every, 50),
+                    "p99": percentile(every, 99),
+                    "max": max(every, default=math.nan),
+                },
+                "queued_per_trial": float(np.mean([t["queued"] for t in measured])) if measured else float("nan"),
+                "target_p99_ms": target,
+                "verdict": "PASS" if measured and p99 <= target else "MISS",
+                "rungs": rungs,
+                "bad_shape": sum(bool(t["shape_after"]) for t in measured),
+                "by_browser": {
+                    b: [t["inflight_ms"] for t in measured if t["browser"] == b]
+                    for b in sorted({t["browser"] for t in measured})
+                },
+            }
+        )
     return rows
 
 
@@ -375,19 +416,48 @@ def _p50_max(values: list[float]) -> str:
 
 def print_report(configs: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"\n## Recovery time: fault -> completion of the requests it hit (ms), {args.trials} trials per failure")
-    print(f"residual_mlp hidden {args.hidden}, {args.layers} layers, 1x{args.seq} tokens, {args.shards} stages on "
-          f"{args.browsers} (wasm); one request every {fmt(args.interval_ms, 0)} ms; hang = SIGSTOP for "
-          f"{args.hang_factor:g}x the heartbeat timeout\n")  # fmt: skip
-    headers = ["configuration", "failure", "n", "noticed p50", "in-flight p50", "p99", "max", "+queued p50", "p99",
-               "max", "target p99", "verdict", "rungs taken"]  # fmt: skip
+    print(
+        f"residual_mlp hidden {args.hidden}, {args.layers} layers, 1x{args.seq} tokens, {args.shards} stages on "
+        f"{args.browsers} (wasm); one request every {fmt(args.interval_ms, 0)} ms; hang = SIGSTOP for "
+        f"{args.hang_factor:g}x the heartbeat timeout\n"
+    )
+    headers = [
+        "configuration",
+        "failure",
+        "n",
+        "noticed p50",
+        "in-flight p50",
+        "p99",
+        "max",
+        "+queued p50",
+        "p99",
+        "max",
+        "target p99",
+        "verdict",
+        "rungs taken",
+    ]
     table = []
     for c in configs:
         for s in c["summary"]:
             i, a = s["inflight"], s["all"]
             rungs = ", ".join(f"{r}×{n}" for r, n in sorted(s["rungs"].items()))
-            table.append([c["label"], s["failure"], s["trials"], fmt(s["noticed_p50"], 0), fmt(i["p50"], 0),
-                          fmt(i["p99"], 0), fmt(i["max"], 0), fmt(a["p50"], 0), fmt(a["p99"], 0), fmt(a["max"], 0),
-                          f"<= {s['target_p99_ms']:.0f}", s["verdict"], rungs])  # fmt: skip
+            table.append(
+                [
+                    c["label"],
+                    s["failure"],
+                    s["trials"],
+                    fmt(s["noticed_p50"], 0),
+                    fmt(i["p50"], 0),
+                    fmt(i["p99"], 0),
+                    fmt(i["max"], 0),
+                    fmt(a["p50"], 0),
+                    fmt(a["p99"], 0),
+                    fmt(a["max"], 0),
+                    f"<= {s['target_p99_ms']:.0f}",
+                    s["verdict"],
+                    rungs,
+                ]
+            )
     print(markdown_table(headers, table))
     print("\n### In-flight recovery by the failed worker's browser (p50 / max ms, n)\n")
     browsers = sorted({b for c in configs for s in c["summary"] for b in s["by_browser"]})
@@ -402,23 +472,58 @@ def print_report(configs: list[dict[str, Any]], args: argparse.Namespace) -> Non
     for c in configs:
         skipped = sum(s["skipped"] for s in c["summary"])
         started = f"{c['spawned']} ({len(c['start_failures'])} failed to start)"
-        table.append([c["label"], c["requests"], c["correct"], c["wrong"], c["error_count"], c["dead_letters"],
-                      skipped, sum(s["bad_shape"] for s in c["summary"]), started, c["restart_failures"],
-                      c["orphan_browsers"],
-                      fmt(c["e2e_ms_p50"], 1), fmt(c["kernel_ms_p50"], 1), fmt(c["wall_s"], 0),
-                      f"{c['machine_before']['loadavg_1m']} -> {c['machine_after']['loadavg_1m']}"])  # fmt: skip
-    print(markdown_table(["configuration", "requests", "correct", "wrong", "errors", "dead letters", "trials skipped",
-                          "shape off after", "workers started", "browser restart failed", "orphan browsers",
-                          "e2e p50 ms, no fault",
-                          "kernel p50 ms, no fault", "wall s", "load avg"], table))  # fmt: skip
+        table.append(
+            [
+                c["label"],
+                c["requests"],
+                c["correct"],
+                c["wrong"],
+                c["error_count"],
+                c["dead_letters"],
+                skipped,
+                sum(s["bad_shape"] for s in c["summary"]),
+                started,
+                c["restart_failures"],
+                c["orphan_browsers"],
+                fmt(c["e2e_ms_p50"], 1),
+                fmt(c["kernel_ms_p50"], 1),
+                fmt(c["wall_s"], 0),
+                f"{c['machine_before']['loadavg_1m']} -> {c['machine_after']['loadavg_1m']}",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "configuration",
+                "requests",
+                "correct",
+                "wrong",
+                "errors",
+                "dead letters",
+                "trials skipped",
+                "shape off after",
+                "workers started",
+                "browser restart failed",
+                "orphan browsers",
+                "e2e p50 ms, no fault",
+                "kernel p50 ms, no fault",
+                "wall s",
+                "load avg",
+            ],
+            table,
+        )
+    )
     print("\nin-flight: requests whose job the failed worker held, confirmed by a recovery event naming it;")
     print("+queued: also requests waiting on a stage stream the failed worker alone consumed. noticed: fault ->")
     print("the coordinator's first recovery decision. e2e and kernel (sum over the stages) p50, no fault: the")
     print(f"{WARM_S:.0f} s warm-up before the first fault. Targets apply to the in-flight p99.")
     print("\n### Verdict\n")
     for c in configs:
-        missed = [f"{s['failure']} p99 {fmt(s['inflight']['p99'], 0)} ms > {s['target_p99_ms']:.0f}"
-                  for s in c["summary"] if s["verdict"] != "PASS"]  # fmt: skip
+        missed = [
+            f"{s['failure']} p99 {fmt(s['inflight']['p99'], 0)} ms > {s['target_p99_ms']:.0f}"
+            for s in c["summary"]
+            if s["verdict"] != "PASS"
+        ]
         print(f"- {c['label']}: " + ("meets every target" if not missed else "misses: " + "; ".join(missed)))
 
 
@@ -445,10 +550,17 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
     print_report(results, args)
     after = machine()
-    print(f"\nmachine: {before['cpus']} cpus, load average {before['loadavg_1m']} before and {after['loadavg_1m']} "
-          f"after (other processes share these cores); code {before['code']}")  # fmt: skip
-    return {"benchmark": "recovery", "args": vars(args), "machine_before": before, "machine_after": after,
-            "configs": results}  # fmt: skip
+    print(
+        f"\nmachine: {before['cpus']} cpus, load average {before['loadavg_1m']} before and {after['loadavg_1m']} "
+        f"after (other processes share these cores); code {before['code']}"
+    )
+    return {
+        "benchmark": "recovery",
+        "args": vars(args),
+        "machine_before": before,
+        "machine_after": after,
+        "configs": results,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

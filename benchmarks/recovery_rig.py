@@ -30,10 +30,11 @@ from broker.embedded import EmbeddedValkey
 from broker.keys import MESSAGE_FIELD, STAGE_GROUP, Keys
 from broker.messages import ShardJob, decode
 from broker.process import die_with_parent
+from broker.registry import WorkerInfo
 from broker.streams import Broker
 from coordinator.errors import AllocationError
-from coordinator.launcher import LocalWorker, LocalWorkers, worker_command
 from coordinator.manager import ModelShardingManager
+from coordinator.runtime.launcher import LocalWorker, LocalWorkers, worker_command
 from coordinator.settings import ManagerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,9 +69,14 @@ class Load:
     checked against native onnxruntime on the whole model and its completion time kept by request id."""
 
     def __init__(
-        self, manager: ModelShardingManager, inputs: list[dict[str, np.ndarray]], want: list[np.ndarray],
-        interval_s: float, max_in_flight: int, tolerance: float,
-    ) -> None:  # fmt: skip
+        self,
+        manager: ModelShardingManager,
+        inputs: list[dict[str, np.ndarray]],
+        want: list[np.ndarray],
+        interval_s: float,
+        max_in_flight: int,
+        tolerance: float,
+    ) -> None:
         self.manager = manager
         self.inputs, self.want = inputs, want
         self.interval_s, self.max_in_flight, self.tolerance = interval_s, max_in_flight, tolerance
@@ -160,9 +166,14 @@ class Deployment:
         self.cfg, self.model, self.shards, self.browsers = cfg, model, shards, browsers
         self.namespace = f"recbench{uuid.uuid4().hex[:8]}"
         self.settings = ManagerSettings(
-            namespace=self.namespace, cache_dir=workdir / "cache", worker_wait_s=WAIT_S, assign_timeout_s=WAIT_S,
-            request_timeout_s=WAIT_S, heartbeat_s=cfg.heartbeat_s, heartbeat_max_age_ms=cfg.heartbeat_max_age_ms,
-        )  # fmt: skip
+            namespace=self.namespace,
+            cache_dir=workdir / "cache",
+            worker_wait_s=WAIT_S,
+            assign_timeout_s=WAIT_S,
+            request_timeout_s=WAIT_S,
+            heartbeat_s=cfg.heartbeat_s,
+            heartbeat_max_age_ms=cfg.heartbeat_max_age_ms,
+        )
         self.keys = Keys(self.namespace)
         self.valkey = EmbeddedValkey()
         self.workers: LocalWorkers | None = None
@@ -192,14 +203,23 @@ class Deployment:
         self.broker = Broker(self.valkey.url, self.namespace)
         self.redis = aioredis.Redis.from_url(self.valkey.url)
         # stage i's workers run browsers[i % len]; the manager allocates shards round-robin the same way
-        ids = [self.spawn(self.browsers[i % len(self.browsers)]) for i in range(self.shards)
-               for _ in range(cfg.workers_per_stage)]  # fmt: skip
+        ids = [
+            self.spawn(self.browsers[i % len(self.browsers)])
+            for i in range(self.shards)
+            for _ in range(cfg.workers_per_stage)
+        ]
         ids = [await self._registered(wid, spare=False) for wid in ids]
         self.manager = ModelShardingManager(
-            str(self.model), num_shards=self.shards, browsers=self.browsers, platform=PLATFORM,
-            redis_url=self.valkey.url, fault_tolerance_level="medium", recovery_strategy=cfg.strategy,
-            settings=s, progress=progress,
-        )  # fmt: skip
+            str(self.model),
+            num_shards=self.shards,
+            browsers=self.browsers,
+            platform=PLATFORM,
+            redis_url=self.valkey.url,
+            fault_tolerance_level="medium",
+            recovery_strategy=cfg.strategy,
+            settings=s,
+            progress=progress,
+        )
         if not await self.manager.initialize_sharding():
             raise RuntimeError(f"initialize_sharding failed: {self.manager.last_error}")
         # spares join after the plan is assigned, as in xshard fault-test: they hold no shard
@@ -254,8 +274,15 @@ class Deployment:
         cmd = worker_command(w.redis_url, browser, PLATFORM, w.namespace, w.cache_dir, worker_id, w.heartbeat_s)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         with open(log_path, "wb") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         w.workers[worker_id] = LocalWorker(worker_id, browser, PLATFORM, proc, log_path)
         self.spawned += 1
         return worker_id
@@ -318,8 +345,10 @@ class Deployment:
         """Stage -> live workers serving it, as the manager's fleet has them."""
         assert self.manager is not None
         fleet = self.manager.fleet
-        return {i: [w for w in fleet.serving.get(i, []) if w in fleet.live and w not in fleet.dead]
-                for i in range(self.shards)}  # fmt: skip
+        return {
+            i: [w for w in fleet.serving.get(i, []) if w in fleet.live and w not in fleet.dead]
+            for i in range(self.shards)
+        }
 
     def idle(self) -> list[str]:
         assert self.manager is not None
@@ -353,8 +382,9 @@ class Deployment:
         for s in streams:
             pipe.xpending_range(s, STAGE_GROUP, "-", "+", 16, consumername=worker_id)
         replies = await pipe.execute(raise_on_error=False)
-        return [(s, _str(p["message_id"])) for s, r in zip(streams, replies, strict=True)
-                if isinstance(r, list) for p in r]  # fmt: skip
+        return [
+            (s, _str(p["message_id"])) for s, r in zip(streams, replies, strict=True) if isinstance(r, list) for p in r
+        ]
 
     async def undelivered(self, stream: str) -> list[str]:
         """Entry ids on ``stream`` not yet read by any worker of the stage group."""
@@ -379,6 +409,6 @@ class Deployment:
                     out.append(msg.request_id)
         return out
 
-    async def worker_info(self, worker_id: str) -> dict[str, str]:
+    async def worker_info(self, worker_id: str) -> WorkerInfo | None:
         assert self.broker is not None
         return await self.broker.worker_info(worker_id)

@@ -31,5 +31,6 @@ def find_executable(browser: str) -> str | None:
 
 
 def install_hint(browser: str) -> str:
-    return (f"{browser} is not installed: apt-get install {_PACKAGES[browser]} "
-            f"(or set {_ENV[browser]} to its executable)")  # fmt: skip
+    return (
+        f"{browser} is not installed: apt-get install {_PACKAGES[browser]} (or set {_ENV[browser]} to its executable)"
+    )

@@ -63,11 +63,28 @@ class EmbeddedValkey:
     def start(self) -> EmbeddedValkey:
         binary = valkey_binary()
         args = [
-            str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-            "--save", "", "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
-            "--logfile", str(self.data_dir / "valkey.log"),
-            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-        ]  # fmt: skip
+            str(binary),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(self.data_dir / "valkey.log"),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+        ]
         self._proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,

@@ -3,9 +3,13 @@
 Key layout (``{ns}`` is the namespace, ``default`` unless configured; tests use one each)::
 
     xshard:{ns}:workers                    ZSET    worker_id -> last heartbeat (unix ms)
-    xshard:{ns}:worker:{worker_id}         HASH    registration: browser, platform, user_agent,
-                                                   capabilities (json), pid, host, started_ms,
-                                                   heartbeat_ms, stages (json list)
+    xshard:{ns}:worker:{worker_id}         HASH    registration (``registry.WorkerInfo``, the only reader
+                                                   and writer): browser, platform (as asked),
+                                                   execution_provider (as picked), adapter, user_agent,
+                                                   host, pid, browser_pid, started_ms, heartbeat_ms,
+                                                   state (``WorkerState``), stages (json list of stage
+                                                   streams served), capabilities (json: the page's
+                                                   webgpu/webnn/wasm probe), platform_note
     xshard:{ns}:control:{worker_id}        STREAM  assignments and commands sent to one worker
     xshard:{ns}:direct:{worker_id}         STREAM  shard jobs routed to one worker (reroute, redistribute,
                                                    change platform); group ``workers``
@@ -19,6 +23,8 @@ Key layout (``{ns}`` is the namespace, ``default`` unless configured; tests use 
     xshard:{ns}:inflight:{coordinator_id}  SET     request ids a coordinator has accepted, not finished
     xshard:{ns}:events                     STREAM  execution and recovery events (history)
     xshard:{ns}:dead                       STREAM  dead-lettered jobs with their reason; group-less
+    xshard:{ns}:ack:{token}                STREAM  one-shot answers to one sender (``InjectReply``); the
+                                                   sender deletes it once read
 
 Every stream entry has one field, ``m``: a msgpack-encoded message (see ``codec``).
 """
@@ -78,6 +84,9 @@ class Keys:
     @property
     def dead(self) -> str:
         return f"{self._base}:dead"
+
+    def ack(self, token: str) -> str:
+        return f"{self._base}:ack:{token}"
 
     @property
     def pattern(self) -> str:

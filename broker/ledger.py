@@ -44,17 +44,29 @@ class Ledger:
         key = self.keys.request(job.request_id)
         async with _translated(f"accept {job.request_id}"):
             pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(key, mapping={"status": "pending", "coordinator": coordinator_id, "plan": job.plan_id,
-                                    "created_ms": str(time.time() * 1000.0), "job": encode(job)})  # fmt: skip
+            pipe.hset(
+                key,
+                mapping={
+                    "status": "pending",
+                    "coordinator": coordinator_id,
+                    "plan": job.plan_id,
+                    "created_ms": str(time.time() * 1000.0),
+                    "job": encode(job),
+                },
+            )
             pipe.sadd(self.keys.inflight(coordinator_id), job.request_id)
             pipe.xadd(job.route[0], {MESSAGE_FIELD: encode(job)})
             replies = await pipe.execute()
         return _str(replies[-1])
 
     async def finish(
-        self, request_id: str, coordinator_id: str, status: str, result: Message | None,
+        self,
+        request_id: str,
+        coordinator_id: str,
+        status: str,
+        result: Message | None,
         reply_entry: tuple[str, str] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         key = self.keys.request(request_id)
         async with _translated(f"finish {request_id}"):
             pipe = self._redis.pipeline(transaction=True)

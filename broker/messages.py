@@ -54,7 +54,7 @@ class ShardJob:
     tensors: Tensors
     enqueued_ms: float
     attempt: int = 1
-    trace: tuple[dict[str, Any], ...] = ()
+    trace: tuple[StageTrace, ...] = ()
     target_platform: str = ""  # run on this execution provider instead of the stage's (change platform)
 
 
@@ -66,7 +66,7 @@ class ShardResult:
     request_id: str
     plan_id: str
     tensors: Tensors
-    trace: tuple[dict[str, Any], ...]
+    trace: tuple[StageTrace, ...]
     attempt: int = 1
 
 
@@ -82,7 +82,7 @@ class ShardFailure:
     attempt: int
     kind: str
     error: str
-    trace: tuple[dict[str, Any], ...] = ()
+    trace: tuple[StageTrace, ...] = ()
     tensors: Tensors = field(default_factory=dict)  # the failed stage's inputs, to try it again
     route: tuple[str, ...] = ()
     reply_stream: str = ""
@@ -126,12 +126,26 @@ class Restart:
 
 @dataclass(frozen=True, slots=True)
 class Inject:
-    """Fault injection for tests and ``xshard fault-test``: make the page throw in its next
-    ``count`` kernels (``kernel-error``)."""
+    """Fault injection for tests and ``xshard fault-test``: make the page throw in its next ``count`` kernels
+    (``kernel-error``). Only a worker started with ``--allow-fault-injection`` accepts it; either way it answers
+    with an ``InjectReply`` on ``reply_stream`` (when given), so the sender waits for the fault to be armed."""
 
     TYPE: ClassVar[str] = "inject"
     kind: str
     count: int
+    inject_id: str = ""
+    reply_stream: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InjectReply:
+    """A worker's answer to an ``Inject``: armed, or refused and why."""
+
+    TYPE: ClassVar[str] = "inject.reply"
+    inject_id: str
+    worker_id: str
+    accepted: bool
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +164,7 @@ class DeadLetter:
     attempts: int
     workers_tried: tuple[str, ...]
     ts_ms: float
-    trace: tuple[dict[str, Any], ...] = ()
+    trace: tuple[StageTrace, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,9 +257,21 @@ class RecoveryEvent:
 Event = ExecutionEvent | RequestEvent | RecoveryEvent
 
 Message = (
-    ShardJob | ShardResult | ShardFailure | Assignment | Release | AssignmentReply | StageTrace
-    | Restart | Inject | DeadLetter | ExecutionEvent | RequestEvent | RecoveryEvent
-)  # fmt: skip
+    ShardJob
+    | ShardResult
+    | ShardFailure
+    | Assignment
+    | Release
+    | AssignmentReply
+    | StageTrace
+    | Restart
+    | Inject
+    | InjectReply
+    | DeadLetter
+    | ExecutionEvent
+    | RequestEvent
+    | RecoveryEvent
+)
 M = TypeVar("M", bound=Message)
 
 _TYPES: dict[str, type] = {
@@ -260,19 +286,48 @@ _TYPES: dict[str, type] = {
         StageTrace,
         Restart,
         Inject,
+        InjectReply,
         DeadLetter,
         ExecutionEvent,
         RequestEvent,
         RecoveryEvent,
-    )  # fmt: skip
+    )
 }
 
 
+def _fields_of(msg: Message) -> dict[str, Any]:
+    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+
+
 def to_dict(msg: Message) -> dict[str, Any]:
-    body: dict[str, Any] = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    body = _fields_of(msg)
+    if "trace" in body and not isinstance(msg, StageTrace):
+        body["trace"] = [_fields_of(t) for t in body["trace"]]
     body["t"] = msg.TYPE
     body["v"] = SCHEMA_VERSION
     return body
+
+
+def _build(cls: type, tag: str, body: dict[str, Any]) -> Any:
+    """An instance of ``cls`` from ``body``: unknown fields ignored, missing required ones refused."""
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in body:
+            value = body[f.name]
+            if f.name == "trace" and cls is not StageTrace:
+                value = tuple(_trace(t, tag) for t in value or ())
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SchemaError(f"{tag} message lacks required field {f.name!r}")
+    return cls(**kwargs)
+
+
+def _trace(t: Any, tag: str) -> StageTrace:
+    if isinstance(t, StageTrace):
+        return t
+    if not isinstance(t, dict):
+        raise SchemaError(f"{tag} message: a trace entry must be a map, got {type(t).__name__}")
+    return _build(StageTrace, f"{tag} trace", t)  # type: ignore[no-any-return]
 
 
 def from_dict(body: Any) -> Message:
@@ -285,14 +340,7 @@ def from_dict(body: Any) -> Message:
     version = body.get("v")
     if version != SCHEMA_VERSION:
         raise SchemaError(f"{tag} message has schema version {version!r}, expected {SCHEMA_VERSION}")
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in body:
-            value = body[f.name]
-            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SchemaError(f"{tag} message lacks required field {f.name!r}")
-    return cls(**kwargs)  # type: ignore[no-any-return]
+    return _build(cls, str(tag), body)  # type: ignore[no-any-return]
 
 
 def encode(msg: Message) -> bytes:
@@ -317,6 +365,7 @@ __all__ = [
     "DeadLetter",
     "Event",
     "Inject",
+    "InjectReply",
     "Restart",
     "ExecutionEvent",
     "RecoveryEvent",

@@ -17,9 +17,10 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from .codec import DEFAULT_LIMITS, Limits
-from .errors import BrokerUnavailable, MessageError
+from .errors import BrokerUnavailable, MessageError, SchemaError
 from .keys import MESSAGE_FIELD, Keys
 from .messages import Message, decode, encode
+from .registry import WorkerInfo, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,17 @@ class Broker:
         is no longer this consumer's (reclaimed by recovery: a late result must not duplicate)."""
         field, value = progress or ("", "")
         keys = [src, dst, self.keys.request(request_id) if request_id else "", self.keys.events]
-        args = [group, entry_id, consumer, encode(msg), encode(event) if event else b"", field, value,
-                "1" if final else "0", EVENTS_MAXLEN]  # fmt: skip
+        args = [
+            group,
+            entry_id,
+            consumer,
+            encode(msg),
+            encode(event) if event else b"",
+            field,
+            value,
+            "1" if final else "0",
+            EVENTS_MAXLEN,
+        ]
         async with _translated(f"hand_off {src} -> {dst}"):
             result = await self._redis.eval(HAND_OFF_LUA, len(keys), *keys, *args)
         return None if result is None else _str(result)
@@ -255,10 +265,11 @@ class Broker:
                 out.append(d.message)
         return out
 
-    async def worker_info(self, worker_id: str) -> dict[str, str]:
+    async def worker_info(self, worker_id: str) -> WorkerInfo | None:
+        """One worker's registration (dead or alive), or None if it never registered or unregistered."""
         async with _translated(f"HGETALL worker {worker_id}"):
             row = await self._redis.hgetall(self.keys.worker(worker_id))
-        return {_str(k): _str(v) for k, v in row.items()}
+        return WorkerInfo.from_fields(worker_id, row) if row else None
 
     async def stream_length(self, stream: str) -> int:
         async with _translated(f"XLEN {stream}"):
@@ -283,22 +294,22 @@ class Broker:
 
     # -- worker registry ---------------------------------------------------------------------
 
-    async def register_worker(self, worker_id: str, info: dict[str, Any], now_ms: int) -> None:
-        fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
-        fields["heartbeat_ms"] = str(now_ms)
-        async with _translated(f"register worker {worker_id}"):
+    async def register_worker(self, info: WorkerInfo, now_ms: int) -> None:
+        """Write the whole registration and the first heartbeat, in one MULTI."""
+        fields = {**info.to_fields(), "heartbeat_ms": str(now_ms)}
+        async with _translated(f"register worker {info.worker_id}"):
             pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(self.keys.worker(worker_id), mapping=fields)
-            pipe.zadd(self.keys.workers, {worker_id: now_ms})
+            pipe.delete(self.keys.worker(info.worker_id))
+            pipe.hset(self.keys.worker(info.worker_id), mapping=fields)
+            pipe.zadd(self.keys.workers, {info.worker_id: now_ms})
             await pipe.execute()
 
-    async def heartbeat(self, worker_id: str, now_ms: int, stages: list[str], state: str = "ready") -> None:
+    async def heartbeat(self, worker_id: str, now_ms: int, stages: Iterable[str], state: WorkerState) -> None:
+        """Refresh the heartbeat, the stages served and the state (the rest of the registration stays)."""
+        fields = {"heartbeat_ms": str(now_ms), "stages": json.dumps(sorted(stages)), "state": state.value}
         async with _translated(f"heartbeat {worker_id}"):
             pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(
-                self.keys.worker(worker_id),
-                mapping={"heartbeat_ms": str(now_ms), "stages": json.dumps(stages), "state": state},
-            )
+            pipe.hset(self.keys.worker(worker_id), mapping=fields)
             pipe.zadd(self.keys.workers, {worker_id: now_ms})
             await pipe.execute()
 
@@ -309,8 +320,10 @@ class Broker:
             pipe.delete(self.keys.worker(worker_id), self.keys.control(worker_id))
             await pipe.execute()
 
-    async def live_workers(self, now_ms: int, max_age_ms: int) -> list[dict[str, Any]]:
-        """Registrations of workers whose last heartbeat is at most ``max_age_ms`` old."""
+    async def live_workers(self, now_ms: int, max_age_ms: int) -> list[WorkerInfo]:
+        """Registrations of workers whose last heartbeat is at most ``max_age_ms`` old, by worker id.
+
+        A registration that cannot be decoded (a foreign or older writer) is logged and left out."""
         async with _translated("live workers"):
             ids = await self._redis.zrangebyscore(self.keys.workers, now_ms - max_age_ms, "+inf")
             pipe = self._redis.pipeline(transaction=False)
@@ -321,12 +334,8 @@ class Broker:
         for wid, row in zip(ids, rows, strict=True):
             if not row:
                 continue
-            info: dict[str, Any] = {"worker_id": _str(wid)}
-            for k, v in row.items():
-                key, val = _str(k), _str(v)
-                try:
-                    info[key] = json.loads(val) if key in ("capabilities", "stages") else val
-                except ValueError:
-                    info[key] = val
-            out.append(info)
-        return out
+            try:
+                out.append(WorkerInfo.from_fields(_str(wid), row))
+            except SchemaError as e:
+                log.warning("ignoring worker %s: %s", _str(wid), e)
+        return sorted(out, key=lambda w: w.worker_id)

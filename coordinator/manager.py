@@ -20,28 +20,28 @@ from broker.browsers import find_executable, install_hint
 from broker.embedded import EmbeddedValkey
 from broker.errors import BrokerError
 from broker.ledger import Ledger
-from broker.messages import Assignment, AssignmentReply, RequestEvent, ShardJob, ShardResult
+from broker.messages import Assignment, AssignmentReply, RequestEvent, ShardJob, ShardResult, StageTrace
 from broker.messages import DeadLetter as DeadLetterMessage
+from broker.registry import WorkerInfo
 from broker.streams import Broker
-
-from .allocation import Slot, allocate
-from .dispatch import Dispatcher
-from .errors import AllocationError, InputError, XshardError
-from .fleet import Fleet
-from .history import HistoryError, HistoryStore, merge_history
-from .history_writer import HistoryWriter
-from .launcher import LocalWorkers
-from .metrics import LiveMetrics
-from .models import ResolvedModel, resolve_model
-from .monitor import Monitor
-from .recommendations import BrowserStat, allocate_from_history, recommend
-from .recoverer import Recoverer
-from .recovery import Policy
-from .recovery.ladder import FAULT_TOLERANCE_LEVELS, RECOVERY_STRATEGIES
-from .requests import RequestTracker
-from .settings import ManagerSettings
-from .shardset import ShardSet, build_shard_set
-from .validation import validate_inputs
+from coordinator.errors import AllocationError, InputError, XshardError
+from coordinator.history.store import HistoryError, HistoryStore, merge_history
+from coordinator.history.writer import HistoryWriter
+from coordinator.model.resolve import ResolvedModel, resolve_model
+from coordinator.model.validation import validate_inputs
+from coordinator.planning.allocation import Slot, allocate
+from coordinator.planning.recommendations import BrowserStat, allocate_from_history, recommend
+from coordinator.planning.shardset import ShardSet, build_shard_set
+from coordinator.recovery import Policy
+from coordinator.recovery.ladder import FAULT_TOLERANCE_LEVELS, RECOVERY_STRATEGIES
+from coordinator.runtime.dispatch import Dispatcher
+from coordinator.runtime.fleet import Fleet
+from coordinator.runtime.launcher import LocalWorkers
+from coordinator.runtime.metrics import LiveMetrics
+from coordinator.runtime.monitor import Monitor
+from coordinator.runtime.recoverer import Recoverer
+from coordinator.runtime.requests import RequestTracker
+from coordinator.settings import ManagerSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +54,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _match_browsers(slots: Mapping[int, Slot], live: list[dict[str, Any]]) -> dict[int, str] | None:
+def _match_browsers(slots: Mapping[int, Slot], live: list[WorkerInfo]) -> dict[int, str] | None:
     """Distinct live workers of each shard's browser, or None if some shard has none free."""
     free = list(live)
     out = {}
     for i, slot in slots.items():
-        w = next((w for w in free if w.get("browser") == slot.browser), None)
+        w = next((w for w in free if w.browser == slot.browser), None)
         if w is None:
             return None
         free.remove(w)
-        out[i] = w["worker_id"]
+        out[i] = w.worker_id
     return out
 
 
@@ -178,10 +178,14 @@ class ModelShardingManager:
             s.weight_share,
         )
         self._slots = allocate(
-            self.num_shards, model_type=self.model_type, model_kind=self.model.kind,
-            installed=lambda b: find_executable(b) is not None, platform=self.platform, browsers=self.browsers,
+            self.num_shards,
+            model_type=self.model_type,
+            model_kind=self.model.kind,
+            installed=lambda b: find_executable(b) is not None,
+            platform=self.platform,
+            browsers=self.browsers,
             custom=self.custom_browser_allocation,
-        )  # fmt: skip
+        )
         if self._history is not None:
             await self._read_history(shards.plan.plan_id)
         self.shards = shards
@@ -203,9 +207,12 @@ class ModelShardingManager:
         if not self.browsers and stats:
             installed = (lambda b: find_executable(b) is not None) if self.redis_url is None else (lambda b: True)
             self._slots = allocate_from_history(
-                self._slots, stats, platform=self.platform, fixed=set(self.custom_browser_allocation),
+                self._slots,
+                stats,
+                platform=self.platform,
+                fixed=set(self.custom_browser_allocation),
                 installed=installed,
-            )  # fmt: skip
+            )
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The inputs as the model's arrays, or InputError; needs ``prepare()`` first."""
@@ -237,8 +244,16 @@ class ModelShardingManager:
         self.fleet.update(await self._broker.live_workers(now_ms(), self.settings.heartbeat_max_age_ms))
         assert self._recoverer is not None
         s = self.settings
-        self._monitor = Monitor(self._broker, self.fleet, self._recoverer, self._route, self._assign_stage,
-                                s.monitor_interval_s, s.sweep_interval_s, s.min_idle_ms)  # fmt: skip
+        self._monitor = Monitor(
+            self._broker,
+            self.fleet,
+            self._recoverer,
+            self._route,
+            self._assign_stage,
+            s.monitor_interval_s,
+            s.sweep_interval_s,
+            s.min_idle_ms,
+        )
         self._monitor_task = asyncio.get_running_loop().create_task(self._monitor.run())
 
     async def _connect(self) -> None:
@@ -255,10 +270,17 @@ class ModelShardingManager:
         self._ledger = Ledger(self._broker)
         self._tracker = RequestTracker(self._ledger, self.coordinator_id)
         self._recoverer = Recoverer(
-            broker=self._broker, ledger=self._ledger, fleet=self.fleet, policy=self.policy, tracker=self._tracker,
-            metrics=self.metrics, assign=self._assign_stage, coordinator_id=self.coordinator_id,
-            model_name=self.model_name, plan_id=self.shards.plan.plan_id,
-        )  # fmt: skip
+            broker=self._broker,
+            ledger=self._ledger,
+            fleet=self.fleet,
+            policy=self.policy,
+            tracker=self._tracker,
+            metrics=self.metrics,
+            assign=self._assign_stage,
+            coordinator_id=self.coordinator_id,
+            model_name=self.model_name,
+            plan_id=self.shards.plan.plan_id,
+        )
         self._dispatcher = Dispatcher(self._broker, self.coordinator_id, self._on_result, self._recoverer.on_failure)
         await self._dispatcher.start()
         if self.db_path:
@@ -275,8 +297,7 @@ class ModelShardingManager:
         chosen = {i: self._local.spawn(slot.browser, slot.platform).worker_id for i, slot in slots.items()}
         names = ", ".join(f"{slot.browser}" for slot in slots.values())
         self._progress(f"launching {len(chosen)} headless browsers ({names})")
-        await self._local.wait_registered(self._broker, list(chosen.values()), s.worker_wait_s,
-                                          s.heartbeat_max_age_ms)  # fmt: skip
+        await self._local.wait_registered(self._broker, list(chosen.values()), s.worker_wait_s, s.heartbeat_max_age_ms)
         return {i: [wid] for i, wid in chosen.items()}
 
     async def _find_workers(self, slots: dict[int, Slot]) -> dict[int, list[str]]:
@@ -291,17 +312,14 @@ class ModelShardingManager:
         enough_since: float | None = None
         self._progress(f"waiting for {self.num_shards} workers on {self.redis_url}")
         while True:
-            live = sorted(
-                await self._broker.live_workers(now_ms(), s.heartbeat_max_age_ms),
-                key=lambda w: w["worker_id"],
-            )
+            live = await self._broker.live_workers(now_ms(), s.heartbeat_max_age_ms)
             matched = _match_browsers(slots, live)
             if len(live) >= self.num_shards:
                 enough_since = enough_since or time.monotonic()
                 if matched is not None or time.monotonic() - enough_since > s.browser_match_wait_s:
                     break
             if time.monotonic() > deadline:
-                have = ", ".join(f"{w['worker_id']} ({w.get('browser')})" for w in live) or "none"
+                have = ", ".join(f"{w.worker_id} ({w.browser})" for w in live) or "none"
                 raise AllocationError(
                     f"{self.num_shards} shards need {self.num_shards} workers; {len(live)} registered on "
                     f"{self.redis_url} (namespace {s.namespace}) within {s.worker_wait_s}s: {have}"
@@ -310,15 +328,15 @@ class ModelShardingManager:
         free = list(live)
         chosen: dict[int, list[str]] = {}
         for i, slot in slots.items():
-            match = next((w for w in free if w.get("browser") == slot.browser), None)
+            match = next((w for w in free if w.browser == slot.browser), None)
             if match is None:
                 match = free[0]
-                why = f"{slot.reason}; no free {slot.browser} worker registered, used {match['browser']}"
-                slots[i] = Slot(match["browser"], slot.platform, slot.specialization, why)
+                why = f"{slot.reason}; no free {slot.browser} worker registered, used {match.browser}"
+                slots[i] = Slot(match.browser, slot.platform, slot.specialization, why)
             free.remove(match)
-            chosen[i] = [match["worker_id"]]
+            chosen[i] = [match.worker_id]
         for k, extra in enumerate(free):
-            chosen[k % self.num_shards].append(extra["worker_id"])
+            chosen[k % self.num_shards].append(extra.worker_id)
         return chosen
 
     async def _assign(self, slots: dict[int, Slot], workers: dict[int, list[str]]) -> None:
@@ -328,12 +346,18 @@ class ModelShardingManager:
         for st in plan.stages:
             for wid in workers[st.index]:
                 a = Assignment(
-                    assignment_id=uuid.uuid4().hex, plan_id=plan.plan_id, shard_index=st.index,
-                    stage_stream=self._route[st.index], onnx_sha256=self.shards.shard_sha256[st.index],
-                    input_names=st.input_names, carry_names=st.carry_names, platform=slots[st.index].platform,
-                    reply_stream=self._dispatcher.reply_stream, model_name=self.model_name,
+                    assignment_id=uuid.uuid4().hex,
+                    plan_id=plan.plan_id,
+                    shard_index=st.index,
+                    stage_stream=self._route[st.index],
+                    onnx_sha256=self.shards.shard_sha256[st.index],
+                    input_names=st.input_names,
+                    carry_names=st.carry_names,
+                    platform=slots[st.index].platform,
+                    reply_stream=self._dispatcher.reply_stream,
+                    model_name=self.model_name,
                     shard_type=self.shard_type,
-                )  # fmt: skip
+                )
                 futures[(st.index, wid)] = await self._dispatcher.assign(wid, a)
                 self._assigned.setdefault(wid, []).append(a.stage_stream)
                 self.fleet.add(st.index, wid)
@@ -349,10 +373,16 @@ class ModelShardingManager:
         for (i, wid), r in sorted(replies.items()):
             slot = slots[i]
             entry = {
-                **slot.as_dict(), "worker_id": wid, "execution_provider": r.execution_provider,
-                "adapter": r.adapter, "user_agent": r.user_agent, "load_ms": round(r.load_ms, 1),
-                "requested_platform": slot.platform, "platform": r.execution_provider, "platform_note": r.note,
-            }  # fmt: skip
+                **slot.as_dict(),
+                "worker_id": wid,
+                "execution_provider": r.execution_provider,
+                "adapter": r.adapter,
+                "user_agent": r.user_agent,
+                "load_ms": round(r.load_ms, 1),
+                "requested_platform": slot.platform,
+                "platform": r.execution_provider,
+                "platform_note": r.note,
+            }
             if i in self.allocation:
                 self.allocation[i].setdefault("replicas", []).append(entry)
             else:
@@ -366,26 +396,43 @@ class ModelShardingManager:
         st = self.shards.plan.stages[index]
         slot = self._slots.get(index)
         a = Assignment(
-            assignment_id=uuid.uuid4().hex, plan_id=self.shards.plan.plan_id, shard_index=index,
-            stage_stream=self._route[index], onnx_sha256=self.shards.shard_sha256[index],
-            input_names=st.input_names, carry_names=st.carry_names, platform=slot.platform if slot else "auto",
-            reply_stream=self._dispatcher.reply_stream, model_name=self.model_name, shard_type=self.shard_type,
-        )  # fmt: skip
+            assignment_id=uuid.uuid4().hex,
+            plan_id=self.shards.plan.plan_id,
+            shard_index=index,
+            stage_stream=self._route[index],
+            onnx_sha256=self.shards.shard_sha256[index],
+            input_names=st.input_names,
+            carry_names=st.carry_names,
+            platform=slot.platform if slot else "auto",
+            reply_stream=self._dispatcher.reply_stream,
+            model_name=self.model_name,
+            shard_type=self.shard_type,
+        )
         fut = await self._dispatcher.assign(worker_id, a)
         try:
             reply = await asyncio.wait_for(fut, self.settings.assign_reply_timeout_s)
         except TimeoutError:
-            log.warning("redistributing shard %d onto %s: no reply within %ss", index, worker_id,
-                        self.settings.assign_reply_timeout_s)  # fmt: skip
+            log.warning(
+                "redistributing shard %d onto %s: no reply within %ss",
+                index,
+                worker_id,
+                self.settings.assign_reply_timeout_s,
+            )
             return False
         if not reply.ok:
             log.warning("redistributing shard %d onto %s failed: %s", index, worker_id, reply.error)
             return False
         self.fleet.add(index, worker_id)
         self._assigned.setdefault(worker_id, []).append(a.stage_stream)
-        entry = {"browser": self.fleet.browser(worker_id), "worker_id": worker_id, "platform": reply.execution_provider,
-                 "execution_provider": reply.execution_provider, "adapter": reply.adapter,
-                 "reason": "redistributed by recovery", "load_ms": round(reply.load_ms, 1)}  # fmt: skip
+        entry = {
+            "browser": self.fleet.browser(worker_id),
+            "worker_id": worker_id,
+            "platform": reply.execution_provider,
+            "execution_provider": reply.execution_provider,
+            "adapter": reply.adapter,
+            "reason": "redistributed by recovery",
+            "load_ms": round(reply.load_ms, 1),
+        }
         self.allocation.setdefault(index, entry).setdefault("replicas", []).append(entry)
         return True
 
@@ -448,17 +495,21 @@ class ModelShardingManager:
         (``fault_tolerance_level``, ``recovery_strategy``) decides how each retry is made.
         """
         if not self.initialized or self.shards is None or self._tracker is None or self._dispatcher is None:
-            return {"error": "the manager is not initialized: call initialize_sharding() first",
-                    "error_kind": "state"}  # fmt: skip
+            return {"error": "the manager is not initialized: call initialize_sharding() first", "error_kind": "state"}
         try:
             arrays = self.check_inputs(inputs)
         except InputError as e:
             return {"error": str(e), "error_kind": "input"}
         request_id = uuid.uuid4().hex
         job = ShardJob(
-            request_id=request_id, plan_id=self.shards.plan.plan_id, stage_index=0, route=self._route,
-            reply_stream=self._dispatcher.reply_stream, tensors=arrays, enqueued_ms=time.time() * 1000.0,
-        )  # fmt: skip
+            request_id=request_id,
+            plan_id=self.shards.plan.plan_id,
+            stage_index=0,
+            route=self._route,
+            reply_stream=self._dispatcher.reply_stream,
+            tensors=arrays,
+            enqueued_ms=time.time() * 1000.0,
+        )
         if self._recoverer is not None:
             self._recoverer.max_attempts[request_id] = max(0, max_retries) + 1
         started = time.perf_counter()
@@ -476,14 +527,18 @@ class ModelShardingManager:
             self._tracker.forget(request_id)
             outcome = await self._bury_timed_out(request_id)
         if isinstance(outcome, ShardResult):
-            return self._success(request_id, outcome, started, max((t.get("attempt", 1) for t in outcome.trace),
-                                                                   default=1))  # fmt: skip
+            return self._success(request_id, outcome, started, max((t.attempt for t in outcome.trace), default=1))
         latency_ms = (time.perf_counter() - started) * 1000.0
         error = f"dead-lettered at shard {outcome.stage_index}: {outcome.reason}"
         self.metrics.record_request(request_id, False, latency_ms, error)
         self._emit_request(request_id, latency_ms, 0.0, outcome.attempts, "dead_letter", error)
-        return {"error": error, "error_kind": "dead_letter", "request_id": request_id, "attempts": outcome.attempts,
-                "workers_tried": list(outcome.workers_tried)}  # fmt: skip
+        return {
+            "error": error,
+            "error_kind": "dead_letter",
+            "request_id": request_id,
+            "attempts": outcome.attempts,
+            "workers_tried": list(outcome.workers_tried),
+        }
 
     async def _bury_timed_out(self, request_id: str) -> DeadLetterMessage:
         assert self._ledger is not None and self.shards is not None
@@ -491,11 +546,18 @@ class ModelShardingManager:
         job = state.job if state else None
         reason = f"timed out after {self.settings.request_timeout_s}s"
         dead = DeadLetterMessage(
-            request_id=request_id, plan_id=self.shards.plan.plan_id, stage_index=0, route=self._route,
+            request_id=request_id,
+            plan_id=self.shards.plan.plan_id,
+            stage_index=0,
+            route=self._route,
             reply_stream=self._dispatcher.reply_stream if self._dispatcher else "",
-            tensors=job.tensors if job else {}, reason=reason, error=reason, attempts=1, workers_tried=(),
+            tensors=job.tensors if job else {},
+            reason=reason,
+            error=reason,
+            attempts=1,
+            workers_tried=(),
             ts_ms=time.time() * 1000.0,
-        )  # fmt: skip
+        )
         await self._ledger.bury(dead, self.coordinator_id)
         if self._recoverer is not None:
             self._recoverer.finished(request_id, ok=False)
@@ -504,7 +566,7 @@ class ModelShardingManager:
     async def _on_result(self, msg: ShardResult, entry: tuple[str, str]) -> None:
         assert self._tracker is not None
         for t in msg.trace:
-            self.fleet.record(t["worker_id"], t["execution_provider"], ok=True)
+            self.fleet.record(t.worker_id, t.execution_provider, ok=True)
         await self._tracker.on_result(msg, entry)
         if self._recoverer is not None:
             self._recoverer.finished(msg.request_id, ok=True)
@@ -543,10 +605,15 @@ class ModelShardingManager:
             if dead is None or (wanted is not None and entry_id not in wanted) or dead.route[:1] != self._route[:1]:
                 continue
             job = ShardJob(
-                request_id=dead.request_id, plan_id=dead.plan_id, stage_index=dead.stage_index, route=dead.route,
-                reply_stream=self._dispatcher.reply_stream, tensors=dead.tensors, enqueued_ms=time.time() * 1000.0,
+                request_id=dead.request_id,
+                plan_id=dead.plan_id,
+                stage_index=dead.stage_index,
+                route=dead.route,
+                reply_stream=self._dispatcher.reply_stream,
+                tensors=dead.tensors,
+                enqueued_ms=time.time() * 1000.0,
                 trace=dead.trace,
-            )  # fmt: skip
+            )
             fut = self._tracker.watch(dead.request_id)
             await self._ledger.exhume(entry_id, job, self.coordinator_id)
             waits[entry_id] = (dead.request_id, fut)
@@ -562,11 +629,20 @@ class ModelShardingManager:
         if self._broker is None or self.shards is None:
             return
         event = RequestEvent(
-            event_id=uuid.uuid4().hex, ts_ms=time.time() * 1000.0, request_id=request_id,
-            plan_id=self.shards.plan.plan_id, model_name=self.model_name, shard_type=self.shard_type,
-            num_shards=self.num_shards, coordinator_id=self.coordinator_id, latency_ms=latency_ms,
-            kernel_ms=kernel_ms, attempts=attempts, outcome=outcome, error=error,
-        )  # fmt: skip
+            event_id=uuid.uuid4().hex,
+            ts_ms=time.time() * 1000.0,
+            request_id=request_id,
+            plan_id=self.shards.plan.plan_id,
+            model_name=self.model_name,
+            shard_type=self.shard_type,
+            num_shards=self.num_shards,
+            coordinator_id=self.coordinator_id,
+            latency_ms=latency_ms,
+            kernel_ms=kernel_ms,
+            attempts=attempts,
+            outcome=outcome,
+            error=error,
+        )
         task = asyncio.get_running_loop().create_task(self._emit(event))
         self._emitting.add(task)
         task.add_done_callback(self._emitting.discard)
@@ -581,11 +657,16 @@ class ModelShardingManager:
     def _component_id(self, shard_index: int) -> str:
         return f"shard_{shard_index}"
 
-    def _record_traces(self, trace: Sequence[Mapping[str, Any]]) -> None:
+    def _record_traces(self, trace: Sequence[StageTrace]) -> None:
         for t in trace:
-            info = {"browser": t["browser"], "platform": t["execution_provider"], "shard_type": self.shard_type,
-                    "shard_index": t["shard_index"], "worker_id": t["worker_id"]}  # fmt: skip
-            self.metrics.record_component(self._component_id(t["shard_index"]), info, True, t["kernel_ms"])
+            info = {
+                "browser": t.browser,
+                "platform": t.execution_provider,
+                "shard_type": self.shard_type,
+                "shard_index": t.shard_index,
+                "worker_id": t.worker_id,
+            }
+            self.metrics.record_component(self._component_id(t.shard_index), info, True, t.kernel_ms)
 
     def _success(self, request_id: str, reply: ShardResult, started: float, attempts: int) -> dict[str, Any]:
         latency_ms = (time.perf_counter() - started) * 1000.0
@@ -593,15 +674,22 @@ class ModelShardingManager:
         self.metrics.record_request(request_id, True, latency_ms)
         components = {}
         for t in reply.trace:
-            components[self._component_id(t["shard_index"])] = {
-                "status": "success", "shard_index": t["shard_index"], "worker_id": t["worker_id"],
-                "browser": t["browser"], "user_agent": t["user_agent"],
-                "execution_provider": t["execution_provider"], "adapter": t["adapter"],
-                "kernel_ms": round(t["kernel_ms"], 3), "queue_ms": round(t["queue_ms"], 3),
-                "worker_ms": round(t["worker_ms"], 3), "bytes_in": t["bytes_in"], "bytes_out": t["bytes_out"],
-                "attempt": t["attempt"],
-            }  # fmt: skip
-        kernel_ms = sum(t["kernel_ms"] for t in reply.trace)
+            components[self._component_id(t.shard_index)] = {
+                "status": "success",
+                "shard_index": t.shard_index,
+                "worker_id": t.worker_id,
+                "browser": t.browser,
+                "user_agent": t.user_agent,
+                "execution_provider": t.execution_provider,
+                "adapter": t.adapter,
+                "kernel_ms": round(t.kernel_ms, 3),
+                "queue_ms": round(t.queue_ms, 3),
+                "worker_ms": round(t.worker_ms, 3),
+                "bytes_in": t.bytes_in,
+                "bytes_out": t.bytes_out,
+                "attempt": t.attempt,
+            }
+        kernel_ms = sum(t.kernel_ms for t in reply.trace)
         self._emit_request(request_id, latency_ms, kernel_ms, attempts, "success", "")
         return {
             "result": {name: np.array(arr) for name, arr in reply.tensors.items()},
@@ -647,7 +735,7 @@ class ModelShardingManager:
                     "sha256": self.shards.shard_sha256[st.index] if self.shards else None,
                 }
                 for st in (plan.stages if plan else ())
-            ],  # fmt: skip
+            ],
             "browser_allocation": {i: dict(v) for i, v in sorted(self.allocation.items())},
             "recommendations": recommend(self._history_stats, self.allocation, self.model_type),
             "circuit_breakers": self.fleet.breakers.snapshot(time.monotonic()),
@@ -670,8 +758,6 @@ class ModelShardingManager:
     async def _refresh_stats(self) -> None:
         assert self._history is not None
         try:
-            self._history_stats = await asyncio.to_thread(
-                self._history.browser_stats, self.model_name, self.shard_type
-            )
+            self._history_stats = await asyncio.to_thread(self._history.browser_stats, self.model_name, self.shard_type)
         except HistoryError as e:
             log.info("history stats not refreshed: %s", e)

@@ -50,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
     settings = WorkerSettings(
-        redis_url=args.redis, browser=args.browser, platform=args.platform, namespace=args.namespace,
-        cache_dir=args.cache_dir or default_cache_dir(), worker_id=args.worker_id, heartbeat_s=args.heartbeat_s,
+        redis_url=args.redis,
+        browser=args.browser,
+        platform=args.platform,
+        namespace=args.namespace,
+        cache_dir=args.cache_dir or default_cache_dir(),
+        worker_id=args.worker_id,
+        heartbeat_s=args.heartbeat_s,
         wasm_threads=args.wasm_threads,
-    )  # fmt: skip
+    )
     try:
         return asyncio.run(amain(settings))
     except (WorkerError, BrokerError) as e:

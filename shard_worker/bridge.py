@@ -44,8 +44,9 @@ def encode_frame(header: dict[str, Any], tensors: dict[str, np.ndarray]) -> byte
         a = np.ascontiguousarray(arr)
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
-        metas.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": offset,
-                      "length": a.nbytes})  # fmt: skip
+        metas.append(
+            {"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": offset, "length": a.nbytes}
+        )
         arrays.append((offset, a))
         offset = _align8(offset + a.nbytes)
     head = json.dumps({**header, "tensors": metas}, separators=(",", ":")).encode()
@@ -100,9 +101,14 @@ class Bridge:
 
     async def start(self) -> Bridge:
         self._server = await serve(
-            self._handle, "127.0.0.1", 0, max_size=None, process_request=self._check, compression=None,
+            self._handle,
+            "127.0.0.1",
+            0,
+            max_size=None,
+            process_request=self._check,
+            compression=None,
             ping_interval=None,
-        )  # fmt: skip
+        )
         self.port = int(next(iter(self._server.sockets)).getsockname()[1])
         return self
 

@@ -31,13 +31,25 @@ LAUNCH_TIMEOUT_S = 30.0
 ATTACH_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0
 CHROMIUM_FLAGS = (
-    "--headless=new", "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-default-apps", "--disable-extensions",
-    "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
-    "--disable-backgrounding-occluded-windows", "--disable-dev-shm-usage", "--mute-audio",
-    "--enable-unsafe-webgpu", "--enable-unsafe-swiftshader", "--use-webgpu-adapter=swiftshader",
-    "--enable-features=WebMachineLearningNeuralNetwork", "--remote-debugging-port=0",
-)  # fmt: skip
+    "--headless=new",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+    "--disable-dev-shm-usage",
+    "--mute-audio",
+    "--enable-unsafe-webgpu",
+    "--enable-unsafe-swiftshader",
+    "--use-webgpu-adapter=swiftshader",
+    "--enable-features=WebMachineLearningNeuralNetwork",
+    "--remote-debugging-port=0",
+)
 
 FIREFOX_PREFS = {
     "dom.webgpu.enabled": True,
@@ -119,10 +131,14 @@ class BrowserProcess:
         env = {**os.environ, "MOZ_CRASHREPORTER_DISABLE": "1", "MOZ_DISABLE_AUTO_SAFE_MODE": "1"}
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True, env=env,
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                env=env,
                 preexec_fn=die_with_parent,
-            )  # fmt: skip
+            )
         except OSError as e:
             raise BrowserError(f"cannot start {self.browser} ({exe}): {e}") from e
         self.pid = self._proc.pid
@@ -171,8 +187,12 @@ class BrowserProcess:
         except PlaywrightError as e:
             # Playwright only watches the start-up here (it detaches once the page is up); the page, the
             # bridge and the process-exit watch do not need it. Seen: connect_over_cdp hanging under load.
-            log.warning("%s: playwright could not attach (%s); continuing without it: crashes are still "
-                        "noticed by the process exit and the bridge", self.browser, str(e).splitlines()[0])  # fmt: skip
+            log.warning(
+                "%s: playwright could not attach (%s); continuing without it: crashes are still "
+                "noticed by the process exit and the bridge",
+                self.browser,
+                str(e).splitlines()[0],
+            )
             self._cdp = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pw.stop(), CLOSE_TIMEOUT_S)

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PLATFORMS = ("auto", "wasm", "webgpu", "webnn")
+from broker.kinds import PLATFORMS
 
 
 def default_cache_dir() -> Path:

@@ -42,6 +42,7 @@ from broker.messages import (
     ShardResult,
     StageTrace,
 )
+from broker.registry import WorkerInfo, WorkerState, transition
 from broker.streams import Broker, Delivery
 
 from .bridge import RunResult
@@ -87,7 +88,8 @@ class ShardWorker:
         self.settings = settings
         self.id = settings.worker_id
         self.stages: dict[str, Stage] = {}
-        self.state = "starting"
+        self.state = WorkerState.STARTING
+        self._started_ms = int(now_ms())
         self._stages_changed = asyncio.Event()
         self._ready = asyncio.Event()
         self._server: StaticServer | None = None
@@ -141,21 +143,36 @@ class ShardWorker:
         if choice.get("note"):
             log.warning("worker %s: %s", self.id, choice["note"])
         await self.broker.delete(self.broker.keys.control(self.id))
-        await self.broker.register_worker(self.id, self._registration(), int(now_ms()))
-        self.state = "ready"
+        self.state = transition(self.state, WorkerState.READY)
+        await self.broker.register_worker(self._registration(), int(now_ms()))
         self._ready.set()
-        log.info("worker %s ready: %s, %s on %s (%s)", self.id, s.browser, choice["provider"], choice["adapter"],
-                 self.page.user_agent)  # fmt: skip
+        log.info(
+            "worker %s ready: %s, %s on %s (%s)",
+            self.id,
+            s.browser,
+            choice["provider"],
+            choice["adapter"],
+            self.page.user_agent,
+        )
 
-    def _registration(self) -> dict[str, Any]:
+    def _registration(self) -> WorkerInfo:
         s, page = self.settings, self.page
-        return {
-            "browser": s.browser, "platform": s.platform, "user_agent": page.user_agent,
-            "execution_provider": page.choice["provider"], "adapter": page.choice["adapter"],
-            "platform_note": page.choice.get("note", ""), "capabilities": page.capabilities,
-            "pid": str(os.getpid()), "browser_pid": str(page.browser_pid), "host": socket.gethostname(),
-            "started_ms": str(int(now_ms())), "stages": sorted(self.stages), "state": self.state,
-        }  # fmt: skip
+        return WorkerInfo(
+            worker_id=self.id,
+            browser=s.browser,
+            platform=s.platform,
+            execution_provider=page.choice["provider"],
+            adapter=page.choice["adapter"],
+            user_agent=page.user_agent,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            browser_pid=page.browser_pid or 0,
+            started_ms=self._started_ms,
+            state=self.state,
+            stages=tuple(sorted(self.stages)),
+            capabilities=page.capabilities,
+            platform_note=page.choice.get("note", ""),
+        )
 
     async def close(self) -> None:
         if self._broker is not None:
@@ -232,7 +249,7 @@ class ShardWorker:
             if len(self._restarts) > MAX_RESTARTS:
                 self.stop(f"browser restarted {MAX_RESTARTS} times in {RESTART_WINDOW_S}s; last: {reason}")
                 return
-            self.state = "restarting"
+            self.state = transition(self.state, WorkerState.RESTARTING)
             self._ready.clear()
             started = time.perf_counter()
             log.warning("worker %s: restarting %s (%s)", self.id, self.settings.browser, reason)
@@ -244,13 +261,17 @@ class ShardWorker:
             self._page = await Page(self.settings, self._server).launch()
             for stage in list(self.stages.values()):
                 await self.page.load(stage.session_key(stage.platform), stage.onnx_sha256, stage.platform)
-            self.state = "ready"
+            self.state = transition(self.state, WorkerState.READY)
             self._ready.set()
             self._read_pending = True
             with contextlib.suppress(BrokerUnavailable):
-                await self.broker.register_worker(self.id, self._registration(), int(now_ms()))
-            log.warning("worker %s: browser restarted and %d shard(s) reloaded in %.0f ms", self.id,
-                        len(self.stages), (time.perf_counter() - started) * 1000)  # fmt: skip
+                await self.broker.register_worker(self._registration(), int(now_ms()))
+            log.warning(
+                "worker %s: browser restarted and %d shard(s) reloaded in %.0f ms",
+                self.id,
+                len(self.stages),
+                (time.perf_counter() - started) * 1000,
+            )
 
     @staticmethod
     def _provider(stage: Stage, platform: str) -> str:
@@ -266,7 +287,7 @@ class ShardWorker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self.broker.heartbeat(self.id, int(now_ms()), sorted(self.stages), self.state)
+            await self.broker.heartbeat(self.id, int(now_ms()), self.stages, self.state)
             await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _control_loop(self) -> None:
@@ -293,8 +314,16 @@ class ShardWorker:
     async def _assign(self, a: Assignment) -> None:
         path = self.settings.shard_dir / f"{a.onnx_sha256}.onnx"
         platform = self.settings.platform if a.platform == "auto" else a.platform
-        stage = Stage(a.stage_stream, a.shard_index, a.onnx_sha256, a.input_names, a.carry_names, platform,
-                      a.model_name, a.shard_type)  # fmt: skip
+        stage = Stage(
+            a.stage_stream,
+            a.shard_index,
+            a.onnx_sha256,
+            a.input_names,
+            a.carry_names,
+            platform,
+            a.model_name,
+            a.shard_type,
+        )
         reply: dict[str, Any] = {"ok": False, "error": "", "execution_provider": "", "adapter": "", "load_ms": 0.0}
         if not path.is_file():
             reply["error"] = f"shard file {path} is not in this worker's cache"
@@ -306,14 +335,26 @@ class ShardWorker:
                 await self.broker.ensure_group(self.broker.keys.direct(self.id), STAGE_GROUP)
                 self.stages[a.stage_stream] = dataclasses.replace(stage, provider=info["provider"])
                 self._stages_changed.set()
-                reply.update(ok=True, execution_provider=info["provider"], adapter=info["adapter"],
-                             load_ms=float(info["load_ms"]), note=info.get("note") or "")  # fmt: skip
-                log.info("worker %s serves shard %d of %s with %s (%.0f ms to load)", self.id, a.shard_index,
-                         a.plan_id, info["provider"], info["load_ms"])  # fmt: skip
+                reply.update(
+                    ok=True,
+                    execution_provider=info["provider"],
+                    adapter=info["adapter"],
+                    load_ms=float(info["load_ms"]),
+                    note=info.get("note") or "",
+                )
+                log.info(
+                    "worker %s serves shard %d of %s with %s (%.0f ms to load)",
+                    self.id,
+                    a.shard_index,
+                    a.plan_id,
+                    info["provider"],
+                    info["load_ms"],
+                )
             except (PageError, BridgeTimeout, BridgeClosed) as e:
                 reply["error"] = f"loading shard {a.shard_index} failed: {e}"
-        msg = AssignmentReply(assignment_id=a.assignment_id, worker_id=self.id, user_agent=self.page.user_agent,
-                              **reply)  # fmt: skip
+        msg = AssignmentReply(
+            assignment_id=a.assignment_id, worker_id=self.id, user_agent=self.page.user_agent, **reply
+        )
         await self.broker.add(a.reply_stream, msg)
 
     async def _release(self, stream: str) -> None:
@@ -360,8 +401,9 @@ class ShardWorker:
             await self._fail(d, job, stage, "input", f"job lacks tensors {missing} for shard {stage.shard_index}")
             return
         # shard graphs take scalars as one-element vectors (onnxruntime-web mis-ranks rank-0 feeds)
-        feeds = {n: job.tensors[n].reshape(1) if job.tensors[n].ndim == 0 else job.tensors[n]
-                 for n in stage.input_names}  # fmt: skip
+        feeds = {
+            n: job.tensors[n].reshape(1) if job.tensors[n].ndim == 0 else job.tensors[n] for n in stage.input_names
+        }
         platform = job.target_platform or stage.platform
         fail = None
         if self._inject_kernel_errors > 0:
@@ -397,15 +439,31 @@ class ShardWorker:
         if nxt < len(job.route):
             dst = job.route[nxt]
             msg = ShardJob(
-                request_id=job.request_id, plan_id=job.plan_id, stage_index=nxt, route=job.route,
-                reply_stream=job.reply_stream, tensors=out, enqueued_ms=now_ms(), attempt=1,
+                request_id=job.request_id,
+                plan_id=job.plan_id,
+                stage_index=nxt,
+                route=job.route,
+                reply_stream=job.reply_stream,
+                tensors=out,
+                enqueued_ms=now_ms(),
+                attempt=1,
                 trace=(*job.trace, trace),
-            )  # fmt: skip
+            )
         else:
             dst = job.reply_stream
             msg = ShardResult(job.request_id, job.plan_id, out, (*job.trace, trace), job.attempt)
-        event = self._event(stage, job, "success", result.kernel_ms, queue_ms, worker_ms - result.kernel_ms,
-                            bytes_in, bytes_out, result.provider, result.adapter)  # fmt: skip
+        event = self._event(
+            stage,
+            job,
+            "success",
+            result.kernel_ms,
+            queue_ms,
+            worker_ms - result.kernel_ms,
+            bytes_in,
+            bytes_out,
+            result.provider,
+            result.adapter,
+        )
         await self._hand_off(d, job, dst, msg, event, final=nxt >= len(job.route))
 
     async def _hand_off(
@@ -413,38 +471,87 @@ class ShardWorker:
     ) -> None:
         async def op() -> str | None:
             return await self.broker.hand_off(
-                d.stream, STAGE_GROUP, d.entry_id, self.id, dst, msg, event=event, request_id=job.request_id,
-                progress=(f"s{job.stage_index}", f"{self.id}:{job.attempt}"), final=final,
-            )  # fmt: skip
+                d.stream,
+                STAGE_GROUP,
+                d.entry_id,
+                self.id,
+                dst,
+                msg,
+                event=event,
+                request_id=job.request_id,
+                progress=(f"s{job.stage_index}", f"{self.id}:{job.attempt}"),
+                final=final,
+            )
 
         outcome = await asyncio.shield(self._until_done(f"hand off request {job.request_id}", op))
         if outcome is None:
-            log.warning("worker %s: request %s stage %d was reclaimed while this worker held it; its late "
-                        "result is dropped", self.id, job.request_id, job.stage_index)  # fmt: skip
+            log.warning(
+                "worker %s: request %s stage %d was reclaimed while this worker held it; its late result is dropped",
+                self.id,
+                job.request_id,
+                job.stage_index,
+            )
 
     def _trace(
-        self, stage: Stage, job: ShardJob, result: RunResult, queue_ms: float, worker_ms: float,
-        bytes_in: int, bytes_out: int,
-    ) -> dict[str, Any]:  # fmt: skip
-        t = StageTrace(
-            shard_index=stage.shard_index, worker_id=self.id, browser=self.settings.browser,
-            user_agent=self.page.user_agent, execution_provider=result.provider, adapter=result.adapter,
-            kernel_ms=result.kernel_ms, queue_ms=queue_ms, worker_ms=worker_ms, bytes_in=bytes_in,
-            bytes_out=bytes_out, attempt=job.attempt,
-        )  # fmt: skip
-        return {f: getattr(t, f) for f in t.__slots__}  # type: ignore[attr-defined]
+        self,
+        stage: Stage,
+        job: ShardJob,
+        result: RunResult,
+        queue_ms: float,
+        worker_ms: float,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> StageTrace:
+        return StageTrace(
+            shard_index=stage.shard_index,
+            worker_id=self.id,
+            browser=self.settings.browser,
+            user_agent=self.page.user_agent,
+            execution_provider=result.provider,
+            adapter=result.adapter,
+            kernel_ms=result.kernel_ms,
+            queue_ms=queue_ms,
+            worker_ms=worker_ms,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            attempt=job.attempt,
+        )
 
     def _event(
-        self, stage: Stage | None, job: ShardJob, outcome: str, kernel_ms: float, queue_ms: float,
-        transfer_ms: float, bytes_in: int, bytes_out: int, platform: str, adapter: str, error: str = "",
-    ) -> ExecutionEvent:  # fmt: skip
+        self,
+        stage: Stage | None,
+        job: ShardJob,
+        outcome: str,
+        kernel_ms: float,
+        queue_ms: float,
+        transfer_ms: float,
+        bytes_in: int,
+        bytes_out: int,
+        platform: str,
+        adapter: str,
+        error: str = "",
+    ) -> ExecutionEvent:
         return ExecutionEvent(
-            event_id=uuid.uuid4().hex, ts_ms=now_ms(), request_id=job.request_id, plan_id=job.plan_id,
-            model_name=stage.model_name if stage else "", shard_index=job.stage_index,
-            shard_type=stage.shard_type if stage else "", worker_id=self.id, browser=self.settings.browser,
-            platform=platform, adapter=adapter, kernel_ms=kernel_ms, queue_ms=queue_ms, transfer_ms=transfer_ms,
-            bytes_in=bytes_in, bytes_out=bytes_out, attempt=job.attempt, outcome=outcome, error=error,
-        )  # fmt: skip
+            event_id=uuid.uuid4().hex,
+            ts_ms=now_ms(),
+            request_id=job.request_id,
+            plan_id=job.plan_id,
+            model_name=stage.model_name if stage else "",
+            shard_index=job.stage_index,
+            shard_type=stage.shard_type if stage else "",
+            worker_id=self.id,
+            browser=self.settings.browser,
+            platform=platform,
+            adapter=adapter,
+            kernel_ms=kernel_ms,
+            queue_ms=queue_ms,
+            transfer_ms=transfer_ms,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            attempt=job.attempt,
+            outcome=outcome,
+            error=error,
+        )
 
     async def _fail(
         self, d: Delivery, job: ShardJob, stage: Stage | None, kind: str, error: str, platform: str = ""
@@ -454,10 +561,20 @@ class ShardWorker:
         log.warning("worker %s: request %s shard %d failed (%s): %s", self.id, job.request_id, index, kind, error)
         platform = platform or (stage.provider if stage else "")
         failure = ShardFailure(
-            request_id=job.request_id, plan_id=job.plan_id, stage_index=job.stage_index, worker_id=self.id,
-            attempt=job.attempt, kind=kind, error=error, trace=job.trace, tensors=job.tensors, route=job.route,
-            reply_stream=job.reply_stream, platform=platform,
-        )  # fmt: skip
-        event = self._event(stage, job, "error", 0.0, max(0.0, now_ms() - job.enqueued_ms), 0.0, 0, 0, platform,
-                            "", error)  # fmt: skip
+            request_id=job.request_id,
+            plan_id=job.plan_id,
+            stage_index=job.stage_index,
+            worker_id=self.id,
+            attempt=job.attempt,
+            kind=kind,
+            error=error,
+            trace=job.trace,
+            tensors=job.tensors,
+            route=job.route,
+            reply_stream=job.reply_stream,
+            platform=platform,
+        )
+        event = self._event(
+            stage, job, "error", 0.0, max(0.0, now_ms() - job.enqueued_ms), 0.0, 0, 0, platform, "", error
+        )
         await self._hand_off(d, job, job.reply_stream, failure, event)

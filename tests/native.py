@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from coordinator.shardset import ShardSet
+from coordinator.planning.shardset import ShardSet
 
 
 def _session(path: Path) -> ort.InferenceSession:

@@ -45,12 +45,15 @@ def residual_mlp(path: Path, layers: int = 4, hidden: int = 16, vocab: int = 50,
         h = f"h{i + 1}"
     nodes.append(helper.make_node("Identity", [h], ["hidden"]))
     graph = helper.make_graph(
-        nodes, "residual_mlp",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])],
+        nodes,
+        "residual_mlp",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]),
+        ],
         [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "sequence", hidden])],
         initializer=inits,
-    )  # fmt: skip
+    )
     return _save(graph, path)
 
 
@@ -60,10 +63,11 @@ def identity_chain(path: Path, stages: int, shape: tuple[int, ...] = (1, 128, 38
     nodes[0].input[0] = "x"
     nodes[-1].output[0] = "y"
     graph = helper.make_graph(
-        nodes, "identity_chain",
+        nodes,
+        "identity_chain",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
-    )  # fmt: skip
+    )
     return _save(graph, path)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.allocation import allocate
 from coordinator.errors import AllocationError
+from coordinator.planning.allocation import allocate
 
 
 def test_text_embedding_asks_for_edge_and_falls_back_to_chromium_saying_so() -> None:
@@ -30,18 +30,25 @@ def test_guide_table_by_model_type() -> None:
 
 def test_explicit_browsers_round_robin_and_custom_allocation_wins() -> None:
     slots = allocate(
-        3, model_type="text", model_kind="encoder", installed=lambda b: True, browsers=["chrome", "firefox"],
+        3,
+        model_type="text",
+        model_kind="encoder",
+        installed=lambda b: True,
+        browsers=["chrome", "firefox"],
         custom={2: {"browser": "firefox", "platform": "webgpu", "specialization": "tail"}},
-    )  # fmt: skip
+    )
     assert [slots[i].browser for i in range(3)] == ["chromium", "firefox", "firefox"]
     assert slots[2].platform == "webgpu" and slots[2].reason == "custom_browser_allocation"
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"browsers": ["safari"]}, "unknown browser"), ({"platform": "cuda"}, "platform must be"),
-     ({"model_type": "smell"}, "model_type must be")],
-)  # fmt: skip
+    [
+        ({"browsers": ["safari"]}, "unknown browser"),
+        ({"platform": "cuda"}, "platform must be"),
+        ({"model_type": "smell"}, "model_type must be"),
+    ],
+)
 def test_bad_allocation_arguments(kwargs: dict, message: str) -> None:
     args = {"model_type": "text", "model_kind": "encoder", "installed": lambda b: True, **kwargs}
     with pytest.raises(AllocationError, match=message):

@@ -60,10 +60,21 @@ def test_run_across_chromium_and_firefox_matches_native_onnxruntime(
     in_path = write_npz(tmp_path / "in.npz", inputs)
     out_path = tmp_path / "out.npz"
     done = xshard(
-        "run", "--model", str(model), "--shards", "2", "--shard-type", "layer",
-        "--browsers", "chromium,firefox", "--inputs", str(in_path), "--output", str(out_path),
+        "run",
+        "--model",
+        str(model),
+        "--shards",
+        "2",
+        "--shard-type",
+        "layer",
+        "--browsers",
+        "chromium,firefox",
+        "--inputs",
+        str(in_path),
+        "--output",
+        str(out_path),
         cache_dir=tmp_path / "cache",
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr
     with np.load(out_path) as out:
         got = {name: out[name] for name in out.files}
@@ -132,9 +143,16 @@ def test_bad_input_exits_2_with_one_line_before_any_browser_starts(
     cache_dir = tmp_path / "cache"
     args = make_args(tmp_path, model, inputs)
     done = xshard(
-        "run", "--shards", "2", "--browsers", "chromium,firefox", "--output", str(tmp_path / "out.npz"),
-        *args, cache_dir=cache_dir,
-    )  # fmt: skip
+        "run",
+        "--shards",
+        "2",
+        "--browsers",
+        "chromium,firefox",
+        "--output",
+        str(tmp_path / "out.npz"),
+        *args,
+        cache_dir=cache_dir,
+    )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1, done.stderr

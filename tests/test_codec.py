@@ -39,8 +39,15 @@ def test_job_message_round_trip() -> None:
 
 
 def test_unknown_fields_are_ignored_and_missing_fields_rejected() -> None:
-    body = {"t": "result", "v": SCHEMA_VERSION, "request_id": "r", "plan_id": "p", "tensors": {}, "trace": [],
-            "future_field": 1}  # fmt: skip
+    body = {
+        "t": "result",
+        "v": SCHEMA_VERSION,
+        "request_id": "r",
+        "plan_id": "p",
+        "tensors": {},
+        "trace": [],
+        "future_field": 1,
+    }
     assert isinstance(decode(pack(body)), ShardResult)
     del body["plan_id"]
     with pytest.raises(SchemaError, match="plan_id"):

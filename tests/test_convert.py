@@ -14,9 +14,9 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from coordinator.convert import OPSET, verify_conversion
 from coordinator.errors import ModelError
-from coordinator.models import ResolvedModel, resolve_model
+from coordinator.model.convert import OPSET, verify_conversion
+from coordinator.model.resolve import ResolvedModel, resolve_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

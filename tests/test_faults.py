@@ -18,14 +18,20 @@ import numpy as np
 import pytest
 
 from broker.ledger import Ledger
-from broker.messages import Inject
 from broker.streams import Broker
-from coordinator.faultlab import FaultTestConfig, run_fault_test
-from coordinator.launcher import LocalWorkers
+from coordinator.cli.faultlab import FaultTestConfig, run_fault_test
 from coordinator.manager import ModelShardingManager
+from coordinator.runtime.launcher import LocalWorkers
 from coordinator.settings import ManagerSettings
 from tests.conftest import require_browsers
-from tests.native import max_diff_unmasked, run_whole
+from tests.faults_support import (
+    arm,
+    assert_all_match_native,
+    assert_matches_native,
+    broker_of,
+    wait_until,
+    xshard_worker_command,
+)
 from tests.onnx_models import residual_mlp, sample_tokens
 
 pytestmark = pytest.mark.browser
@@ -40,12 +46,16 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def fault_run(model: Path, cache_dir: Path, failure: str, **kw: Any) -> dict[str, Any]:
+    """``xshard fault-test``'s run; every request is checked here against native onnxruntime."""
     require_browsers("chromium", "firefox")
     cfg = FaultTestConfig(str(model), ["chromium", "firefox"], REQUESTS, failure, cache_dir=cache_dir, **kw)
-    report = await run_fault_test(cfg)
+    run = await run_fault_test(cfg)
+    report = run.report
+    assert len(run.requests) == REQUESTS
+    assert_all_match_native(model, run.requests)
     assert report["lost"] == 0, report["per_request"]
-    assert report["duplicated"] == 0
-    assert report["correct"] == REQUESTS, [r for r in report["per_request"] if not r["correct"]]
+    assert report["duplicated"] == 0, [r for r in report["per_request"] if r["duplicated"]]
+    assert report["correct"] == REQUESTS  # faultlab's own column agrees
     return report
 
 
@@ -63,8 +73,11 @@ async def test_job_of_killed_worker_is_reclaimed_and_redistributed(model: Path, 
 async def test_frozen_worker_is_declared_dead_and_its_late_result_does_not_duplicate(
     model: Path, cache_dir: Path
 ) -> None:
-    report = await fault_run(model, cache_dir, "hang")
-    assert "SIGSTOP" in report["fault"]
+    report = await fault_run(model, cache_dir, "hang")  # each request came back once, correct
+    frozen = report["target_worker"]
+    assert "SIGSTOP" in report["fault"] and frozen in report["fault"]
+    declared = [e for e in report["recovery_events"] if e["failure"] == "worker-lost" and e["worker_id"] == frozen]
+    assert declared, report["recovery_events"]  # its heartbeat lapsed: the coordinator declared it dead
 
 
 async def test_page_throwing_in_a_kernel_is_retried(model: Path, cache_dir: Path) -> None:
@@ -82,35 +95,34 @@ async def test_broker_killed_and_restarted_loses_no_accepted_request(model: Path
 async def test_poison_input_lands_in_the_dead_letter_and_replays_on_a_fixed_pool(model: Path, cache_dir: Path) -> None:
     require_browsers("chromium", "firefox")
     manager = ModelShardingManager(
-        str(model), num_shards=2, browsers=["chromium", "firefox"], fault_tolerance_level="high",
-        settings=ManagerSettings(cache_dir=cache_dir),
-    )  # fmt: skip
+        str(model),
+        num_shards=2,
+        browsers=["chromium", "firefox"],
+        fault_tolerance_level="high",
+        settings=ManagerSettings(cache_dir=cache_dir, allow_fault_injection=True),
+    )
     assert await manager.initialize_sharding(), manager.last_error
     try:
-        broker = manager._broker
-        assert broker is not None
-        workers = sorted(manager.fleet.live)
-        for wid in workers:  # every page throws: the input poisons every browser
-            await broker.add(broker.keys.control(wid), Inject("kernel-error", 1000))
-        await asyncio.sleep(0.5)
-        inputs = sample_tokens(2, 9)
-        res = await manager.run_inference_sharded(inputs, max_retries=8)  # room to climb the whole ladder
-        assert res.get("error_kind") == "dead_letter", res
-        letters = await manager.dead_letters()
-        assert len(letters) == 1
-        entry_id, dead, _ = letters[0]
-        assert dead is not None and dead.request_id == res["request_id"]
-        assert "injected kernel error" in dead.error and dead.reason
-        assert len(dead.workers_tried) >= 2
-        for wid in workers:  # the pool is fixed
-            await broker.add(broker.keys.control(wid), Inject("kernel-error", 0))
-        await asyncio.sleep(0.5)
-        replayed = await manager.replay([entry_id])
-        out = replayed[entry_id]
-        assert "result" in out, out
-        want = run_whole(model, inputs)["hidden"]
-        assert max_diff_unmasked(out["result"]["hidden"], want, None) <= 1e-4
-        assert await manager.dead_letters() == []
+        async with broker_of(manager) as broker:
+            workers = sorted(manager.fleet.live)
+            for wid in workers:  # every page throws: the input poisons every browser
+                await arm(broker, wid, "kernel-error", 1000)
+            inputs = sample_tokens(2, 9)
+            res = await manager.run_inference_sharded(inputs, max_retries=8)  # room to climb the whole ladder
+            assert res.get("error_kind") == "dead_letter", res
+            letters = await manager.dead_letters()
+            assert len(letters) == 1
+            entry_id, dead, _ = letters[0]
+            assert dead is not None and dead.request_id == res["request_id"]
+            assert "injected kernel error" in dead.error and dead.reason
+            assert len(dead.workers_tried) >= 2
+            for wid in workers:  # the pool is fixed
+                await arm(broker, wid, "kernel-error", 0)
+            replayed = await manager.replay([entry_id])
+            out = replayed[entry_id]
+            assert "result" in out, out
+            assert_matches_native(model, inputs, out["result"])
+            assert await manager.dead_letters() == []
     finally:
         await manager.close()
 
@@ -119,6 +131,8 @@ CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
+    from broker.ledger import Ledger
+    from broker.streams import Broker
     from coordinator.manager import ModelShardingManager
     from coordinator.settings import ManagerSettings
     from tests.onnx_models import sample_tokens
@@ -128,8 +142,10 @@ CHILD = textwrap.dedent(
                                  settings=ManagerSettings(cache_dir=Path(cache), namespace=ns, coordinator_id=coord))
         assert await m.initialize_sharding(), m.last_error
         tasks = [asyncio.ensure_future(m.run_inference_sharded(sample_tokens(1, 5 + i, seed=i))) for i in range(8)]
-        while len(await m._ledger.inflight(coord)) < 8:
-            await asyncio.sleep(0.02)
+        async with Broker(url, ns) as broker:  # its own connection: accepted requests are in the ledger
+            ledger = Ledger(broker)
+            while len(await ledger.inflight(coord)) < 8:
+                await asyncio.sleep(0.02)
         print("SUBMITTED", flush=True)
         await asyncio.sleep(3600)
 
@@ -150,16 +166,22 @@ async def test_coordinator_killed_mid_request_resumes_its_requests(
             await workers.wait_registered(broker, ids, 60, 2000)
             stage1 = workers.workers[ids[1]].process
             child = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", CHILD, str(model), valkey.url, namespace, str(cache_dir), coord,
-                stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()},
-            )  # fmt: skip
+                sys.executable,
+                "-c",
+                CHILD,
+                str(model),
+                valkey.url,
+                namespace,
+                str(cache_dir),
+                coord,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": os.getcwd()},
+            )
             assert child.stdout is not None
             line = b""
             while b"SUBMITTED" not in line:
                 line = await asyncio.wait_for(child.stdout.readline(), 120)
                 assert line, "the coordinator process exited early"
-                if b"SUBMITTED" not in line:
-                    continue
             stage1.send_signal(signal.SIGSTOP)  # hold the pipeline so requests stay in flight
             child.kill()
             await child.wait()
@@ -169,9 +191,12 @@ async def test_coordinator_killed_mid_request_resumes_its_requests(
             stage1.send_signal(signal.SIGCONT)
             assert inflight, "every request finished before the kill; nothing to resume"
             manager = ModelShardingManager(
-                str(model), num_shards=2, browsers=["chromium", "firefox"], redis_url=valkey.url,
+                str(model),
+                num_shards=2,
+                browsers=["chromium", "firefox"],
+                redis_url=valkey.url,
                 settings=ManagerSettings(cache_dir=cache_dir, namespace=namespace, coordinator_id=coord),
-            )  # fmt: skip
+            )
             assert await manager.initialize_sharding(), manager.last_error
             try:
                 resumed = await manager.resume()
@@ -179,8 +204,7 @@ async def test_coordinator_killed_mid_request_resumes_its_requests(
                 for rid in inflight:
                     res = await manager.wait_for(rid)
                     assert "result" in res, res
-                    want = run_whole(model, {k: np.array(v) for k, v in inputs[rid].items()})["hidden"]
-                    assert max_diff_unmasked(res["result"]["hidden"], want, None) <= 1e-4
+                    assert_matches_native(model, {k: np.array(v) for k, v in inputs[rid].items()}, res["result"])
                 assert await ledger.inflight(coord) == []
             finally:
                 await manager.close()
@@ -192,24 +216,31 @@ async def test_sixty_requests_survive_a_killed_browser_a_killed_worker_and_a_fro
     model: Path, cache_dir: Path, valkey: Any, namespace: str
 ) -> None:
     """Three workers started as `xshard worker` processes, a manager given redis_url, 60 requests in
-    flight; one browser SIGKILLed, one worker SIGKILLed, another frozen for 4 s."""
+    flight; one browser SIGKILLed, one worker SIGKILLed, another frozen until the coordinator declares
+    it dead, then resumed."""
     require_browsers("chromium", "firefox")
     procs = {}
     for browser in ("chromium", "firefox", "chromium"):
         wid = f"{browser}-{namespace}-{len(procs)}"
         procs[wid] = subprocess.Popen(  # noqa: ASYNC220 (a quick fork)
-            [sys.executable, "-m", "coordinator.cli", "worker", "--redis", valkey.url, "--browser", browser,
-             "--namespace", namespace, "--cache-dir", str(cache_dir), "--worker-id", wid, "--log-level", "WARNING"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": os.getcwd()},
-        )  # fmt: skip
+            xshard_worker_command(valkey.url, browser, namespace, cache_dir, wid),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
     manager = ModelShardingManager(
-        str(model), num_shards=2, browsers=["chromium", "firefox"], redis_url=valkey.url,
+        str(model),
+        num_shards=2,
+        browsers=["chromium", "firefox"],
+        redis_url=valkey.url,
         settings=ManagerSettings(cache_dir=cache_dir, namespace=namespace, worker_wait_s=90),
-    )  # fmt: skip
+    )
     try:
         assert await manager.initialize_sharding(), manager.last_error
+        crashed, killed, frozen = list(procs)
         async with Broker(valkey.url, namespace) as broker:
-            info = {wid: await broker.worker_info(wid) for wid in procs}
+            crashed_info = await broker.worker_info(crashed)
+        assert crashed_info is not None and crashed_info.browser_pid > 0, crashed_info
         inputs = [sample_tokens(1, 6 + i % 20, seed=i) for i in range(60)]
 
         async def one(i: int) -> dict[str, Any]:
@@ -217,20 +248,22 @@ async def test_sixty_requests_survive_a_killed_browser_a_killed_worker_and_a_fro
             return await manager.run_inference_sharded(inputs[i])
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(60)]
-        crashed, killed, frozen = list(procs)
-        await asyncio.sleep(0.3)
-        os.kill(int(info[crashed]["browser_pid"]), signal.SIGKILL)
+        await asyncio.sleep(0.3)  # the faults are spaced while requests are being submitted
+        os.kill(crashed_info.browser_pid, signal.SIGKILL)
         await asyncio.sleep(0.3)
         procs[killed].kill()
         await asyncio.sleep(0.3)
         procs[frozen].send_signal(signal.SIGSTOP)
-        await asyncio.sleep(4.0)
+
+        async def declared_dead() -> bool:
+            return frozen not in manager.fleet.live
+
+        await wait_until(declared_dead, 60, f"the coordinator to declare the frozen {frozen} dead")
         procs[frozen].send_signal(signal.SIGCONT)
         results = await asyncio.gather(*tasks)
         for inp, res in zip(inputs, results, strict=True):
             assert "result" in res, res
-            want = run_whole(model, inp)["hidden"]
-            assert max_diff_unmasked(res["result"]["hidden"], want, None) <= 1e-4
+            assert_matches_native(model, inp, res["result"])
         assert len({r["metrics"]["request_id"] for r in results}) == 60
     finally:
         await manager.close()

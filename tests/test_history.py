@@ -24,10 +24,10 @@ import redis.asyncio as aioredis
 from broker.keys import EVENTS_GROUP
 from broker.messages import Event, ExecutionEvent, RecoveryEvent, Release, RequestEvent
 from broker.streams import Broker
-from coordinator.allocation import allocate
-from coordinator.history import HistoryStore, merge_history
-from coordinator.history_writer import HistoryWriter
-from coordinator.recommendations import BrowserStat, allocate_from_history, recommend
+from coordinator.history.store import HistoryStore, merge_history
+from coordinator.history.writer import HistoryWriter
+from coordinator.planning.allocation import allocate
+from coordinator.planning.recommendations import BrowserStat, allocate_from_history, recommend
 from tests.conftest import require_browsers
 from tests.onnx_models import residual_mlp, sample_tokens
 
@@ -38,31 +38,76 @@ MODEL = "tiny-mlp"
 # -- events as workers and coordinators append them --------------------------------------------------
 
 
-def execution(request_id: str, shard: int, browser: str, kernel_ms: float, ts_ms: float, ok: bool = True,
-              model: str = MODEL) -> ExecutionEvent:  # fmt: skip
+def execution(
+    request_id: str, shard: int, browser: str, kernel_ms: float, ts_ms: float, ok: bool = True, model: str = MODEL
+) -> ExecutionEvent:
     return ExecutionEvent(
-        event_id=uuid.uuid4().hex, ts_ms=ts_ms, request_id=request_id, plan_id="plan-a", model_name=model,
-        shard_index=shard, shard_type="layer", worker_id=f"{browser}-w{shard}", browser=browser, platform="wasm",
-        adapter="wasm (simd)", kernel_ms=kernel_ms if ok else 0.0, queue_ms=0.5, transfer_ms=1.5, bytes_in=64,
-        bytes_out=64, attempt=1, outcome="success" if ok else "error", error="" if ok else "kernel failed",
-    )  # fmt: skip
+        event_id=uuid.uuid4().hex,
+        ts_ms=ts_ms,
+        request_id=request_id,
+        plan_id="plan-a",
+        model_name=model,
+        shard_index=shard,
+        shard_type="layer",
+        worker_id=f"{browser}-w{shard}",
+        browser=browser,
+        platform="wasm",
+        adapter="wasm (simd)",
+        kernel_ms=kernel_ms if ok else 0.0,
+        queue_ms=0.5,
+        transfer_ms=1.5,
+        bytes_in=64,
+        bytes_out=64,
+        attempt=1,
+        outcome="success" if ok else "error",
+        error="" if ok else "kernel failed",
+    )
 
 
 def request(request_id: str, ts_ms: float, ok: bool = True, model: str = MODEL) -> RequestEvent:
     return RequestEvent(
-        event_id=uuid.uuid4().hex, ts_ms=ts_ms, request_id=request_id, plan_id="plan-a", model_name=model,
-        shard_type="layer", num_shards=2, coordinator_id="coord-test", latency_ms=12.5, kernel_ms=4.0,
-        attempts=1 if ok else 2, outcome="success" if ok else "error", error="" if ok else "shard 1 failed",
-    )  # fmt: skip
+        event_id=uuid.uuid4().hex,
+        ts_ms=ts_ms,
+        request_id=request_id,
+        plan_id="plan-a",
+        model_name=model,
+        shard_type="layer",
+        num_shards=2,
+        coordinator_id="coord-test",
+        latency_ms=12.5,
+        kernel_ms=4.0,
+        attempts=1 if ok else 2,
+        outcome="success" if ok else "error",
+        error="" if ok else "shard 1 failed",
+    )
 
 
-def recovery(request_id: str, ts_ms: float, failure: str = "crash", action: str = "reroute", ok: bool = True,
-             model: str = MODEL, plan_id: str = "plan-a", browser: str = "firefox") -> RecoveryEvent:  # fmt: skip
+def recovery(
+    request_id: str,
+    ts_ms: float,
+    failure: str = "crash",
+    action: str = "reroute",
+    ok: bool = True,
+    model: str = MODEL,
+    plan_id: str = "plan-a",
+    browser: str = "firefox",
+) -> RecoveryEvent:
     return RecoveryEvent(
-        event_id=uuid.uuid4().hex, ts_ms=ts_ms, request_id=request_id, plan_id=plan_id, model_name=model,
-        shard_index=1, worker_id=f"{browser}-w1", browser=browser, platform="wasm", failure=failure, action=action,
-        success=ok, duration_ms=250.0, error="" if ok else "worker lost",
-    )  # fmt: skip
+        event_id=uuid.uuid4().hex,
+        ts_ms=ts_ms,
+        request_id=request_id,
+        plan_id=plan_id,
+        model_name=model,
+        shard_index=1,
+        worker_id=f"{browser}-w1",
+        browser=browser,
+        platform="wasm",
+        failure=failure,
+        action=action,
+        success=ok,
+        duration_ms=250.0,
+        error="" if ok else "worker lost",
+    )
 
 
 def workload(requests: int, t0_ms: float | None = None) -> list[Event]:
@@ -84,8 +129,12 @@ def workload(requests: int, t0_ms: float | None = None) -> list[Event]:
 def table_counts(db: Path) -> dict[str, int]:
     con = duckdb.connect(str(db), read_only=True)
     try:
-        tables = ("model_sharding_history", "model_sharding_components", "model_sharding_recovery_events",
-                  "model_sharding_browser_metrics")  # fmt: skip
+        tables = (
+            "model_sharding_history",
+            "model_sharding_components",
+            "model_sharding_recovery_events",
+            "model_sharding_browser_metrics",
+        )
         return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}  # type: ignore[index]
     finally:
         con.close()
@@ -96,7 +145,7 @@ def event_ids(db: Path) -> list[str]:
     try:
         rows = con.execute("""SELECT event_id FROM model_sharding_history UNION ALL
                               SELECT event_id FROM model_sharding_components UNION ALL
-                              SELECT event_id FROM model_sharding_recovery_events""").fetchall()  # fmt: skip
+                              SELECT event_id FROM model_sharding_recovery_events""").fetchall()
         return [r[0] for r in rows]
     finally:
         con.close()
@@ -113,8 +162,12 @@ def test_a_batch_written_twice_is_stored_once_in_the_four_tables(tmp_path: Path)
     again = store.write_events([*events, *events[:5]])  # redelivered, and duplicated inside one batch
     assert again.written == 0 and again.duplicates == len(events) + 5
     counts = table_counts(store.db_path)
-    assert counts == {"model_sharding_history": 10, "model_sharding_components": 22,
-                      "model_sharding_recovery_events": 2, "model_sharding_browser_metrics": 2}  # fmt: skip
+    assert counts == {
+        "model_sharding_history": 10,
+        "model_sharding_components": 22,
+        "model_sharding_recovery_events": 2,
+        "model_sharding_browser_metrics": 2,
+    }
     assert sorted(event_ids(store.db_path)) == sorted(ev.event_id for ev in events)
 
 
@@ -135,7 +188,7 @@ def test_browser_metrics_aggregate_the_component_rows(tmp_path: Path) -> None:
     assert stats["firefox"].success_rate == pytest.approx(20 / 24)
     con = duckdb.connect(str(store.db_path), read_only=True)
     row = con.execute("""SELECT execution_count, success_count, error_count, success_rate, updated_at IS NOT NULL
-                         FROM model_sharding_browser_metrics WHERE browser = 'firefox'""").fetchone()  # fmt: skip
+                         FROM model_sharding_browser_metrics WHERE browser = 'firefox'""").fetchone()
     con.close()
     assert row == (24, 20, 4, pytest.approx(20 / 24), True)
     by_shard = store.browser_stats(MODEL, "layer", by_shard=True, plan_id="plan-a")
@@ -148,17 +201,26 @@ def test_model_history_has_the_guides_structure_and_merges_with_live_counters(tm
     assert not store.db_path.exists()  # readers never create the file
     store.write_events(workload(10))
     h = store.model_history(MODEL)
-    assert {"components", "browser_metrics", "overall_metrics", "shard_types", "timeline",
-            "recovery_events"} <= set(h)  # fmt: skip
+    assert {"components", "browser_metrics", "overall_metrics", "shard_types", "timeline", "recovery_events"} <= set(h)
     assert h["components"]["shard_1"]["browser"] == "firefox"
     assert h["components"]["shard_1"]["error_count"] == 2
     assert h["browser_metrics"]["chromium"]["execution_count"] == 10
     assert h["overall_metrics"]["success_count"] == 10 and len(h["timeline"]) == 10
     assert [e["action"] for e in h["recovery_events"]] == ["reroute", "reroute"]
-    live = {"browser_metrics": {"chromium": {"success_count": 3, "error_count": 1, "total_latency": 6.0,
-                                             "execution_count": 4, "p50_latency": 2.0, "p95_latency": 2.0}},
-            "overall_metrics": {"success_count": 3, "error_count": 0, "total_latency": 30.0, "execution_count": 3},
-            "timeline": [{"request_id": "live"}]}  # fmt: skip
+    live = {
+        "browser_metrics": {
+            "chromium": {
+                "success_count": 3,
+                "error_count": 1,
+                "total_latency": 6.0,
+                "execution_count": 4,
+                "p50_latency": 2.0,
+                "p95_latency": 2.0,
+            }
+        },
+        "overall_metrics": {"success_count": 3, "error_count": 0, "total_latency": 30.0, "execution_count": 3},
+        "timeline": [{"request_id": "live"}],
+    }
     merged = merge_history(h, live)
     assert merged["browser_metrics"]["chromium"]["execution_count"] == 14
     assert merged["browser_metrics"]["chromium"]["success_rate"] == pytest.approx(13 / 14)
@@ -232,10 +294,28 @@ def start_writer_process(url: str, namespace: str, db: Path, log_path: Path) -> 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log_path, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "coordinator.history_writer", "--redis", url, "--namespace", namespace,
-             "--db", str(db), "--batch-size", "64", "--flush-interval-s", "0.2", "--log-level", "INFO"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "coordinator.history.writer",
+                "--redis",
+                url,
+                "--namespace",
+                namespace,
+                "--db",
+                str(db),
+                "--batch-size",
+                "64",
+                "--flush-interval-s",
+                "0.2",
+                "--log-level",
+                "INFO",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 @pytest.fixture
@@ -311,8 +391,8 @@ async def record_real_run(valkey_url: str, cache_dir: Path, tmp: Path, requests:
     """A ModelShardingManager over a Chromium and a Firefox worker (separate processes, registered in
     valkey) runs ``requests`` requests while a HistoryWriter consumes the events; two recovery events for
     real requests are appended as the fault-tolerance ladder appends them."""
-    from coordinator.launcher import LocalWorkers
     from coordinator.manager import ModelShardingManager
+    from coordinator.runtime.launcher import LocalWorkers
     from coordinator.settings import ManagerSettings
 
     require_browsers("chromium", "firefox")
@@ -327,10 +407,15 @@ async def record_real_run(valkey_url: str, cache_dir: Path, tmp: Path, requests:
             writer = HistoryWriter(broker, db, batch_size=16, flush_interval_s=0.1)
             await writer.start()
             manager = ModelShardingManager(
-                str(model), num_shards=2, browsers=["chromium", "firefox"], platform="wasm", redis_url=valkey_url,
-                settings=ManagerSettings(cache_dir=cache_dir, namespace=namespace, assign_timeout_s=120,
-                                         request_timeout_s=60),
-            )  # fmt: skip
+                str(model),
+                num_shards=2,
+                browsers=["chromium", "firefox"],
+                platform="wasm",
+                redis_url=valkey_url,
+                settings=ManagerSettings(
+                    cache_dir=cache_dir, namespace=namespace, assign_timeout_s=120, request_timeout_s=60
+                ),
+            )
             try:
                 assert await manager.initialize_sharding(), manager.last_error
                 inputs = sample_tokens(2, 5)
@@ -344,9 +429,10 @@ async def record_real_run(valkey_url: str, cache_dir: Path, tmp: Path, requests:
                 plan_id = manager.shards.plan.plan_id
                 recoveries = [
                     recovery(request_ids[1], time.time() * 1000.0 - 50, "crash", "reroute", True, str(model), plan_id),
-                    recovery(request_ids[-1], time.time() * 1000.0, "hang", "retry", False, str(model), plan_id,
-                             "chromium"),
-                ]  # fmt: skip
+                    recovery(
+                        request_ids[-1], time.time() * 1000.0, "hang", "retry", False, str(model), plan_id, "chromium"
+                    ),
+                ]
                 for ev in recoveries:
                     await broker.emit(ev)
             finally:
@@ -376,13 +462,17 @@ async def real_run(valkey: Any, cache_dir: Path, tmp_path_factory: pytest.TempPa
 def test_a_real_run_across_chromium_and_firefox_fills_the_four_tables(real_run: RealRun) -> None:
     con = duckdb.connect(str(real_run.db), read_only=True)
     try:
-        history = con.execute("SELECT request_id, outcome, num_shards, plan_id FROM model_sharding_history "
-                              "WHERE model_name = ?", [real_run.model_name]).fetchall()  # fmt: skip
+        history = con.execute(
+            "SELECT request_id, outcome, num_shards, plan_id FROM model_sharding_history WHERE model_name = ?",
+            [real_run.model_name],
+        ).fetchall()
         assert sorted(r[0] for r in history) == sorted(real_run.request_ids)
         assert {(r[1], r[2], r[3]) for r in history} == {("success", 2, real_run.plan_id)}
-        comps = con.execute("""SELECT request_id, shard_index, browser, platform, kernel_ms, outcome
+        comps = con.execute(
+            """SELECT request_id, shard_index, browser, platform, kernel_ms, outcome
                                FROM model_sharding_components WHERE model_name = ?""",
-                            [real_run.model_name]).fetchall()  # fmt: skip
+            [real_run.model_name],
+        ).fetchall()
         assert len(comps) == 2 * len(real_run.request_ids)
         assert {(r[0], r[1]) for r in comps} == {(rid, i) for rid in real_run.request_ids for i in (0, 1)}
         assert {(r[1], r[2], r[3]) for r in comps} == {(0, "chromium", "wasm"), (1, "firefox", "wasm")}
@@ -409,10 +499,17 @@ def test_a_real_run_across_chromium_and_firefox_fills_the_four_tables(real_run: 
 # -- recommendations and allocation from history (pure) ------------------------------------------------
 
 
-def stat(browser: str, p50: float, runs: int = 40, ok: int | None = None, platform: str = "wasm",
-         shard_index: int | None = None) -> BrowserStat:  # fmt: skip
-    return BrowserStat(browser, platform, runs, runs if ok is None else ok, p50, p50 * 1.3, p50 * 1.05, MODEL,
-                       "layer", shard_index)  # fmt: skip
+def stat(
+    browser: str,
+    p50: float,
+    runs: int = 40,
+    ok: int | None = None,
+    platform: str = "wasm",
+    shard_index: int | None = None,
+) -> BrowserStat:
+    return BrowserStat(
+        browser, platform, runs, runs if ok is None else ok, p50, p50 * 1.3, p50 * 1.05, MODEL, "layer", shard_index
+    )
 
 
 def text_slots(n: int = 2) -> dict[int, Any]:
@@ -460,8 +557,13 @@ def test_measurements_that_agree_with_the_table_do_not_claim_to_override_it() ->
 
 
 def test_custom_unreliable_thin_or_uninstalled_choices_are_not_followed() -> None:
-    slots = allocate(3, model_type="text", model_kind="encoder", installed=lambda b: True,
-                     custom={2: {"browser": "chromium", "platform": "wasm"}})  # fmt: skip
+    slots = allocate(
+        3,
+        model_type="text",
+        model_kind="encoder",
+        installed=lambda b: True,
+        custom={2: {"browser": "chromium", "platform": "wasm"}},
+    )
     stats = [stat("chromium", 88.0), stat("firefox", 10.0, ok=30), stat("edge", 5.0, runs=3), stat("webkit", 1.0)]
     chosen = allocate_from_history(slots, stats, installed=lambda b: b != "webkit")
     assert chosen[0].browser == chosen[1].browser == "chromium"  # firefox 75% < 90%, edge 3 runs < 5
@@ -478,10 +580,12 @@ def test_custom_unreliable_thin_or_uninstalled_choices_are_not_followed() -> Non
 def test_same_shard_measurements_are_preferred_when_two_browsers_ran_that_shard() -> None:
     slots = text_slots()
     stats = [
-        stat("chromium", 50.0), stat("firefox", 20.0),  # over all shards: firefox
-        stat("chromium", 5.0, shard_index=0), stat("firefox", 9.0, shard_index=0),  # shard 0: chromium
+        stat("chromium", 50.0),
+        stat("firefox", 20.0),  # over all shards: firefox
+        stat("chromium", 5.0, shard_index=0),
+        stat("firefox", 9.0, shard_index=0),  # shard 0: chromium
         stat("firefox", 30.0, shard_index=1),
-    ]  # fmt: skip
+    ]
     chosen = allocate_from_history(slots, stats)
     assert chosen[0].browser == "chromium" and chosen[0].reason.startswith("history on shard 0:")
     assert chosen[1].browser == "firefox" and chosen[1].reason.startswith("history over all shards:")
@@ -502,7 +606,9 @@ def test_a_shard_stays_on_its_browser_when_the_fastest_is_not_clearly_faster() -
     slots = text_slots()  # chromium, from the guide table
     near = allocate_from_history(slots, [stat("chromium", 0.52), stat("firefox", 0.49)])
     assert near[0].browser == "chromium"
-    assert near[0].reason == ("history over all shards: chromium/wasm: within 10% of the fastest, kept: 100.0% success "
-                              "over 40 runs, p50 0.52 ms kernel vs firefox/wasm 0.49 ms")  # fmt: skip
+    assert near[0].reason == (
+        "history over all shards: chromium/wasm: within 10% of the fastest, kept: 100.0% success "
+        "over 40 runs, p50 0.52 ms kernel vs firefox/wasm 0.49 ms"
+    )
     clear = allocate_from_history(slots, [stat("chromium", 0.52), stat("firefox", 0.40)])
     assert clear[0].browser == "firefox" and "p50 0.40 ms kernel vs chromium/wasm 0.52 ms" in clear[0].reason

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from broker.streams import Broker
 from coordinator.manager import ModelShardingManager
-from coordinator.models import locate_minilm
+from coordinator.model.resolve import locate_minilm
 from coordinator.settings import ManagerSettings
 from tests.conftest import require_browsers
 from tests.native import max_diff_unmasked, run_whole
@@ -63,9 +63,12 @@ async def started(manager: ModelShardingManager) -> ModelShardingManager:
 async def minilm(cache_dir: Path) -> AsyncIterator[ModelShardingManager]:
     require_browsers("chromium", "firefox")
     manager = ModelShardingManager(
-        "all-MiniLM-L6-v2", num_shards=3, browsers=["chromium", "firefox"], platform="wasm",
+        "all-MiniLM-L6-v2",
+        num_shards=3,
+        browsers=["chromium", "firefox"],
+        platform="wasm",
         settings=ManagerSettings(cache_dir=cache_dir),
-    )  # fmt: skip
+    )
     yield await started(manager)
     await manager.close()
 
@@ -164,7 +167,7 @@ async def test_minilm_in_webgpu_on_firefox_matches_transformers(cache_dir: Path)
             browsers=["firefox"],
             platform="webgpu",
             settings=ManagerSettings(cache_dir=cache_dir),
-        )  # fmt: skip
+        )
     )
     try:
         inputs = tokenize(SENTENCES[:2])
@@ -178,8 +181,9 @@ async def test_minilm_in_webgpu_on_firefox_matches_transformers(cache_dir: Path)
         await manager.close()
 
 
-@pytest.mark.parametrize(("arch", "shards", "browsers"), [("gpt2", 4, ["chromium", "firefox"]),
-                                                        ("llama", 3, ["firefox", "chromium"])])  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "shards", "browsers"), [("gpt2", 4, ["chromium", "firefox"]), ("llama", 3, ["firefox", "chromium"])]
+)
 async def test_torch_exported_decoders_run_sharded_in_browsers(
     cache_dir: Path, tmp_path: Path, arch: str, shards: int, browsers: list[str]
 ) -> None:
@@ -192,7 +196,7 @@ async def test_torch_exported_decoders_run_sharded_in_browsers(
             browsers=browsers,
             platform="wasm",
             settings=ManagerSettings(cache_dir=cache_dir),
-        )  # fmt: skip
+        )
     )
     try:
         inputs = sample_tokens(2, 13, vocab=128)
@@ -209,7 +213,7 @@ async def test_external_workers_registered_in_redis_serve_the_plan(
     valkey: Any, namespace: str, cache_dir: Path, tmp_path: Path
 ) -> None:
     require_browsers("chromium", "firefox")
-    from coordinator.launcher import LocalWorkers
+    from coordinator.runtime.launcher import LocalWorkers
 
     workers = LocalWorkers(valkey.url, namespace, cache_dir, heartbeat_s=0.5)
     ids = [workers.spawn(browser, "wasm").worker_id for browser in ("firefox", "chromium", "chromium")]
@@ -224,7 +228,7 @@ async def test_external_workers_registered_in_redis_serve_the_plan(
                 browsers=["chromium", "firefox"],
                 redis_url=valkey.url,
                 settings=ManagerSettings(cache_dir=cache_dir, namespace=namespace),
-            )  # fmt: skip
+            )
         )
         try:
             alloc = manager.get_metrics()["browser_allocation"]
@@ -244,9 +248,11 @@ async def test_external_workers_registered_in_redis_serve_the_plan(
 async def test_too_few_registered_workers_fail_clearly(valkey: Any, namespace: str, tmp_path: Path) -> None:
     path = residual_mlp(tmp_path / "m.onnx", layers=2)
     manager = ModelShardingManager(
-        str(path), num_shards=2, redis_url=valkey.url,
+        str(path),
+        num_shards=2,
+        redis_url=valkey.url,
         settings=ManagerSettings(cache_dir=tmp_path, namespace=namespace, worker_wait_s=1.0),
-    )  # fmt: skip
+    )
     assert await manager.initialize_sharding() is False
     assert "2 shards need 2 workers; 0 registered" in (manager.last_error or "")
     await manager.close()

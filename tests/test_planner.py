@@ -11,9 +11,9 @@ import onnx
 import pytest
 
 from coordinator.errors import PlanError
-from coordinator.graph import load_model, profile_graph
-from coordinator.planner import layer_boundaries, plan_shards
-from coordinator.shardset import build_shard_set
+from coordinator.model.graph import load_model, profile_graph
+from coordinator.planning.planner import layer_boundaries, plan_shards
+from coordinator.planning.shardset import build_shard_set
 from tests.native import max_diff_unmasked, run_chain, run_whole
 from tests.onnx_models import identity_chain, residual_mlp, sample_tokens
 

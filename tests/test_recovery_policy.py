@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from broker.errors import SettingError
 from coordinator.errors import XshardError
 from coordinator.recovery import (
     FAILURE_KINDS,
@@ -144,12 +145,12 @@ def test_full_jitter_spans_zero_to_the_cap() -> None:
     [{"base_s": 0.0}, {"factor": 0.5}, {"max_s": 0.01}, {"jitter": 1.5}, {"max_s": float("inf")}],
 )
 def test_backoff_refuses_settings_that_are_not_finite_and_sane(kwargs: dict[str, float]) -> None:
-    with pytest.raises(UnknownSetting):
+    with pytest.raises(SettingError):
         Backoff(**kwargs)
 
 
 def test_backoff_attempts_are_one_based() -> None:
-    with pytest.raises(UnknownSetting):
+    with pytest.raises(SettingError):
         Backoff().delay_s(0, random.Random(0))
 
 
@@ -256,8 +257,11 @@ def test_breaker_settings_must_be_finite_and_positive() -> None:
 
 def test_only_the_workers_fault_counts_against_its_breaker() -> None:
     assert {k for k in FAILURE_KINDS if counts_against_worker(k)} == {
-        "kernel", "browser-lost", "worker-lost", "timeout"
-    }  # fmt: skip
+        "kernel",
+        "browser-lost",
+        "worker-lost",
+        "timeout",
+    }
 
 
 # --- the ladder ----------------------------------------------------------------------------------------------
@@ -394,8 +398,9 @@ def test_worker_lost_never_retries_or_restarts_on_the_lost_worker(strategy: str)
 
 def test_reroute_picks_a_replica_not_already_tried() -> None:
     history = StageHistory().with_attempt(Rung.REROUTE, "w2", None, failure=fail("timeout", worker="w1"))
-    decision = Policy("low", "failover").decide(fail("timeout", worker="w2", attempt=2), history,
-                                                Options(replicas=("w1", "w2", "w3")), random.Random(0))  # fmt: skip
+    decision = Policy("low", "failover").decide(
+        fail("timeout", worker="w2", attempt=2), history, Options(replicas=("w1", "w2", "w3")), random.Random(0)
+    )
     assert decision == Reroute("w3")
 
 
@@ -426,12 +431,12 @@ def test_change_platform_from_webnn_prefers_webgpu_then_wasm_and_never_revisits_
     first = policy.decide(fail("kernel", platform="webnn"), StageHistory(), options, random.Random(0))
     assert first == ChangePlatform("w2", "webgpu")
     history = StageHistory().record(fail("kernel", platform="webnn"), first)
-    second = policy.decide(fail("timeout", worker="w2", platform="webgpu", attempt=2), history, options,
-                           random.Random(0))  # fmt: skip
+    second = policy.decide(
+        fail("timeout", worker="w2", platform="webgpu", attempt=2), history, options, random.Random(0)
+    )
     assert second == ChangePlatform("w1", "wasm")
     history = history.record(fail("timeout", worker="w2", platform="webgpu", attempt=2), second)
-    third = policy.decide(fail("timeout", worker="w1", platform="wasm", attempt=3), history, options,
-                          random.Random(0))  # fmt: skip
+    third = policy.decide(fail("timeout", worker="w1", platform="wasm", attempt=3), history, options, random.Random(0))
     assert isinstance(third, DeadLetter) and "platforms: webnn, webgpu, wasm" in third.reason
 
 
@@ -467,8 +472,9 @@ def test_poison_kernel_error_may_still_change_platform_at_level_high() -> None:
 
 
 def test_same_worker_failing_repeatedly_is_not_mistaken_for_poison() -> None:
-    decisions = walk(Policy("medium", "progressive"), Options(restartable=True, replicas=("w2",)),
-                     kind_of=lambda attempt: "kernel")  # fmt: skip
+    decisions = walk(
+        Policy("medium", "progressive"), Options(restartable=True, replicas=("w2",)), kind_of=lambda attempt: "kernel"
+    )
     assert [d.rung for d in decisions[:3]] == [Rung.RETRY, Rung.RETRY, Rung.RESTART]
 
 
@@ -482,8 +488,17 @@ def test_dead_letter_reason_names_the_rungs_workers_platforms_and_last_error() -
     decisions = walk(Policy("medium", "progressive"), EVERYTHING, ["timeout"])
     last = decisions[-1]
     assert isinstance(last, DeadLetter) and last.cause == "budget"
-    for needle in ("6 of 6 attempts spent", "medium/progressive", "retry×2 (pool)", "restart×2 (w1)",
-                   "reroute×1 (w2)", "workers: w1, w2", "platforms: webgpu", "timeout on w2", "attempt 6"):  # fmt: skip
+    for needle in (
+        "6 of 6 attempts spent",
+        "medium/progressive",
+        "retry×2 (pool)",
+        "restart×2 (w1)",
+        "reroute×1 (w2)",
+        "workers: w1, w2",
+        "platforms: webgpu",
+        "timeout on w2",
+        "attempt 6",
+    ):
         assert needle in last.reason
 
 
@@ -498,9 +513,13 @@ def test_max_total_attempts_bounds_the_walk_for_random_failure_sequences() -> No
     platforms = ("webnn", "webgpu", "wasm")
     for seed in range(600):
         rng = random.Random(seed)
-        policy = Policy(rng.choice(FAULT_TOLERANCE_LEVELS), rng.choice(RECOVERY_STRATEGIES),
-                        max_attempts_per_rung=rng.randint(1, 4), max_total_attempts=rng.randint(1, 9),
-                        poison_after_workers=rng.randint(1, 4))  # fmt: skip
+        policy = Policy(
+            rng.choice(FAULT_TOLERANCE_LEVELS),
+            rng.choice(RECOVERY_STRATEGIES),
+            max_attempts_per_rung=rng.randint(1, 4),
+            max_total_attempts=rng.randint(1, 9),
+            poison_after_workers=rng.randint(1, 4),
+        )
         options = Options(
             replicas=tuple(rng.sample(pool, rng.randint(0, 5))),
             spare_workers=tuple(rng.sample(pool, rng.randint(0, 5))),
@@ -538,12 +557,18 @@ def test_failure_refuses_an_unknown_kind() -> None:
 
 
 def test_policy_from_env_reads_level_and_strategy_and_refuses_nonsense() -> None:
-    env = {"XSHARD_FAULT_TOLERANCE_LEVEL": "High", "XSHARD_RECOVERY_STRATEGY": "failover",
-           "XSHARD_MAX_TOTAL_ATTEMPTS": "9"}  # fmt: skip
+    env = {
+        "XSHARD_FAULT_TOLERANCE_LEVEL": "High",
+        "XSHARD_RECOVERY_STRATEGY": "failover",
+        "XSHARD_MAX_TOTAL_ATTEMPTS": "9",
+    }
     policy = Policy.from_env(env, max_attempts_per_rung=3, strategy=None)
     assert (policy.level, policy.strategy, policy.max_total_attempts, policy.max_attempts_per_rung) == (
-        "high", "failover", 9, 3
-    )  # fmt: skip
+        "high",
+        "failover",
+        9,
+        3,
+    )
     with pytest.raises(UnknownSetting):
         Policy.from_env({"XSHARD_MAX_TOTAL_ATTEMPTS": "forever"})
     with pytest.raises(UnknownSetting):

@@ -18,8 +18,8 @@ import pytest
 from broker.browsers import find_executable
 from broker.keys import EVENTS_GROUP
 from broker.streams import Broker
-from coordinator.cli import Parser, log_level_parent
-from coordinator.history_cli import add_history_commands, run_history_command
+from coordinator.cli.commands import Parser, log_level_parent
+from coordinator.cli.history import add_history_commands, run_history_command
 from tests.test_history import RealRun, event_ids, shared_real_run, workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,8 +129,18 @@ async def test_history_writer_command_consumes_until_sigterm(valkey: Any, namesp
     async with Broker(valkey.url, namespace) as broker:
         for ev in events[:60]:
             await broker.emit(ev)
-        proc = start_cli(log_path, "history-writer", "--redis", valkey.url, "--namespace", namespace, "--db", str(db),
-                         "--flush-interval-s", "0.1")  # fmt: skip
+        proc = start_cli(
+            log_path,
+            "history-writer",
+            "--redis",
+            valkey.url,
+            "--namespace",
+            namespace,
+            "--db",
+            str(db),
+            "--flush-interval-s",
+            "0.1",
+        )
         try:
             for ev in events[60:]:
                 await broker.emit(ev)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from coordinator.errors import InputError
-from coordinator.graph import TensorSpec
-from coordinator.validation import validate_inputs
+from coordinator.model.graph import TensorSpec
+from coordinator.model.validation import validate_inputs
 
 SPECS = (
     TensorSpec("input_ids", "int64", ("batch", "sequence")),

@@ -3,7 +3,7 @@
 Each ``save_tiny_*`` builds the model from transformers' own classes after ``torch.manual_seed(seed)`` and
 writes it with ``save_pretrained``; the same seed gives the same weights, so a test can rebuild the
 reference that an ``export_tiny_*`` file was made from. Each ``export_tiny_*`` saves into a temporary
-directory and runs :func:`coordinator.convert.convert_hf_dir` on it (which verifies against transformers).
+directory and runs :func:`coordinator.model.convert.convert_hf_dir` on it (which verifies against transformers).
 
 Graph inputs are ``input_ids`` and ``attention_mask`` (int64, batch x sequence); the output is ``logits``
 for GPT-2 and LLaMA, ``last_hidden_state`` for BERT. Needs torch and transformers.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from coordinator.convert import convert_hf_dir
+from coordinator.model.convert import convert_hf_dir
 
 HIDDEN = 64
 LAYERS = 4

@@ -1,6 +1,6 @@
 """Fault-tolerance policies: small, pure, and tested without Redis.
 
-- ``backoff``: exponential backoff with proportional jitter (``Backoff.delay_s``).
+- ``Backoff`` (from ``broker.retry``, the one retry helper): exponential backoff with proportional jitter.
 - ``breaker``: circuit breakers per worker and per (browser, platform) (``CircuitBreaker``, ``Breakers``).
 - ``ladder``: the recovery ladder and the level/strategy table (``ladder``, ``describe_table``).
 - ``policy``: the decision itself (``Policy.decide(failure, history, options, rng) -> Decision``).
@@ -8,7 +8,8 @@
 Nothing here does I/O, sleeps, or reads the clock; callers pass ``now_s`` and a ``random.Random``.
 """
 
-from .backoff import Backoff
+from broker.retry import Backoff
+
 from .breaker import Breakers, BreakerState, CircuitBreaker, breaker_key_name, transition
 from .errors import IllegalTransition, RecoveryError, UnknownSetting
 from .ladder import (

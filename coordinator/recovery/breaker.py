@@ -90,8 +90,11 @@ class CircuitBreaker:
         # A late failure while OPEN does not extend the cool-down.
 
     def snapshot(self, now_s: float) -> dict[str, Any]:
-        return {"state": self.state(now_s).value, "consecutive_failures": self.consecutive_failures,
-                "opened_at_s": self.opened_at_s}  # fmt: skip
+        return {
+            "state": self.state(now_s).value,
+            "consecutive_failures": self.consecutive_failures,
+            "opened_at_s": self.opened_at_s,
+        }
 
     def _cooled_down(self, now_s: float) -> bool:
         return self.opened_at_s is not None and now_s - self.opened_at_s >= self.cooldown_s

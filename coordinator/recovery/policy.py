@@ -35,7 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .backoff import Backoff
+from broker.retry import Backoff
+
 from .errors import UnknownSetting
 from .ladder import (
     DEFAULT_ATTEMPTS_PER_RUNG,
@@ -231,9 +232,13 @@ class Policy:
         """Read ``XSHARD_FAULT_TOLERANCE_LEVEL``, ``XSHARD_RECOVERY_STRATEGY``, ``XSHARD_MAX_ATTEMPTS_PER_RUNG``,
         ``XSHARD_MAX_TOTAL_ATTEMPTS`` and ``XSHARD_POISON_AFTER_WORKERS``; ``overrides`` that are not None win."""
         env = os.environ if environ is None else environ
-        names = {"level": "FAULT_TOLERANCE_LEVEL", "strategy": "RECOVERY_STRATEGY",
-                 "max_attempts_per_rung": "MAX_ATTEMPTS_PER_RUNG", "max_total_attempts": "MAX_TOTAL_ATTEMPTS",
-                 "poison_after_workers": "POISON_AFTER_WORKERS"}  # fmt: skip
+        names = {
+            "level": "FAULT_TOLERANCE_LEVEL",
+            "strategy": "RECOVERY_STRATEGY",
+            "max_attempts_per_rung": "MAX_ATTEMPTS_PER_RUNG",
+            "max_total_attempts": "MAX_TOTAL_ATTEMPTS",
+            "poison_after_workers": "POISON_AFTER_WORKERS",
+        }
         values: dict[str, object] = {}
         for name, var in names.items():
             raw = env.get(f"XSHARD_{var}")

@@ -18,17 +18,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
+from broker.errors import BrokerError
 from broker.keys import Keys
-
-from .argtypes import EXIT_FAILED, EXIT_USAGE, non_negative_float, positive_int
-from .console import fail
-from .history import HistoryError
-from .history_writer import WriterSettings, run_history_writer
-from .report import NoHistory, print_history, write_html_report
-from .settings import ManagerSettings
+from broker.streams import Broker
+from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, non_negative_float, positive_int
+from coordinator.cli.console import fail
+from coordinator.history.report import NoHistory, print_history, write_html_report
+from coordinator.history.store import HistoryError
+from coordinator.history.writer import HistoryWriter, WriterSettings
+from coordinator.settings import ManagerSettings
 
 
 def add_history_commands(sub: Any, common_parent: argparse.ArgumentParser) -> None:
@@ -64,8 +67,12 @@ def add_history_commands(sub: Any, common_parent: argparse.ArgumentParser) -> No
     w.add_argument("--db", type=Path, required=True, help="the DuckDB file to write (created if missing)")
     w.add_argument("--namespace", default=None, help="key namespace (default: XSHARD_NAMESPACE or default)")
     w.add_argument("--batch-size", type=positive_int, default=None, help="events per DuckDB transaction (default 256)")
-    w.add_argument("--flush-interval-s", type=non_negative_float, default=None,
-                   help="how long a partial batch waits for more events (default 1)")  # fmt: skip
+    w.add_argument(
+        "--flush-interval-s",
+        type=non_negative_float,
+        default=None,
+        help="how long a partial batch waits for more events (default 1)",
+    )
 
 
 def history_command(args: argparse.Namespace) -> int:
@@ -95,6 +102,44 @@ def report_command(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"wrote {out}")
     return 0
+
+
+async def run_history_writer(
+    redis_url: str, namespace: str, db_path: str | Path, settings: WriterSettings | None = None
+) -> int:
+    """``xshard history-writer``: consume until SIGINT or SIGTERM, then write what is left. Exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Broker(redis_url, namespace) as broker, HistoryWriter(broker, db_path, settings=settings) as w:
+            print(
+                f"xshard history-writer: consuming {w.stream} on {redis_url} into {w.store.db_path}",
+                file=sys.stderr,
+                flush=True,
+            )
+            assert w.task is not None
+            stopping = loop.create_task(stop.wait())
+            await asyncio.wait({w.task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if w.error is not None:
+                fail(f"history writer stopped: {w.error}")
+                return 1
+        t = w.totals
+        print(
+            f"xshard history-writer: stopped; wrote {t.requests} requests, {t.executions} executions, "
+            f"{t.recoveries} recoveries ({t.duplicates} redelivered, {w.dropped} dropped)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 0
+    except (BrokerError, HistoryError) as e:
+        fail(str(e))
+        return 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def history_writer_command(args: argparse.Namespace) -> int:

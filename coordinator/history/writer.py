@@ -10,31 +10,26 @@ The consumer name is stable (``writer`` unless configured) so a restarted writer
 previous run left pending. One writer per namespace and database file.
 
 Runs inside the manager (``HistoryWriter`` as an async context manager on the manager's broker) or
-alone: ``xshard history-writer`` / ``python -m coordinator.history_writer``.
+alone: ``xshard history-writer``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from broker.errors import BrokerError, BrokerUnavailable
+from broker.errors import BrokerUnavailable
 from broker.keys import EVENTS_GROUP
 from broker.messages import Event, ExecutionEvent, RecoveryEvent, RequestEvent
 from broker.streams import Broker, Delivery
-
-from .console import fail
-from .history import HistoryError, HistoryStore, WriteResult, event_row
+from coordinator.history.store import HistoryError, HistoryStore, WriteResult, event_row
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +78,14 @@ def sort_deliveries(deliveries: Sequence[Delivery]) -> tuple[list[Event], list[D
         try:
             event_row(msg, now)
         except (TypeError, ValueError) as e:
-            log.warning("history: dropping %s %s of request %s (entry %s): %s", msg.TYPE, msg.event_id,
-                        msg.request_id, d.entry_id, e)  # fmt: skip
+            log.warning(
+                "history: dropping %s %s of request %s (entry %s): %s",
+                msg.TYPE,
+                msg.event_id,
+                msg.request_id,
+                d.entry_id,
+                e,
+            )
             rejected.append(d)
             continue
         events.append(msg)
@@ -151,8 +152,12 @@ class HistoryWriter:
             while batch := await self._read(self.settings.batch_size, block_ms=1):
                 await self._commit(batch)
         t = self.totals
-        return WriteResult(t.requests - before.requests, t.executions - before.executions,
-                           t.recoveries - before.recoveries, t.duplicates - before.duplicates)  # fmt: skip
+        return WriteResult(
+            t.requests - before.requests,
+            t.executions - before.executions,
+            t.recoveries - before.recoveries,
+            t.duplicates - before.duplicates,
+        )
 
     async def close(self, flush: bool = True) -> None:
         self._closing = True
@@ -189,8 +194,9 @@ class HistoryWriter:
                     self.error = e
                     raise
                 delay_s = min(s.backoff_s * 2 ** (failures - 1), s.max_backoff_s)
-                log.warning("history: batch failed (%d/%d), retrying in %.1fs: %s", failures, s.max_failures,
-                            delay_s, e)  # fmt: skip
+                log.warning(
+                    "history: batch failed (%d/%d), retrying in %.1fs: %s", failures, s.max_failures, delay_s, e
+                )
                 await asyncio.sleep(delay_s)
             except Exception as e:
                 log.exception("history: the writer stopped")
@@ -198,8 +204,9 @@ class HistoryWriter:
                 raise
 
     async def _read(self, count: int, block_ms: int) -> list[Delivery]:
-        return await self.broker.read_group(EVENTS_GROUP, self.settings.consumer, [self.stream], count=count,
-                                            block_ms=block_ms)  # fmt: skip
+        return await self.broker.read_group(
+            EVENTS_GROUP, self.settings.consumer, [self.stream], count=count, block_ms=block_ms
+        )
 
     async def _collect(self) -> list[Delivery]:
         """Block for the first events, then gather more for up to ``flush_interval_s`` or a full batch."""
@@ -234,60 +241,20 @@ class HistoryWriter:
         for d in batch:
             await self.broker.ack(self.stream, EVENTS_GROUP, d.entry_id)
         t = self.totals
-        self.totals = WriteResult(t.requests + result.requests, t.executions + result.executions,
-                                  t.recoveries + result.recoveries, t.duplicates + result.duplicates)  # fmt: skip
+        self.totals = WriteResult(
+            t.requests + result.requests,
+            t.executions + result.executions,
+            t.recoveries + result.recoveries,
+            t.duplicates + result.duplicates,
+        )
         self.dropped += len(rejected)
-        log.debug("history: wrote %d requests, %d executions, %d recoveries (%d already written, %d dropped)",
-                  result.requests, result.executions, result.recoveries, result.duplicates, len(rejected))  # fmt: skip
+        log.debug(
+            "history: wrote %d requests, %d executions, %d recoveries (%d already written, %d dropped)",
+            result.requests,
+            result.executions,
+            result.recoveries,
+            result.duplicates,
+            len(rejected),
+        )
         if self._on_commit is not None:
             self._on_commit(result)
-
-
-async def run_history_writer(
-    redis_url: str, namespace: str, db_path: str | Path, settings: WriterSettings | None = None
-) -> int:
-    """``xshard history-writer``: consume until SIGINT or SIGTERM, then write what is left. Exit code."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with Broker(redis_url, namespace) as broker, HistoryWriter(broker, db_path, settings=settings) as w:
-            print(f"xshard history-writer: consuming {w.stream} on {redis_url} into {w.store.db_path}",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            assert w.task is not None
-            stopping = loop.create_task(stop.wait())
-            await asyncio.wait({w.task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if w.error is not None:
-                fail(f"history writer stopped: {w.error}")
-                return 1
-        t = w.totals
-        print(f"xshard history-writer: stopped; wrote {t.requests} requests, {t.executions} executions, "
-              f"{t.recoveries} recoveries ({t.duplicates} redelivered, {w.dropped} dropped)",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return 0
-    except (BrokerError, HistoryError) as e:
-        fail(str(e))
-        return 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coordinator.history_writer", description=__doc__.splitlines()[0])
-    p.add_argument("--redis", default=os.environ.get("REDIS_URL"), required=not os.environ.get("REDIS_URL"))
-    p.add_argument("--db", type=Path, required=True)
-    p.add_argument("--namespace", default=os.environ.get("XSHARD_NAMESPACE", "default"))
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--flush-interval-s", type=float, default=None)
-    p.add_argument("--log-level", default="WARNING")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = WriterSettings.from_env(batch_size=args.batch_size, flush_interval_s=args.flush_interval_s)
-    return asyncio.run(run_history_writer(args.redis, args.namespace, args.db, settings))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,9 +13,8 @@ from broker.errors import BrokerUnavailable
 from broker.keys import STAGE_GROUP
 from broker.messages import ShardJob
 from broker.streams import Broker
-
-from .fleet import Fleet
-from .recoverer import Recoverer
+from coordinator.runtime.fleet import Fleet
+from coordinator.runtime.recoverer import Recoverer
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +23,16 @@ Assign = Callable[[int, str], Awaitable[bool]]
 
 class Monitor:
     def __init__(
-        self, broker: Broker, fleet: Fleet, recoverer: Recoverer, route: tuple[str, ...], assign: Assign,
-        interval_s: float, sweep_interval_s: float, min_idle_ms: int,
-    ) -> None:  # fmt: skip
+        self,
+        broker: Broker,
+        fleet: Fleet,
+        recoverer: Recoverer,
+        route: tuple[str, ...],
+        assign: Assign,
+        interval_s: float,
+        sweep_interval_s: float,
+        min_idle_ms: int,
+    ) -> None:
         self.broker = broker
         self.fleet = fleet
         self.recoverer = recoverer
@@ -75,13 +81,19 @@ class Monitor:
         return [self.route[i] for i in self.fleet.stages_of(worker_id)] + [self.broker.keys.direct(worker_id)]
 
     async def _reclaim(self, worker_id: str, kind: str) -> None:
-        log.warning("worker %s: heartbeat lapsed (> %d ms); reclaiming its jobs", worker_id,
-                    self.fleet.heartbeat_timeout_ms)  # fmt: skip
+        log.warning(
+            "worker %s: heartbeat lapsed (> %d ms); reclaiming its jobs", worker_id, self.fleet.heartbeat_timeout_ms
+        )
         for stream in self._streams_of(worker_id):
             for d, deliveries in await self.broker.claim_from(stream, STAGE_GROUP, worker_id, self.recoverer.claimer):
                 if isinstance(d.message, ShardJob):
-                    log.warning("request %s stage %d: claimed from %s (delivery %d)", d.message.request_id,
-                                d.message.stage_index, worker_id, deliveries)  # fmt: skip
+                    log.warning(
+                        "request %s stage %d: claimed from %s (delivery %d)",
+                        d.message.request_id,
+                        d.message.stage_index,
+                        worker_id,
+                        deliveries,
+                    )
                     await self.recoverer.on_claimed(d.stream, d.entry_id, d.message, kind, worker_id)
                 else:
                     await self.broker.ack(d.stream, STAGE_GROUP, d.entry_id)
@@ -89,8 +101,12 @@ class Monitor:
         direct = self.broker.keys.direct(worker_id)
         for d in await self.broker.read_group(STAGE_GROUP, self.recoverer.claimer, [direct], count=1000, block_ms=None):
             if isinstance(d.message, ShardJob):
-                log.warning("request %s stage %d: unread on lost %s; recovering", d.message.request_id,
-                            d.message.stage_index, worker_id)  # fmt: skip
+                log.warning(
+                    "request %s stage %d: unread on lost %s; recovering",
+                    d.message.request_id,
+                    d.message.stage_index,
+                    worker_id,
+                )
                 await self.recoverer.on_claimed(d.stream, d.entry_id, d.message, kind, worker_id)
             else:
                 await self.broker.ack(d.stream, STAGE_GROUP, d.entry_id)
@@ -107,12 +123,14 @@ class Monitor:
                 if await self._assign(index, spare):
                     ok = True
                     break
-            self.recoverer.note(index, lost, "worker-lost", "redistribute", ok, started,
-                                f"stage {index} lost its only worker {lost}")  # fmt: skip
+            self.recoverer.note(
+                index, lost, "worker-lost", "redistribute", ok, started, f"stage {index} lost its only worker {lost}"
+            )
 
     async def _sweep(self) -> None:
-        streams = list(self.route) + sorted({self.broker.keys.direct(w) for ids in self.fleet.serving.values()
-                                             for w in ids})  # fmt: skip
+        streams = list(self.route) + sorted(
+            {self.broker.keys.direct(w) for ids in self.fleet.serving.values() for w in ids}
+        )
         for stream in streams:
             for d in await self.broker.claim_stale(stream, STAGE_GROUP, self.recoverer.claimer, self.min_idle_ms):
                 if isinstance(d.message, ShardJob):

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError, PlanError
+from coordinator.errors import ModelError, PlanError
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,16 @@ SAMPLE_DIM = 16
 SCALAR_FEED_SHAPE = (1,)  # how a rank-0 tensor is fed to a shard
 
 _ONNX_TO_NUMPY: dict[int, str] = {
-    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT16: "int16",
-    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
-}  # fmt: skip
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT16: "int16",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.BOOL: "bool",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +140,10 @@ def node_inputs(node: onnx.NodeProto) -> set[str]:
 def _sample_inputs(specs: Iterable[TensorSpec]) -> dict[str, np.ndarray]:
     feeds = {}
     for s in specs:
-        shape = [d if isinstance(d, int) and d > 0 else (SAMPLE_BATCH if i == 0 else SAMPLE_DIM)
-                 for i, d in enumerate(s.shape)]  # fmt: skip
+        shape = [
+            d if isinstance(d, int) and d > 0 else (SAMPLE_BATCH if i == 0 else SAMPLE_DIM)
+            for i, d in enumerate(s.shape)
+        ]
         fill = 0 if s.dtype.startswith("float") else 1
         feeds[s.name] = np.full(shape, fill, dtype=s.dtype)
     return feeds
@@ -214,8 +222,9 @@ def profile_graph(model: onnx.ModelProto, model_sha256: str) -> GraphProfile:
                 last_use[name] = i
                 consumers.setdefault(name, []).append(i)
         weight_bytes.append(sum(_tensor_nbytes(inits[x]) for x in used if x in inits))
-        weight_shapes.append(tuple(sorted(tuple(int(d) for d in inits[x].dims) for x in used
-                                          if x in inits and len(inits[x].dims) >= 2)))  # fmt: skip
+        weight_shapes.append(
+            tuple(sorted(tuple(int(d) for d in inits[x].dims) for x in used if x in inits and len(inits[x].dims) >= 2))
+        )
         for name in node.output:
             if name:
                 producer[name] = i
@@ -273,9 +282,14 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
 
 
 def extract_shard(
-    model: onnx.ModelProto, start: int, end: int, input_names: Iterable[str], output_names: Iterable[str],
-    dtypes: dict[str, str], ranks: dict[str, int],
-) -> bytes:  # fmt: skip
+    model: onnx.ModelProto,
+    start: int,
+    end: int,
+    input_names: Iterable[str],
+    output_names: Iterable[str],
+    dtypes: dict[str, str],
+    ranks: dict[str, int],
+) -> bytes:
     """Serialize nodes ``[start, end)`` as a standalone ONNX model with the given inputs and outputs.
 
     Scalar (rank-0) inputs are declared with shape ``[1]`` and squeezed inside the shard:

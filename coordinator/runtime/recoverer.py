@@ -23,10 +23,7 @@ from broker.ledger import Ledger
 from broker.messages import DeadLetter as DeadLetterMessage
 from broker.messages import RecoveryEvent, Restart, ShardFailure, ShardJob
 from broker.streams import Broker
-
-from .fleet import Fleet
-from .metrics import LiveMetrics
-from .recovery import (
+from coordinator.recovery import (
     FAILURE_KINDS,
     ChangePlatform,
     DeadLetter,
@@ -40,8 +37,10 @@ from .recovery import (
     StageHistory,
     counts_against_worker,
 )
-from .recovery import Restart as RestartDecision
-from .requests import RequestTracker
+from coordinator.recovery import Restart as RestartDecision
+from coordinator.runtime.fleet import Fleet
+from coordinator.runtime.metrics import LiveMetrics
+from coordinator.runtime.requests import RequestTracker
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +62,19 @@ class OpenRecovery:
 
 class Recoverer:
     def __init__(
-        self, *, broker: Broker, ledger: Ledger, fleet: Fleet, policy: Policy, tracker: RequestTracker,
-        metrics: LiveMetrics, assign: Assign, coordinator_id: str, model_name: str, plan_id: str,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        broker: Broker,
+        ledger: Ledger,
+        fleet: Fleet,
+        policy: Policy,
+        tracker: RequestTracker,
+        metrics: LiveMetrics,
+        assign: Assign,
+        coordinator_id: str,
+        model_name: str,
+        plan_id: str,
+    ) -> None:
         self.broker = broker
         self.ledger = ledger
         self.fleet = fleet
@@ -88,16 +97,28 @@ class Recoverer:
     async def on_failure(self, f: ShardFailure, entry: tuple[str, str]) -> None:
         """A worker handed a job back (reply stream)."""
         job = ShardJob(
-            request_id=f.request_id, plan_id=f.plan_id, stage_index=f.stage_index, route=f.route,
-            reply_stream=f.reply_stream, tensors=f.tensors, enqueued_ms=time.time() * 1000.0, attempt=f.attempt,
+            request_id=f.request_id,
+            plan_id=f.plan_id,
+            stage_index=f.stage_index,
+            route=f.route,
+            reply_stream=f.reply_stream,
+            tensors=f.tensors,
+            enqueued_ms=time.time() * 1000.0,
+            attempt=f.attempt,
             trace=f.trace,
-        )  # fmt: skip
+        )
         self.metrics.record_component(
             f"shard_{f.stage_index}",
-            {"browser": self.fleet.browser(f.worker_id) or "unknown", "platform": f.platform or "unknown",
-             "shard_type": self.metrics.shard_type, "shard_index": f.stage_index, "worker_id": f.worker_id},
-            False, None,
-        )  # fmt: skip
+            {
+                "browser": self.fleet.browser(f.worker_id) or "unknown",
+                "platform": f.platform or "unknown",
+                "shard_type": self.metrics.shard_type,
+                "shard_index": f.stage_index,
+                "worker_id": f.worker_id,
+            },
+            False,
+            None,
+        )
         if f.route:
             await self.recover(job, f.kind, f.worker_id, f.platform, f.error, None)
         else:
@@ -106,14 +127,24 @@ class Recoverer:
 
     async def on_claimed(self, stream: str, entry_id: str, job: ShardJob, kind: str, worker_id: str) -> None:
         """The monitor claimed a job held by a worker that died or hung."""
-        platform = str((self.fleet.live.get(worker_id) or {}).get("execution_provider", ""))
+        platform = self.fleet.provider(worker_id)
         await self.recover(job, kind, worker_id, platform, f"worker {worker_id} {kind}", (stream, entry_id))
 
-    def note(self, shard_index: int, worker_id: str, failure: str, action: str, ok: bool, started_s: float,
-             error: str) -> None:  # fmt: skip
+    def note(
+        self, shard_index: int, worker_id: str, failure: str, action: str, ok: bool, started_s: float, error: str
+    ) -> None:
         """Record a recovery that belongs to no single request (a stage left without a worker)."""
-        rec = OpenRecovery(failure, action, worker_id, self.fleet.browser(worker_id), "", shard_index, error,
-                           started_s, time.time() * 1000.0)  # fmt: skip
+        rec = OpenRecovery(
+            failure,
+            action,
+            worker_id,
+            self.fleet.browser(worker_id),
+            "",
+            shard_index,
+            error,
+            started_s,
+            time.time() * 1000.0,
+        )
         self._record_event("", rec, ok, (time.monotonic() - started_s) * 1000.0)
 
     def finished(self, request_id: str, ok: bool) -> None:
@@ -134,10 +165,15 @@ class Recoverer:
         if counts_against_worker(kind) and worker_id:
             self.fleet.record(worker_id, platform, ok=False)
         failure = Failure(
-            request_id=job.request_id, stage_index=stage, worker_id=worker_id or None, browser=browser or None,
-            platform=platform or None, kind=cast(FailureKind, kind if kind in FAILURE_KINDS else "unavailable"),
-            error=error, attempt=max(1, job.attempt),
-        )  # fmt: skip
+            request_id=job.request_id,
+            stage_index=stage,
+            worker_id=worker_id or None,
+            browser=browser or None,
+            platform=platform or None,
+            kind=cast(FailureKind, kind if kind in FAILURE_KINDS else "unavailable"),
+            error=error,
+            attempt=max(1, job.attempt),
+        )
         history = self._histories.get((job.request_id, stage), StageHistory())
         limit = self.max_attempts.get(job.request_id)
         if limit is not None and job.attempt >= limit:
@@ -145,8 +181,9 @@ class Recoverer:
         else:
             decision = self.policy.decide(failure, history, self._options(stage, worker_id, kind), self._rng)
         started = time.monotonic()
-        rec = OpenRecovery(kind, decision.rung.name.lower(), worker_id, browser, platform, stage, error, started,
-                           time.time() * 1000.0)  # fmt: skip
+        rec = OpenRecovery(
+            kind, decision.rung.name.lower(), worker_id, browser, platform, stage, error, started, time.time() * 1000.0
+        )
         self._open.setdefault(job.request_id, []).append(rec)
         log.warning("request %s stage %d: %s on %s -> %s", job.request_id, stage, kind, worker_id or "?", decision)
         if isinstance(decision, DeadLetter):
@@ -158,10 +195,17 @@ class Recoverer:
             await self._bury(job, f"recovery could not act on {decision}", error, history, src)
             return
         retry = ShardJob(
-            request_id=job.request_id, plan_id=job.plan_id, stage_index=stage, route=job.route,
-            reply_stream=job.reply_stream, tensors=job.tensors, enqueued_ms=time.time() * 1000.0,
-            attempt=job.attempt + 1, trace=job.trace, target_platform=target_platform,
-        )  # fmt: skip
+            request_id=job.request_id,
+            plan_id=job.plan_id,
+            stage_index=stage,
+            route=job.route,
+            reply_stream=job.reply_stream,
+            tensors=job.tensors,
+            enqueued_ms=time.time() * 1000.0,
+            attempt=job.attempt + 1,
+            trace=job.trace,
+            target_platform=target_platform,
+        )
         if src is not None:
             await self.broker.hand_off(src[0], STAGE_GROUP, src[1], self.claimer, dst, retry)
         else:
@@ -205,10 +249,19 @@ class Recoverer:
         self, job: ShardJob, reason: str, error: str, history: StageHistory, src: tuple[str, str] | None
     ) -> None:
         dead = DeadLetterMessage(
-            request_id=job.request_id, plan_id=job.plan_id, stage_index=job.stage_index, route=job.route,
-            reply_stream=job.reply_stream, tensors=job.tensors, reason=reason, error=error, attempts=job.attempt,
-            workers_tried=history.workers_tried, ts_ms=time.time() * 1000.0, trace=job.trace,
-        )  # fmt: skip
+            request_id=job.request_id,
+            plan_id=job.plan_id,
+            stage_index=job.stage_index,
+            route=job.route,
+            reply_stream=job.reply_stream,
+            tensors=job.tensors,
+            reason=reason,
+            error=error,
+            attempts=job.attempt,
+            workers_tried=history.workers_tried,
+            ts_ms=time.time() * 1000.0,
+            trace=job.trace,
+        )
         await self.ledger.bury(dead, self.coordinator_id)
         if src is not None:
             await self.broker.ack(src[0], STAGE_GROUP, src[1])
@@ -218,17 +271,38 @@ class Recoverer:
 
     def _record_event(self, request_id: str, rec: OpenRecovery, ok: bool, duration_ms: float) -> None:
         event = RecoveryEvent(
-            event_id=uuid.uuid4().hex, ts_ms=rec.ts_ms, request_id=request_id, plan_id=self.plan_id,
-            model_name=self.model_name, shard_index=rec.shard_index, worker_id=rec.worker_id, browser=rec.browser,
-            platform=rec.platform, failure=rec.failure, action=rec.action, success=ok, duration_ms=duration_ms,
+            event_id=uuid.uuid4().hex,
+            ts_ms=rec.ts_ms,
+            request_id=request_id,
+            plan_id=self.plan_id,
+            model_name=self.model_name,
+            shard_index=rec.shard_index,
+            worker_id=rec.worker_id,
+            browser=rec.browser,
+            platform=rec.platform,
+            failure=rec.failure,
+            action=rec.action,
+            success=ok,
+            duration_ms=duration_ms,
             error=rec.error[:1000],
-        )  # fmt: skip
-        self.metrics.recovery_events.append({
-            "timestamp": rec.ts_ms / 1000.0, "event_id": event.event_id, "request_id": request_id,
-            "plan_id": self.plan_id, "shard_index": rec.shard_index, "worker_id": rec.worker_id,
-            "browser": rec.browser, "platform": rec.platform, "failure": rec.failure, "action": rec.action,
-            "success": ok, "duration_ms": round(duration_ms, 3), "error": rec.error[:300],
-        })  # fmt: skip
+        )
+        self.metrics.recovery_events.append(
+            {
+                "timestamp": rec.ts_ms / 1000.0,
+                "event_id": event.event_id,
+                "request_id": request_id,
+                "plan_id": self.plan_id,
+                "shard_index": rec.shard_index,
+                "worker_id": rec.worker_id,
+                "browser": rec.browser,
+                "platform": rec.platform,
+                "failure": rec.failure,
+                "action": rec.action,
+                "success": ok,
+                "duration_ms": round(duration_ms, 3),
+                "error": rec.error[:300],
+            }
+        )
         task = asyncio.get_running_loop().create_task(self._emit(event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .graph import TensorSpec
+from coordinator.errors import InputError
+from coordinator.model.graph import TensorSpec
 
 DEFAULTED = {"attention_mask": 1, "token_type_ids": 0}
 

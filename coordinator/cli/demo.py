@@ -16,9 +16,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from .console import ProgressPrinter, fail, format_allocation, format_table
-from .manager import ModelShardingManager
-from .settings import ManagerSettings
+from coordinator.cli.console import ProgressPrinter, fail, format_allocation, format_table
+from coordinator.manager import ModelShardingManager
+from coordinator.settings import ManagerSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import AllocationError
+from broker.kinds import PLATFORMS
+from coordinator.errors import AllocationError
 
-BROWSER_ALIASES = {"chrome": "chromium", "chromium": "chromium", "firefox": "firefox", "edge": "edge",
-                   "msedge": "edge"}  # fmt: skip
-PLATFORMS = ("auto", "wasm", "webgpu", "webnn")
+BROWSER_ALIASES = {"chrome": "chromium", "chromium": "chromium", "firefox": "firefox", "edge": "edge", "msedge": "edge"}
 
 # The guide's table: (model type, component role) -> (browser, why).
 GUIDE_TABLE: dict[tuple[str, str], tuple[str, str]] = {
@@ -41,8 +40,12 @@ class Slot:
     reason: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"browser": self.browser, "platform": self.platform, "specialization": self.specialization,
-                "reason": self.reason}  # fmt: skip
+        return {
+            "browser": self.browser,
+            "platform": self.platform,
+            "specialization": self.specialization,
+            "reason": self.reason,
+        }
 
 
 def normalize_browser(name: str) -> str:

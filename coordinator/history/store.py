@@ -29,9 +29,8 @@ from typing import Any
 import duckdb
 
 from broker.messages import Event, ExecutionEvent, RecoveryEvent, RequestEvent
-
-from .errors import XshardError
-from .recommendations import BrowserStat
+from coordinator.errors import XshardError
+from coordinator.planning.recommendations import BrowserStat
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +44,60 @@ class HistoryError(XshardError):
 
 # (column, type) per table, in insert order; the first column is the primary key.
 HISTORY_COLUMNS = (
-    ("request_id", "VARCHAR"), ("event_id", "VARCHAR"), ("ts", "TIMESTAMP"), ("model_name", "VARCHAR"),
-    ("plan_id", "VARCHAR"), ("shard_type", "VARCHAR"), ("num_shards", "INTEGER"), ("coordinator_id", "VARCHAR"),
-    ("latency_ms", "DOUBLE"), ("kernel_ms", "DOUBLE"), ("attempts", "INTEGER"), ("outcome", "VARCHAR"),
-    ("error", "VARCHAR"), ("recorded_at", "TIMESTAMP"),
-)  # fmt: skip
+    ("request_id", "VARCHAR"),
+    ("event_id", "VARCHAR"),
+    ("ts", "TIMESTAMP"),
+    ("model_name", "VARCHAR"),
+    ("plan_id", "VARCHAR"),
+    ("shard_type", "VARCHAR"),
+    ("num_shards", "INTEGER"),
+    ("coordinator_id", "VARCHAR"),
+    ("latency_ms", "DOUBLE"),
+    ("kernel_ms", "DOUBLE"),
+    ("attempts", "INTEGER"),
+    ("outcome", "VARCHAR"),
+    ("error", "VARCHAR"),
+    ("recorded_at", "TIMESTAMP"),
+)
 COMPONENT_COLUMNS = (
-    ("event_id", "VARCHAR"), ("ts", "TIMESTAMP"), ("request_id", "VARCHAR"), ("model_name", "VARCHAR"),
-    ("plan_id", "VARCHAR"), ("shard_index", "INTEGER"), ("shard_type", "VARCHAR"), ("worker_id", "VARCHAR"),
-    ("browser", "VARCHAR"), ("platform", "VARCHAR"), ("adapter", "VARCHAR"), ("kernel_ms", "DOUBLE"),
-    ("queue_ms", "DOUBLE"), ("transfer_ms", "DOUBLE"), ("bytes_in", "BIGINT"), ("bytes_out", "BIGINT"),
-    ("attempt", "INTEGER"), ("outcome", "VARCHAR"), ("error", "VARCHAR"), ("recorded_at", "TIMESTAMP"),
-)  # fmt: skip
+    ("event_id", "VARCHAR"),
+    ("ts", "TIMESTAMP"),
+    ("request_id", "VARCHAR"),
+    ("model_name", "VARCHAR"),
+    ("plan_id", "VARCHAR"),
+    ("shard_index", "INTEGER"),
+    ("shard_type", "VARCHAR"),
+    ("worker_id", "VARCHAR"),
+    ("browser", "VARCHAR"),
+    ("platform", "VARCHAR"),
+    ("adapter", "VARCHAR"),
+    ("kernel_ms", "DOUBLE"),
+    ("queue_ms", "DOUBLE"),
+    ("transfer_ms", "DOUBLE"),
+    ("bytes_in", "BIGINT"),
+    ("bytes_out", "BIGINT"),
+    ("attempt", "INTEGER"),
+    ("outcome", "VARCHAR"),
+    ("error", "VARCHAR"),
+    ("recorded_at", "TIMESTAMP"),
+)
 RECOVERY_COLUMNS = (
-    ("event_id", "VARCHAR"), ("ts", "TIMESTAMP"), ("request_id", "VARCHAR"), ("model_name", "VARCHAR"),
-    ("plan_id", "VARCHAR"), ("shard_index", "INTEGER"), ("worker_id", "VARCHAR"), ("browser", "VARCHAR"),
-    ("platform", "VARCHAR"), ("failure", "VARCHAR"), ("action", "VARCHAR"), ("success", "BOOLEAN"),
-    ("duration_ms", "DOUBLE"), ("error", "VARCHAR"), ("recorded_at", "TIMESTAMP"),
-)  # fmt: skip
+    ("event_id", "VARCHAR"),
+    ("ts", "TIMESTAMP"),
+    ("request_id", "VARCHAR"),
+    ("model_name", "VARCHAR"),
+    ("plan_id", "VARCHAR"),
+    ("shard_index", "INTEGER"),
+    ("worker_id", "VARCHAR"),
+    ("browser", "VARCHAR"),
+    ("platform", "VARCHAR"),
+    ("failure", "VARCHAR"),
+    ("action", "VARCHAR"),
+    ("success", "BOOLEAN"),
+    ("duration_ms", "DOUBLE"),
+    ("error", "VARCHAR"),
+    ("recorded_at", "TIMESTAMP"),
+)
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "model_sharding_history": HISTORY_COLUMNS,
     "model_sharding_components": COMPONENT_COLUMNS,
@@ -72,8 +107,10 @@ METRICS_TABLE = "model_sharding_browser_metrics"
 SCHEMA = [
     *(
         f"CREATE TABLE IF NOT EXISTS {name} ("
-        + ", ".join(f"{c} {t}" + (" PRIMARY KEY" if k == 0 else " NOT NULL" if c in ("ts", "model_name") else "")
-                    for k, (c, t) in enumerate(cols))
+        + ", ".join(
+            f"{c} {t}" + (" PRIMARY KEY" if k == 0 else " NOT NULL" if c in ("ts", "model_name") else "")
+            for k, (c, t) in enumerate(cols)
+        )
         + (", UNIQUE (event_id))" if name == "model_sharding_history" else ")")
         for name, cols in TABLES.items()
     ),
@@ -83,7 +120,7 @@ SCHEMA = [
         total_latency_ms DOUBLE, avg_kernel_ms DOUBLE, p50_kernel_ms DOUBLE, p95_kernel_ms DOUBLE,
         avg_queue_ms DOUBLE, avg_transfer_ms DOUBLE, first_ts TIMESTAMP, last_ts TIMESTAMP, updated_at TIMESTAMP,
         PRIMARY KEY (model_name, shard_type, browser, platform))""",
-]  # fmt: skip
+]
 REFRESH_METRICS = f"""
     INSERT INTO {METRICS_TABLE}
     SELECT model_name, shard_type, browser, platform,
@@ -126,25 +163,64 @@ def event_row(event: Event, recorded_at: datetime) -> tuple[str, tuple[Any, ...]
     e: Any = event
     if isinstance(event, RequestEvent):
         return "model_sharding_history", (
-            str(e.request_id), str(e.event_id), utc(float(e.ts_ms)), str(e.model_name), str(e.plan_id),
-            str(e.shard_type), int(e.num_shards), str(e.coordinator_id), float(e.latency_ms), float(e.kernel_ms),
-            int(e.attempts), str(e.outcome), str(e.error), recorded_at,
-        )  # fmt: skip
+            str(e.request_id),
+            str(e.event_id),
+            utc(float(e.ts_ms)),
+            str(e.model_name),
+            str(e.plan_id),
+            str(e.shard_type),
+            int(e.num_shards),
+            str(e.coordinator_id),
+            float(e.latency_ms),
+            float(e.kernel_ms),
+            int(e.attempts),
+            str(e.outcome),
+            str(e.error),
+            recorded_at,
+        )
     if isinstance(event, ExecutionEvent):
         return "model_sharding_components", (
-            str(e.event_id), utc(float(e.ts_ms)), str(e.request_id), str(e.model_name), str(e.plan_id),
-            int(e.shard_index), str(e.shard_type), str(e.worker_id), str(e.browser), str(e.platform),
-            str(e.adapter), float(e.kernel_ms), float(e.queue_ms), float(e.transfer_ms), int(e.bytes_in),
-            int(e.bytes_out), int(e.attempt), str(e.outcome), str(e.error), recorded_at,
-        )  # fmt: skip
+            str(e.event_id),
+            utc(float(e.ts_ms)),
+            str(e.request_id),
+            str(e.model_name),
+            str(e.plan_id),
+            int(e.shard_index),
+            str(e.shard_type),
+            str(e.worker_id),
+            str(e.browser),
+            str(e.platform),
+            str(e.adapter),
+            float(e.kernel_ms),
+            float(e.queue_ms),
+            float(e.transfer_ms),
+            int(e.bytes_in),
+            int(e.bytes_out),
+            int(e.attempt),
+            str(e.outcome),
+            str(e.error),
+            recorded_at,
+        )
     if isinstance(event, RecoveryEvent):
         if not isinstance(e.success, bool):
             raise TypeError(f"recovery event {e.event_id}: success must be a bool, got {e.success!r}")
         return "model_sharding_recovery_events", (
-            str(e.event_id), utc(float(e.ts_ms)), str(e.request_id), str(e.model_name), str(e.plan_id),
-            int(e.shard_index), str(e.worker_id), str(e.browser), str(e.platform), str(e.failure), str(e.action),
-            e.success, float(e.duration_ms), str(e.error), recorded_at,
-        )  # fmt: skip
+            str(e.event_id),
+            utc(float(e.ts_ms)),
+            str(e.request_id),
+            str(e.model_name),
+            str(e.plan_id),
+            int(e.shard_index),
+            str(e.worker_id),
+            str(e.browser),
+            str(e.platform),
+            str(e.failure),
+            str(e.action),
+            e.success,
+            float(e.duration_ms),
+            str(e.error),
+            recorded_at,
+        )
     raise TypeError(f"not a history event: {type(event).__name__}")
 
 
@@ -243,8 +319,9 @@ class HistoryStore:
                 for table, table_rows in rows.items():
                     inserted[table] = self._insert(con, table, table_rows)
                 if models:
-                    con.execute(f"DELETE FROM {METRICS_TABLE} WHERE model_name IN (SELECT unnest(?::VARCHAR[]))",
-                                [models])  # fmt: skip
+                    con.execute(
+                        f"DELETE FROM {METRICS_TABLE} WHERE model_name IN (SELECT unnest(?::VARCHAR[]))", [models]
+                    )
                     con.execute(REFRESH_METRICS, [now, models])
                 con.execute("COMMIT")
             except BaseException:
@@ -252,8 +329,12 @@ class HistoryStore:
                     con.execute("ROLLBACK")
                 raise
         total = sum(len(r) for r in rows.values())
-        result = WriteResult(inserted["model_sharding_history"], inserted["model_sharding_components"],
-                             inserted["model_sharding_recovery_events"], 0)  # fmt: skip
+        result = WriteResult(
+            inserted["model_sharding_history"],
+            inserted["model_sharding_components"],
+            inserted["model_sharding_recovery_events"],
+            0,
+        )
         return WriteResult(result.requests, result.executions, result.recoveries, total - result.written)
 
     @staticmethod
@@ -296,13 +377,17 @@ class HistoryStore:
         """Per shard type and browser+platform (from the metrics table); with ``by_shard``, per shard index
         too (from the components, of ``plan_id`` if given)."""
         if not by_shard:
-            rows = self.query(f"""
+            rows = self.query(
+                f"""
                 SELECT browser, platform, execution_count AS runs, success_count AS successes,
                        p50_kernel_ms, p95_kernel_ms, avg_kernel_ms, model_name, shard_type, NULL AS shard_index
                 FROM {METRICS_TABLE} WHERE model_name = ? AND (?::VARCHAR IS NULL OR shard_type = ?)
-                ORDER BY shard_type, browser, platform""", [model_name, shard_type, shard_type])  # fmt: skip
+                ORDER BY shard_type, browser, platform""",
+                [model_name, shard_type, shard_type],
+            )
         else:
-            rows = self.query("""
+            rows = self.query(
+                """
                 SELECT browser, platform, count(*) AS runs, count(*) FILTER (outcome = 'success') AS successes,
                        coalesce(quantile_cont(kernel_ms, 0.5) FILTER (outcome = 'success'), 0) AS p50_kernel_ms,
                        coalesce(quantile_cont(kernel_ms, 0.95) FILTER (outcome = 'success'), 0) AS p95_kernel_ms,
@@ -311,7 +396,8 @@ class HistoryStore:
                 FROM model_sharding_components
                 WHERE model_name = ? AND (?::VARCHAR IS NULL OR shard_type = ?) AND (?::VARCHAR IS NULL OR plan_id = ?)
                 GROUP BY ALL ORDER BY shard_type, shard_index, browser, platform""",
-                [model_name, shard_type, shard_type, plan_id, plan_id])  # fmt: skip
+                [model_name, shard_type, shard_type, plan_id, plan_id],
+            )
         return [BrowserStat(**r) for r in rows]
 
     def model_history(
@@ -325,35 +411,56 @@ class HistoryStore:
 
 def _model_history(r: Reader, model_name: str, plan_id: str | None, timeline_length: int) -> dict[str, Any]:
     exec_counters = COUNTERS.format(lat="kernel_ms")
-    comps = r.rows(f"""
+    comps = r.rows(
+        f"""
         SELECT shard_index, {exec_counters}, arg_max(browser, ts) AS browser,
                arg_max(platform, ts) AS platform, arg_max(shard_type, ts) AS shard_type
         FROM model_sharding_components WHERE model_name = ? AND (?::VARCHAR IS NULL OR plan_id = ?)
-        GROUP BY shard_index ORDER BY shard_index""", [model_name, plan_id, plan_id])  # fmt: skip
+        GROUP BY shard_index ORDER BY shard_index""",
+        [model_name, plan_id, plan_id],
+    )
     history: dict[str, Any] = {"components": {f"shard_{c['shard_index']}": counters(c) for c in comps}}
-    for section, key in (("browser_metrics", "browser"), ("platform_metrics", "platform"),
-                         ("browser_platform_metrics", "browser || '/' || platform"),
-                         ("shard_types", "shard_type")):  # fmt: skip
-        rows = r.rows(f"SELECT {key} AS k, {exec_counters} FROM model_sharding_components WHERE model_name = ? "
-                      "GROUP BY k ORDER BY k", [model_name])  # fmt: skip
+    for section, key in (
+        ("browser_metrics", "browser"),
+        ("platform_metrics", "platform"),
+        ("browser_platform_metrics", "browser || '/' || platform"),
+        ("shard_types", "shard_type"),
+    ):
+        rows = r.rows(
+            f"SELECT {key} AS k, {exec_counters} FROM model_sharding_components WHERE model_name = ? "
+            "GROUP BY k ORDER BY k",
+            [model_name],
+        )
         history[section] = {row.pop("k"): counters(row) for row in rows}
-    overall = r.rows(f"SELECT {COUNTERS.format(lat='latency_ms')} FROM model_sharding_history WHERE model_name = ?",
-                     [model_name])  # fmt: skip
+    overall = r.rows(
+        f"SELECT {COUNTERS.format(lat='latency_ms')} FROM model_sharding_history WHERE model_name = ?", [model_name]
+    )
     history["overall_metrics"] = counters(overall[0] if overall else {})
-    recent = r.rows("""SELECT epoch_ms(ts) AS ms, request_id, outcome, latency_ms, error FROM model_sharding_history
-                       WHERE model_name = ? ORDER BY ts DESC LIMIT ?""", [model_name, timeline_length])  # fmt: skip
+    recent = r.rows(
+        """SELECT epoch_ms(ts) AS ms, request_id, outcome, latency_ms, error FROM model_sharding_history
+                       WHERE model_name = ? ORDER BY ts DESC LIMIT ?""",
+        [model_name, timeline_length],
+    )
     history["timeline"] = [
-        {"timestamp": t["ms"] / 1000.0, "request_id": t["request_id"], "success": t["outcome"] == "success",
-         "latency_ms": round(t["latency_ms"], 3), **({"error": t["error"]} if t["error"] else {})}
+        {
+            "timestamp": t["ms"] / 1000.0,
+            "request_id": t["request_id"],
+            "success": t["outcome"] == "success",
+            "latency_ms": round(t["latency_ms"], 3),
+            **({"error": t["error"]} if t["error"] else {}),
+        }
         for t in reversed(recent)
-    ]  # fmt: skip
+    ]
     history["recovery_events"] = [
         {"timestamp": e.pop("ms") / 1000.0, **e}
-        for e in r.rows("""
+        for e in r.rows(
+            """
             SELECT epoch_ms(ts) AS ms, event_id, request_id, plan_id, shard_index, worker_id, browser, platform,
                    failure, action, success, duration_ms, error
-            FROM model_sharding_recovery_events WHERE model_name = ? ORDER BY ts""", [model_name])
-    ]  # fmt: skip
+            FROM model_sharding_recovery_events WHERE model_name = ? ORDER BY ts""",
+            [model_name],
+        )
+    ]
     return history
 
 

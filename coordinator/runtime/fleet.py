@@ -5,32 +5,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-from .recovery import Breakers
-
-
-def _platforms(info: dict[str, Any]) -> tuple[str, ...]:
-    caps = info.get("capabilities") or {}
-    out = ["wasm"]
-    if (caps.get("webgpu") or {}).get("available"):
-        out.append("webgpu")
-    if (caps.get("webnn") or {}).get("available"):
-        out.append("webnn")
-    return tuple(out)
+from broker.registry import WorkerInfo
+from coordinator.recovery import Breakers
 
 
 @dataclass
 class Fleet:
     heartbeat_timeout_ms: int
     serving: dict[int, list[str]] = field(default_factory=dict)  # stage index -> worker ids
-    live: dict[str, dict[str, Any]] = field(default_factory=dict)  # worker id -> registration
+    live: dict[str, WorkerInfo] = field(default_factory=dict)  # worker id -> registration
     dead: set[str] = field(default_factory=set)
     breakers: Breakers = field(default_factory=Breakers)
 
-    def update(self, live: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    def update(self, live: list[WorkerInfo]) -> tuple[list[str], list[str]]:
         """Take a fresh registry read; return (workers found dead, workers back to life)."""
-        now = {w["worker_id"]: w for w in live}
+        now = {w.worker_id: w for w in live}
         known = {wid for ids in self.serving.values() for wid in ids}
         died = sorted(wid for wid in known if wid not in now and wid not in self.dead)
         revived = sorted(wid for wid in self.dead if wid in now)
@@ -52,7 +42,7 @@ class Fleet:
         if info is None or worker_id in self.dead:
             return False
         now_s = time.monotonic() if now_s is None else now_s
-        key = (info.get("browser", ""), info.get("execution_provider", ""))
+        key = (info.browser, info.execution_provider)
         return self.breakers.allows(worker_id, now_s) and self.breakers.allows(key, now_s)
 
     def replicas(self, stage_index: int, exclude: str) -> tuple[str, ...]:
@@ -64,10 +54,16 @@ class Fleet:
 
     def platforms(self, worker_id: str) -> tuple[str, ...]:
         info = self.live.get(worker_id)
-        return _platforms(info) if info else ("wasm",)
+        return info.platforms() if info else ("wasm",)
 
     def browser(self, worker_id: str) -> str:
-        return str((self.live.get(worker_id) or {}).get("browser", ""))
+        info = self.live.get(worker_id)
+        return info.browser if info else ""
+
+    def provider(self, worker_id: str) -> str:
+        """The execution provider a live worker's page picked ("" if unknown)."""
+        info = self.live.get(worker_id)
+        return info.execution_provider if info else ""
 
     def record(self, worker_id: str, platform: str, ok: bool) -> None:
         now_s = time.monotonic()

@@ -7,6 +7,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
+from coordinator.history.report import format_table
+
 
 class ProgressPrinter:
     """A manager ``progress=`` callback printing ``[ 3.2s] message`` lines, timed from its creation."""
@@ -20,28 +22,6 @@ class ProgressPrinter:
         if self.enabled:
             elapsed_s = time.monotonic() - self.started
             print(f"[{elapsed_s:5.1f}s] {message}", file=self.stream or sys.stdout, flush=True)
-
-
-def is_number(cell: Any) -> bool:
-    if isinstance(cell, int | float):
-        return True
-    try:
-        float(str(cell))
-    except ValueError:
-        return False
-    return True
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> str:
-    """Aligned columns: numeric columns right-aligned, the others left-aligned; no trailing padding."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
-    numeric = [bool(rows) and all(is_number(row[i]) for row in rows) for i in range(len(headers))]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for r in cells:
-        parts = [cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i]) for i, cell in enumerate(r)]
-        lines.append((indent + "  ".join(parts)).rstrip())
-    return "\n".join(lines)
 
 
 def format_fields(fields: Sequence[tuple[str, Any]]) -> str:

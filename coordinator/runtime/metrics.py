@@ -65,8 +65,12 @@ class LiveMetrics:
 
     def record_request(self, request_id: str, ok: bool, latency_ms: float, error: str | None = None) -> None:
         self.requests.add(ok, latency_ms)
-        entry: dict[str, Any] = {"timestamp": time.time(), "request_id": request_id, "success": ok,
-                                 "latency_ms": round(latency_ms, 3)}  # fmt: skip
+        entry: dict[str, Any] = {
+            "timestamp": time.time(),
+            "request_id": request_id,
+            "success": ok,
+            "latency_ms": round(latency_ms, 3),
+        }
         if error:
             entry["error"] = error
         self.timeline.append(entry)

@@ -12,8 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .graph import GraphProfile, extract_shard, load_model, profile_graph
-from .planner import Plan, plan_shards
+from coordinator.model.graph import GraphProfile, extract_shard, load_model, profile_graph
+from coordinator.planning.planner import Plan, plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,13 @@ def build_shard_set(
         )
         digests.append(store(shard_dir, data))
         log.info(
-            "plan %s shard %d: nodes [%d, %d), %d weight bytes, cost share %.2f -> %s", plan.plan_id, stage.index,
-            stage.start, stage.end, stage.weight_bytes, stage.cost_share, digests[-1][:12],
-        )  # fmt: skip
+            "plan %s shard %d: nodes [%d, %d), %d weight bytes, cost share %.2f -> %s",
+            plan.plan_id,
+            stage.index,
+            stage.start,
+            stage.end,
+            stage.weight_bytes,
+            stage.cost_share,
+            digests[-1][:12],
+        )
     return ShardSet(plan, profile, tuple(digests), shard_dir)

@@ -16,13 +16,34 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .console import format_table
-from .history import METRICS_TABLE, MODELS_SQL, HistoryError, HistoryStore, Reader
-from .recommendations import BrowserStat, recommend
+from coordinator.history.store import METRICS_TABLE, MODELS_SQL, HistoryError, HistoryStore, Reader
+from coordinator.planning.recommendations import BrowserStat, recommend
 
 RECENT = 10
 MAX_POINTS = 5000
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+
+
+def is_number(cell: Any) -> bool:
+    if isinstance(cell, int | float):
+        return True
+    try:
+        float(str(cell))
+    except ValueError:
+        return False
+    return True
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> str:
+    """Aligned columns: numeric columns right-aligned, the others left-aligned; no trailing padding."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    numeric = [bool(rows) and all(is_number(row[i]) for row in rows) for i in range(len(headers))]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        parts = [cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i]) for i, cell in enumerate(r)]
+        lines.append((indent + "  ".join(parts)).rstrip())
+    return "\n".join(lines)
 
 
 class NoHistory(HistoryError):
@@ -43,9 +64,20 @@ class ModelData:
 
     @property
     def stats(self) -> list[BrowserStat]:
-        return [BrowserStat(b["browser"], b["platform"], b["execution_count"], b["success_count"],
-                            b["p50_kernel_ms"], b["p95_kernel_ms"], b["avg_kernel_ms"], self.name,
-                            b["shard_type"]) for b in self.browsers]  # fmt: skip
+        return [
+            BrowserStat(
+                b["browser"],
+                b["platform"],
+                b["execution_count"],
+                b["success_count"],
+                b["p50_kernel_ms"],
+                b["p95_kernel_ms"],
+                b["avg_kernel_ms"],
+                self.name,
+                b["shard_type"],
+            )
+            for b in self.browsers
+        ]
 
 
 def short(model: str) -> str:
@@ -58,36 +90,60 @@ def when(ms: float | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
 
 def _load_model(r: Reader, summary: dict[str, Any], recent: int) -> ModelData:
     name = summary["model_name"]
-    requests = r.rows("""
+    requests = r.rows(
+        """
         SELECT count(*) AS total, count(*) FILTER (outcome = 'success') AS ok,
                coalesce(quantile_cont(latency_ms, 0.5) FILTER (outcome = 'success'), 0) AS p50,
                coalesce(quantile_cont(latency_ms, 0.95) FILTER (outcome = 'success'), 0) AS p95
-        FROM model_sharding_history WHERE model_name = ?""", [name])[0]  # fmt: skip
-    browsers = r.rows(f"SELECT * EXCLUDE (model_name) FROM {METRICS_TABLE} WHERE model_name = ? "
-                      "ORDER BY shard_type, browser, platform", [name])  # fmt: skip
-    shards = [BrowserStat(**row) for row in r.rows("""
+        FROM model_sharding_history WHERE model_name = ?""",
+        [name],
+    )[0]
+    browsers = r.rows(
+        f"SELECT * EXCLUDE (model_name) FROM {METRICS_TABLE} WHERE model_name = ? "
+        "ORDER BY shard_type, browser, platform",
+        [name],
+    )
+    shards = [
+        BrowserStat(**row)
+        for row in r.rows(
+            """
         SELECT browser, platform, count(*) AS runs, count(*) FILTER (outcome = 'success') AS successes,
                coalesce(quantile_cont(kernel_ms, 0.5) FILTER (outcome = 'success'), 0) AS p50_kernel_ms,
                coalesce(quantile_cont(kernel_ms, 0.95) FILTER (outcome = 'success'), 0) AS p95_kernel_ms,
                coalesce(avg(kernel_ms) FILTER (outcome = 'success'), 0) AS avg_kernel_ms,
                model_name, shard_type, shard_index
         FROM model_sharding_components WHERE model_name = ?
-        GROUP BY ALL ORDER BY shard_type, shard_index, browser, platform""", [name])]  # fmt: skip
-    recoveries = r.rows("""
+        GROUP BY ALL ORDER BY shard_type, shard_index, browser, platform""",
+            [name],
+        )
+    ]
+    recoveries = r.rows(
+        """
         SELECT epoch_ms(ts) AS ms, request_id, shard_index, worker_id, browser, platform, failure, action,
                success, duration_ms, error
-        FROM model_sharding_recovery_events WHERE model_name = ? ORDER BY ts""", [name])  # fmt: skip
-    recent_requests = r.rows("""
+        FROM model_sharding_recovery_events WHERE model_name = ? ORDER BY ts""",
+        [name],
+    )
+    recent_requests = r.rows(
+        """
         SELECT epoch_ms(ts) AS ms, request_id, outcome, latency_ms, kernel_ms, attempts, error
-        FROM model_sharding_history WHERE model_name = ? ORDER BY ts DESC LIMIT ?""", [name, recent])  # fmt: skip
-    executions = r.rows("""
+        FROM model_sharding_history WHERE model_name = ? ORDER BY ts DESC LIMIT ?""",
+        [name, recent],
+    )
+    executions = r.rows(
+        """
         SELECT * FROM (SELECT epoch_ms(ts) AS ms, browser, platform, shard_index, kernel_ms, outcome, request_id
                        FROM model_sharding_components WHERE model_name = ? ORDER BY ts DESC LIMIT ?)
-        ORDER BY ms""", [name, MAX_POINTS])  # fmt: skip
-    timeline = r.rows("""
+        ORDER BY ms""",
+        [name, MAX_POINTS],
+    )
+    timeline = r.rows(
+        """
         SELECT * FROM (SELECT epoch_ms(ts) AS ms, request_id, outcome, latency_ms, attempts
                        FROM model_sharding_history WHERE model_name = ? ORDER BY ts DESC LIMIT ?)
-        ORDER BY ms""", [name, MAX_POINTS])  # fmt: skip
+        ORDER BY ms""",
+        [name, MAX_POINTS],
+    )
     return ModelData(name, summary, requests, browsers, shards, recoveries, recent_requests, executions, timeline)
 
 
@@ -118,39 +174,94 @@ def _model_text(m: ModelData, recent: int) -> str:
     lines = [
         f"model {m.name}",
         f"  requests  {q['total']} ({q['ok']} ok, {q['total'] - q['ok']} failed"
-        + (f", {_pct(q['ok'] / q['total'])}), latency p50 {q['p50']:.1f} ms, p95 {q['p95']:.1f} ms end to end"
-           if q["total"] else ")"),
+        + (
+            f", {_pct(q['ok'] / q['total'])}), latency p50 {q['p50']:.1f} ms, p95 {q['p95']:.1f} ms end to end"
+            if q["total"]
+            else ")"
+        ),
         f"  span      {when(m.summary['first_ms'])} .. {when(m.summary['last_ms'])} UTC",
         "",
         "per browser and platform (kernel latency of successful shard executions)",
-        format_table(("shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms", "avg ms", "errors"),
-                     [(b["shard_type"], b["browser"], b["platform"], b["execution_count"], _pct(b["success_rate"]),
-                       f"{b['p50_kernel_ms']:.2f}", f"{b['p95_kernel_ms']:.2f}", f"{b['avg_kernel_ms']:.2f}",
-                       b["error_count"]) for b in m.browsers]),
+        format_table(
+            ("shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms", "avg ms", "errors"),
+            [
+                (
+                    b["shard_type"],
+                    b["browser"],
+                    b["platform"],
+                    b["execution_count"],
+                    _pct(b["success_rate"]),
+                    f"{b['p50_kernel_ms']:.2f}",
+                    f"{b['p95_kernel_ms']:.2f}",
+                    f"{b['avg_kernel_ms']:.2f}",
+                    b["error_count"],
+                )
+                for b in m.browsers
+            ],
+        ),
         "",
         "per shard",
-        format_table(("shard", "shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
-                     [(s.shard_index, s.shard_type, s.browser, s.platform, s.runs, _pct(s.success_rate),
-                       f"{s.p50_kernel_ms:.2f}", f"{s.p95_kernel_ms:.2f}") for s in m.shards]),
+        format_table(
+            ("shard", "shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
+            [
+                (
+                    s.shard_index,
+                    s.shard_type,
+                    s.browser,
+                    s.platform,
+                    s.runs,
+                    _pct(s.success_rate),
+                    f"{s.p50_kernel_ms:.2f}",
+                    f"{s.p95_kernel_ms:.2f}",
+                )
+                for s in m.shards
+            ],
+        ),
         "",
-    ]  # fmt: skip
+    ]
     shown = m.recoveries[-recent:]
     lines.append(f"recent recovery events ({len(shown)} of {len(m.recoveries)})")
     if shown:
-        lines.append(format_table(
-            ("time UTC", "request", "shard", "browser", "platform", "failure", "action", "ok", "ms", "error"),
-            [(when(e["ms"], "%H:%M:%S"), e["request_id"][:12], e["shard_index"], e["browser"], e["platform"],
-              e["failure"], e["action"], "yes" if e["success"] else "no", f"{e['duration_ms']:.0f}",
-              (e["error"] or "")[:60]) for e in reversed(shown)],
-        ))  # fmt: skip
+        lines.append(
+            format_table(
+                ("time UTC", "request", "shard", "browser", "platform", "failure", "action", "ok", "ms", "error"),
+                [
+                    (
+                        when(e["ms"], "%H:%M:%S"),
+                        e["request_id"][:12],
+                        e["shard_index"],
+                        e["browser"],
+                        e["platform"],
+                        e["failure"],
+                        e["action"],
+                        "yes" if e["success"] else "no",
+                        f"{e['duration_ms']:.0f}",
+                        (e["error"] or "")[:60],
+                    )
+                    for e in reversed(shown)
+                ],
+            )
+        )
     else:
         lines.append("  none recorded")
     lines += ["", f"recent requests ({len(m.recent_requests)} of {q['total']})"]
-    lines.append(format_table(
-        ("time UTC", "request", "outcome", "latency ms", "kernel ms", "attempts", "error"),
-        [(when(r["ms"], "%H:%M:%S"), r["request_id"][:12], r["outcome"], f"{r['latency_ms']:.1f}",
-          f"{r['kernel_ms']:.1f}", r["attempts"], (r["error"] or "")[:60]) for r in m.recent_requests],
-    ))  # fmt: skip
+    lines.append(
+        format_table(
+            ("time UTC", "request", "outcome", "latency ms", "kernel ms", "attempts", "error"),
+            [
+                (
+                    when(r["ms"], "%H:%M:%S"),
+                    r["request_id"][:12],
+                    r["outcome"],
+                    f"{r['latency_ms']:.1f}",
+                    f"{r['kernel_ms']:.1f}",
+                    r["attempts"],
+                    (r["error"] or "")[:60],
+                )
+                for r in m.recent_requests
+            ],
+        )
+    )
     rec = recommend(m.stats, {}, "")
     if rec:
         lines += ["", "recommendation (from these measurements)"]
@@ -170,8 +281,32 @@ def print_history(db_path: str | Path, model: str | None = None, recent: int = R
 
 W, H = 880, 300
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 16, 44
-TIME_STEPS_S = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
-                43200, 86400, 172800, 604800)  # fmt: skip
+TIME_STEPS_S = (
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1,
+    2,
+    5,
+    10,
+    15,
+    30,
+    60,
+    120,
+    300,
+    600,
+    900,
+    1800,
+    3600,
+    7200,
+    10800,
+    21600,
+    43200,
+    86400,
+    172800,
+    604800,
+)
 
 
 def e(x: Any) -> str:
@@ -231,8 +366,18 @@ def value_frame(xr: tuple[float, float], values: Sequence[float], headroom: floa
 
 
 def svg(plot_id: str, title: str, parts: Sequence[str]) -> str:
-    return tag("svg", "".join(parts), class_="plot", id=plot_id, viewBox=f"0 0 {W} {H}", width=W, height=H,
-               role="img", aria_label=title, xmlns="http://www.w3.org/2000/svg")  # fmt: skip
+    return tag(
+        "svg",
+        "".join(parts),
+        class_="plot",
+        id=plot_id,
+        viewBox=f"0 0 {W} {H}",
+        width=W,
+        height=H,
+        role="img",
+        aria_label=title,
+        xmlns="http://www.w3.org/2000/svg",
+    )
 
 
 def y_axis(f: Frame, label: str, fmt: str = "{:g}") -> str:
@@ -242,8 +387,9 @@ def y_axis(f: Frame, label: str, fmt: str = "{:g}") -> str:
         parts.append(tag("line", class_="grid", x1=LEFT, y1=y, x2=W - RIGHT, y2=y))
         parts.append(tag("text", e(fmt.format(t)), x=LEFT - 6, y=y + 4, text_anchor="end"))
     mid = (TOP + H - BOTTOM) / 2
-    parts.append(tag("text", e(label), class_="label", transform=f"translate(14 {mid}) rotate(-90)",
-                     text_anchor="middle"))  # fmt: skip
+    parts.append(
+        tag("text", e(label), class_="label", transform=f"translate(14 {mid}) rotate(-90)", text_anchor="middle")
+    )
     return tag("g", "".join(parts), class_="axis y-axis")
 
 
@@ -291,8 +437,18 @@ def latency_plot(points: Sequence[dict[str, Any]], xr: tuple[float, float], colo
             parts.append(tag("polyline", class_="series-line", points=line, stroke=color))
     for p in ok:
         title = f"{p['series']} shard {p['shard_index']}: {p['kernel_ms']:.2f} ms at {when(p['ms'])}"
-        parts.append(tag("circle", tag("title", e(title)), class_="point", data_series=p["series"], cx=f.x(p["ms"]),
-                         cy=f.y(p["kernel_ms"]), r=3, fill=colors[p["series"]]))  # fmt: skip
+        parts.append(
+            tag(
+                "circle",
+                tag("title", e(title)),
+                class_="point",
+                data_series=p["series"],
+                cx=f.x(p["ms"]),
+                cy=f.y(p["kernel_ms"]),
+                r=3,
+                fill=colors[p["series"]],
+            )
+        )
     for p in points:
         if p["outcome"] != "success":
             x, y = f.x(p["ms"]), f.y(0)
@@ -315,8 +471,19 @@ def bar_plot(plot_id: str, title: str, rows: Sequence[dict[str, Any]], colors: d
         x, width, y = round(LEFT + k * band + band * 0.2, 2), round(band * 0.6, 2), f.y(value)
         cx = round(x + width / 2, 2)
         text = f"{value:.1%} of {r['runs']}" if rate else f"p50 {r['p50']:.2f} / p95 {r['p95']:.2f} ms"
-        parts.append(tag("rect", tag("title", e(f"{r['series']}: {text}")), class_="bar", data_series=r["series"],
-                         x=x, y=y, width=width, height=round(H - BOTTOM - y, 2), fill=colors[r["series"]]))  # fmt: skip
+        parts.append(
+            tag(
+                "rect",
+                tag("title", e(f"{r['series']}: {text}")),
+                class_="bar",
+                data_series=r["series"],
+                x=x,
+                y=y,
+                width=width,
+                height=round(H - BOTTOM - y, 2),
+                fill=colors[r["series"]],
+            )
+        )
         label_y = y - 4 if rate else min(y, f.y(r["p95"])) - 4
         parts.append(tag("text", e(text), class_="value", x=cx, y=label_y, text_anchor="middle"))
         parts.append(tag("text", e(r["series"]), x=cx, y=H - BOTTOM + 16, text_anchor="middle"))
@@ -339,16 +506,30 @@ def recovery_plot(
     for r in requests:
         ok = r["outcome"] == "success"
         text = f"request {r['request_id'][:12]} {r['outcome']}: {r['latency_ms']:.1f} ms, {r['attempts']} attempt(s)"
-        parts.append(tag("circle", tag("title", e(text)), class_=f"request {'ok' if ok else 'error'}", cx=f.x(r["ms"]),
-                         cy=f.y(r["latency_ms"]), r=3))  # fmt: skip
+        parts.append(
+            tag(
+                "circle",
+                tag("title", e(text)),
+                class_=f"request {'ok' if ok else 'error'}",
+                cx=f.x(r["ms"]),
+                cy=f.y(r["latency_ms"]),
+                r=3,
+            )
+        )
     for ev in recoveries:
         x, state = f.x(ev["ms"]), "success" if ev["success"] else "failed"
-        text = (f"{ev['failure']} on {ev['browser']}/{ev['platform']} shard {ev['shard_index']} -> {ev['action']} "
-                f"({state}, {ev['duration_ms']:.0f} ms) at {when(ev['ms'])}")  # fmt: skip
-        body = (tag("line", x1=x, y1=TOP, x2=x, y2=H - BOTTOM) + tag("path", d=f"M{x - 6},{TOP}L{x + 6},{TOP}L{x},"
-                f"{TOP + 10}Z") + tag("title", e(text)))  # fmt: skip
-        parts.append(tag("g", body, class_=f"marker recovery {state}", data_failure=ev["failure"],
-                         data_action=ev["action"]))  # fmt: skip
+        text = (
+            f"{ev['failure']} on {ev['browser']}/{ev['platform']} shard {ev['shard_index']} -> {ev['action']} "
+            f"({state}, {ev['duration_ms']:.0f} ms) at {when(ev['ms'])}"
+        )
+        body = (
+            tag("line", x1=x, y1=TOP, x2=x, y2=H - BOTTOM)
+            + tag("path", d=f"M{x - 6},{TOP}L{x + 6},{TOP}L{x},{TOP + 10}Z")
+            + tag("title", e(text))
+        )
+        parts.append(
+            tag("g", body, class_=f"marker recovery {state}", data_failure=ev["failure"], data_action=ev["action"])
+        )
     if not recoveries:
         parts.append(tag("text", "no recovery events", class_="empty", x=W / 2, y=TOP + 12, text_anchor="middle"))
     return svg("recovery-timeline", title, parts)
@@ -388,24 +569,74 @@ def _model_tables(m: ModelData) -> str:
     parts = [
         f"<h3>{e(m.name)}</h3>",
         f'<p class="meta">{q["total"]} requests ({q["ok"]} ok), end-to-end p50 {q["p50"]:.1f} ms, p95 '
-        f'{q["p95"]:.1f} ms; {when(m.summary["first_ms"])} .. {when(m.summary["last_ms"])} UTC</p>',
-        table(("shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms", "avg ms", "errors"),
-              [(b["shard_type"], b["browser"], b["platform"], b["execution_count"], _pct(b["success_rate"]),
-                round(b["p50_kernel_ms"], 2), round(b["p95_kernel_ms"], 2), round(b["avg_kernel_ms"], 2),
-                b["error_count"]) for b in m.browsers]),
-        table(("shard", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
-              [(s.shard_index, s.browser, s.platform, s.runs, _pct(s.success_rate), round(s.p50_kernel_ms, 2),
-                round(s.p95_kernel_ms, 2)) for s in m.shards]),
+        f"{q['p95']:.1f} ms; {when(m.summary['first_ms'])} .. {when(m.summary['last_ms'])} UTC</p>",
+        table(
+            ("shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms", "avg ms", "errors"),
+            [
+                (
+                    b["shard_type"],
+                    b["browser"],
+                    b["platform"],
+                    b["execution_count"],
+                    _pct(b["success_rate"]),
+                    round(b["p50_kernel_ms"], 2),
+                    round(b["p95_kernel_ms"], 2),
+                    round(b["avg_kernel_ms"], 2),
+                    b["error_count"],
+                )
+                for b in m.browsers
+            ],
+        ),
+        table(
+            ("shard", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
+            [
+                (
+                    s.shard_index,
+                    s.browser,
+                    s.platform,
+                    s.runs,
+                    _pct(s.success_rate),
+                    round(s.p50_kernel_ms, 2),
+                    round(s.p95_kernel_ms, 2),
+                )
+                for s in m.shards
+            ],
+        ),
         "<h3>Recovery events</h3>",
-        table(("time UTC", "request", "shard", "browser", "failure", "action", "ok", "ms", "error"),
-              [(when(ev["ms"]), ev["request_id"][:12], ev["shard_index"], f"{ev['browser']}/{ev['platform']}",
-                ev["failure"], ev["action"], "yes" if ev["success"] else "no", round(ev["duration_ms"]),
-                ev["error"]) for ev in reversed(m.recoveries[-50:])]),
+        table(
+            ("time UTC", "request", "shard", "browser", "failure", "action", "ok", "ms", "error"),
+            [
+                (
+                    when(ev["ms"]),
+                    ev["request_id"][:12],
+                    ev["shard_index"],
+                    f"{ev['browser']}/{ev['platform']}",
+                    ev["failure"],
+                    ev["action"],
+                    "yes" if ev["success"] else "no",
+                    round(ev["duration_ms"]),
+                    ev["error"],
+                )
+                for ev in reversed(m.recoveries[-50:])
+            ],
+        ),
         "<h3>Recent requests</h3>",
-        table(("time UTC", "request", "outcome", "latency ms", "kernel ms", "attempts", "error"),
-              [(when(r["ms"]), r["request_id"][:12], r["outcome"], round(r["latency_ms"], 1),
-                round(r["kernel_ms"], 1), r["attempts"], r["error"]) for r in m.recent_requests]),
-    ]  # fmt: skip
+        table(
+            ("time UTC", "request", "outcome", "latency ms", "kernel ms", "attempts", "error"),
+            [
+                (
+                    when(r["ms"]),
+                    r["request_id"][:12],
+                    r["outcome"],
+                    round(r["latency_ms"], 1),
+                    round(r["kernel_ms"], 1),
+                    r["attempts"],
+                    r["error"],
+                )
+                for r in m.recent_requests
+            ],
+        ),
+    ]
     rec = recommend(m.stats, {}, "")
     if rec:
         items = [f"<li><b>{e(k)}</b>: {e(v['reason'])}</li>" for k, v in rec["browser_allocation"].items()]
@@ -421,8 +652,9 @@ def render_html(models: Sequence[ModelData], db_path: str | Path) -> str:
         return f"{short(m.name)} · {browser}/{platform}" if several else f"{browser}/{platform}"
 
     points = [{**p, "series": series(m, p["browser"], p["platform"])} for m in models for p in m.executions]
-    names = sorted({p["series"] for p in points} | {series(m, b["browser"], b["platform"]) for m in models
-                                                    for b in m.browsers})  # fmt: skip
+    names = sorted(
+        {p["series"] for p in points} | {series(m, b["browser"], b["platform"]) for m in models for b in m.browsers}
+    )
     colors = {n: PALETTE[k % len(PALETTE)] for k, n in enumerate(names)}
     times = [p["ms"] for p in points] + [r["ms"] for m in models for r in [*m.timeline, *m.recoveries]]
     lo, hi = (min(times), max(times)) if times else (0.0, 1000.0)
@@ -437,25 +669,39 @@ def render_html(models: Sequence[ModelData], db_path: str | Path) -> str:
             b["ok"] += s.successes
             b["p50w"] += s.p50_kernel_ms * s.successes
             b["p95w"] += s.p95_kernel_ms * s.successes
-    rows = [{**b, "rate": b["ok"] / b["runs"] if b["runs"] else 0.0, "p50": b["p50w"] / b["ok"] if b["ok"] else 0.0,
-             "p95": b["p95w"] / b["ok"] if b["ok"] else 0.0} for _, b in sorted(bars.items())]  # fmt: skip
+    rows = [
+        {
+            **b,
+            "rate": b["ok"] / b["runs"] if b["runs"] else 0.0,
+            "p50": b["p50w"] / b["ok"] if b["ok"] else 0.0,
+            "p95": b["p95w"] / b["ok"] if b["ok"] else 0.0,
+        }
+        for _, b in sorted(bars.items())
+    ]
     requests = [r for m in models for r in m.timeline]
     recoveries = [r for m in models for r in m.recoveries]
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return "".join([
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">',
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">",
-        f"<title>xshard history report</title><style>{CSS}</style></head><body>",
-        f'<h1>xshard performance history</h1><p class="meta">{e(db_path)}: {len(models)} model(s), '
-        f"{len(points)} shard executions shown, {len(requests)} requests, {len(recoveries)} recovery events; "
-        f"generated {generated}</p>",
-        "<h2>Kernel latency over time, per browser and platform</h2>", latency_plot(points, xr, colors),
-        "<h2>Success rate per browser and platform</h2>", bar_plot("success-rate", "success rate", rows, colors, True),
-        "<h2>Kernel latency per browser and platform (bar p50, whisker p95)</h2>",
-        bar_plot("latency-by-browser", "kernel latency per browser", rows, colors, False),
-        "<h2>Requests and recovery events</h2>", recovery_plot(requests, recoveries, xr),
-        "<h2>Tables</h2>", *(_model_tables(m) for m in models), "</body></html>",
-    ])  # fmt: skip
+    return "".join(
+        [
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">',
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">",
+            f"<title>xshard history report</title><style>{CSS}</style></head><body>",
+            f'<h1>xshard performance history</h1><p class="meta">{e(db_path)}: {len(models)} model(s), '
+            f"{len(points)} shard executions shown, {len(requests)} requests, {len(recoveries)} recovery events; "
+            f"generated {generated}</p>",
+            "<h2>Kernel latency over time, per browser and platform</h2>",
+            latency_plot(points, xr, colors),
+            "<h2>Success rate per browser and platform</h2>",
+            bar_plot("success-rate", "success rate", rows, colors, True),
+            "<h2>Kernel latency per browser and platform (bar p50, whisker p95)</h2>",
+            bar_plot("latency-by-browser", "kernel latency per browser", rows, colors, False),
+            "<h2>Requests and recovery events</h2>",
+            recovery_plot(requests, recoveries, xr),
+            "<h2>Tables</h2>",
+            *(_model_tables(m) for m in models),
+            "</body></html>",
+        ]
+    )
 
 
 def write_html_report(db_path: str | Path, out_path: str | Path, model: str | None = None) -> Path:

@@ -11,8 +11,7 @@ from collections import Counter
 from broker.errors import BrokerUnavailable
 from broker.ledger import Ledger
 from broker.messages import DeadLetter, ShardJob, ShardResult
-
-from .dispatch import Entry
+from coordinator.runtime.dispatch import Entry
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,9 @@ class RequestTracker:
                 if time.monotonic() > deadline:
                     self.forget(job.request_id)
                     raise
-                log.warning("request %s: broker unavailable on submit (%s); retrying in %.2fs", job.request_id, e,
-                            delay_s)  # fmt: skip
+                log.warning(
+                    "request %s: broker unavailable on submit (%s); retrying in %.2fs", job.request_id, e, delay_s
+                )
                 await asyncio.sleep(delay_s)
                 delay_s = min(BACKOFF_MAX_S, delay_s * 2)
 

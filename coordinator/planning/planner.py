@@ -25,8 +25,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from .errors import PlanError
-from .graph import GraphProfile
+from coordinator.errors import PlanError
+from coordinator.model.graph import GraphProfile
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,10 @@ def residual_points(profile: GraphProfile) -> list[int]:
     """
     threshold = ACTIVATION_FRACTION * hidden_bytes(profile)
     hits = [
-        p for p in range(1, profile.node_count)
+        p
+        for p in range(1, profile.node_count)
         if sum(profile.tensor_bytes.get(x, 0) >= threshold for x in profile.crossing[p]) == 1
-    ]  # fmt: skip
+    ]
     if not any(profile.node_weight_shapes):
         return hits
     regions: list[list[int]] = []
@@ -216,6 +217,6 @@ def plan_shards(profile: GraphProfile, num_shards: int, shard_type: str = "layer
                 flops_share=sum(profile.node_flops[start:end]) / total_flops,
                 weight_bytes=sum(profile.node_weight_bytes[start:end]),
                 crossing_bytes_out=profile.crossing_bytes[end] if end < profile.node_count else 0,
-            )  # fmt: skip
+            )
         )
     return Plan(profile.model_sha256, shard_type, tuple(stages), kind)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from broker.process import die_with_parent
 from broker.streams import Broker
-
-from .errors import AllocationError
+from coordinator.errors import AllocationError
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +43,33 @@ class LocalWorker:
 
 
 def worker_command(
-    redis_url: str, browser: str, platform: str, namespace: str, cache_dir: Path, worker_id: str,
+    redis_url: str,
+    browser: str,
+    platform: str,
+    namespace: str,
+    cache_dir: Path,
+    worker_id: str,
     heartbeat_s: float,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     return [
-        sys.executable, "-m", "shard_worker", "--redis", redis_url, "--browser", browser, "--platform", platform,
-        "--namespace", namespace, "--cache-dir", str(cache_dir), "--worker-id", worker_id,
-        "--heartbeat-s", str(heartbeat_s),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "shard_worker",
+        "--redis",
+        redis_url,
+        "--browser",
+        browser,
+        "--platform",
+        platform,
+        "--namespace",
+        namespace,
+        "--cache-dir",
+        str(cache_dir),
+        "--worker-id",
+        worker_id,
+        "--heartbeat-s",
+        str(heartbeat_s),
+    ]
 
 
 class LocalWorkers:
@@ -69,14 +87,22 @@ class LocalWorkers:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         worker_id = f"{browser}-local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         log_path = self.log_dir / f"{worker_id}.log"
-        cmd = worker_command(self.redis_url, browser, platform, self.namespace, self.cache_dir, worker_id,
-                             self.heartbeat_s)  # fmt: skip
+        cmd = worker_command(
+            self.redis_url, browser, platform, self.namespace, self.cache_dir, worker_id, self.heartbeat_s
+        )
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(log_path, "wb") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         w = LocalWorker(worker_id, browser, platform, proc, log_path)
         self.workers[worker_id] = w
         log.info("started local worker %s (pid %s, log %s)", worker_id, proc.pid, log_path)
@@ -92,7 +118,7 @@ class LocalWorkers:
                     raise AllocationError(
                         f"local {w.browser} worker exited with {w.process.returncode} before registering:\n{w.tail()}"
                     )
-            live = {w["worker_id"] for w in await broker.live_workers(int(time.time() * 1000), max_age_ms)}
+            live = {w.worker_id for w in await broker.live_workers(int(time.time() * 1000), max_age_ms)}
             pending -= live
             if not pending:
                 return

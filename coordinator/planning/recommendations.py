@@ -11,8 +11,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .allocation import GUIDE_TABLE, Slot, normalize_browser
-from .errors import AllocationError
+from coordinator.errors import AllocationError
+from coordinator.planning.allocation import GUIDE_TABLE, Slot, normalize_browser
 
 MIN_RUNS = 5
 MIN_SUCCESS_RATE = 0.9
@@ -71,10 +71,19 @@ def combine(stats: Sequence[BrowserStat]) -> list[BrowserStat]:
         def mean(attr: str, rows: list[BrowserStat] = rows, ok: int = ok) -> float:
             return sum(getattr(r, attr) * r.successes for r in rows) / ok if ok else 0.0
 
-        out.append(BrowserStat(
-            browser, platform, sum(r.runs for r in rows), ok, mean("p50_kernel_ms"), mean("p95_kernel_ms"),
-            mean("avg_kernel_ms"), rows[0].model_name, rows[0].shard_type if len(rows) == 1 else "",
-        ))  # fmt: skip
+        out.append(
+            BrowserStat(
+                browser,
+                platform,
+                sum(r.runs for r in rows),
+                ok,
+                mean("p50_kernel_ms"),
+                mean("p95_kernel_ms"),
+                mean("avg_kernel_ms"),
+                rows[0].model_name,
+                rows[0].shard_type if len(rows) == 1 else "",
+            )
+        )
     return out
 
 
@@ -92,7 +101,7 @@ def compare(best: BrowserStat, others: Sequence[BrowserStat], lead: str) -> str:
         text += " vs " + ", ".join(
             f"{s.label} {ms(s.p50_kernel_ms)}" + (f" ({s.success_rate:.1%} success)" if s.success_rate < 1 else "")
             for s in rest
-        )  # fmt: skip
+        )
     return text
 
 
@@ -128,9 +137,14 @@ def _entry(pick: tuple[BrowserStat, str], pool: Sequence[BrowserStat], guide: Ma
         reason += f"; the measurements override the guide table ({table})"
     elif verdict == "unmeasured":
         reason += f"; the guide table's choice has no measurements here ({table})"
-    return {"recommended_browser": best.browser, "recommended_platform": best.platform, "reason": reason,
-            "success_rate": round(best.success_rate, 4), "p50_kernel_ms": round(best.p50_kernel_ms, 3),
-            "runs": best.runs}  # fmt: skip
+    return {
+        "recommended_browser": best.browser,
+        "recommended_platform": best.platform,
+        "reason": reason,
+        "success_rate": round(best.success_rate, 4),
+        "p50_kernel_ms": round(best.p50_kernel_ms, 3),
+        "runs": best.runs,
+    }
 
 
 def _pick(stats: Sequence[BrowserStat], min_runs: int, min_success_rate: float) -> tuple[BrowserStat, str] | None:
@@ -193,33 +207,41 @@ def suggestions(
         if on_best < len(allocation):
             slower = [s for s in qualified(pool, 1, 0.0) if s.label != best.label]
             vs = f" vs {slower[0].label} {ms(slower[0].p50_kernel_ms)}" if slower else ""
-            out.append({
-                "type": "allocation",
-                "issue": f"Only {on_best}/{len(allocation)} shards using the best measured browser ({best.label})",
-                "suggestion": f"Consider reallocating more shards to {best.label}: measured p50 "
-                              f"{ms(best.p50_kernel_ms)} kernel{vs}",
-            })  # fmt: skip
+            out.append(
+                {
+                    "type": "allocation",
+                    "issue": f"Only {on_best}/{len(allocation)} shards using the best measured browser ({best.label})",
+                    "suggestion": f"Consider reallocating more shards to {best.label}: measured p50 "
+                    f"{ms(best.p50_kernel_ms)} kernel{vs}",
+                }
+            )
     for s in sorted(pool, key=lambda s: s.label):
         if s.runs >= min_runs and s.success_rate < min_success_rate:
-            out.append({
-                "type": "reliability",
-                "issue": f"{s.label} failed {s.errors} of {s.runs} runs ({s.success_rate:.1%} success)",
-                "suggestion": f"Avoid {s.label} for this model until its errors are understood "
-                              "(see the recovery events in xshard history)",
-            })  # fmt: skip
+            out.append(
+                {
+                    "type": "reliability",
+                    "issue": f"{s.label} failed {s.errors} of {s.runs} runs ({s.success_rate:.1%} success)",
+                    "suggestion": f"Avoid {s.label} for this model until its errors are understood "
+                    "(see the recovery events in xshard history)",
+                }
+            )
         elif s.runs < min_runs:
-            out.append({
-                "type": "measurement",
-                "issue": f"{s.label} has only {s.runs} measured runs (fewer than {min_runs})",
-                "suggestion": f"Run more requests on {s.label} before trusting its numbers",
-            })  # fmt: skip
+            out.append(
+                {
+                    "type": "measurement",
+                    "issue": f"{s.label} has only {s.runs} measured runs (fewer than {min_runs})",
+                    "suggestion": f"Run more requests on {s.label} before trusting its numbers",
+                }
+            )
     if versus_guide(best, pool, guide) == "overrides":
-        out.append({
-            "type": "guide_table",
-            "issue": f"The guide table recommends {', '.join(sorted(guide))} for this model type, but {best.label} "
-                     f"measured best ({best.describe()})",
-            "suggestion": f"History-driven allocation uses {best.label}; keep a db_path so it stays measured",
-        })  # fmt: skip
+        out.append(
+            {
+                "type": "guide_table",
+                "issue": f"The guide table recommends {', '.join(sorted(guide))} for this model type, but {best.label} "
+                f"measured best ({best.describe()})",
+                "suggestion": f"History-driven allocation uses {best.label}; keep a db_path so it stays measured",
+            }
+        )
     return out
 
 
@@ -257,8 +279,10 @@ def allocate_from_history(
     browser also qualifies stays there unless the best is at least ``min_speedup`` (a fraction) faster.
     """
     if not 0.0 <= min_success_rate <= 1.0 or min_runs < 1 or not 0.0 <= min_speedup < 1.0:
-        raise AllocationError(f"need min_runs >= 1, min_success_rate in [0, 1], min_speedup in [0, 1); got "
-                              f"{min_runs}, {min_success_rate}, {min_speedup}")  # fmt: skip
+        raise AllocationError(
+            f"need min_runs >= 1, min_success_rate in [0, 1], min_speedup in [0, 1); got "
+            f"{min_runs}, {min_success_rate}, {min_speedup}"
+        )
     usable = [s for s in stats if installed(s.browser) and (platform == "auto" or s.platform == platform)]
     out = dict(slots)
     for i, slot in slots.items():

@@ -22,8 +22,8 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from coordinator.convert import CONVERTER_VERSION, convert_hf_dir, read_kind
 from coordinator.errors import ModelError
+from coordinator.model.convert import CONVERTER_VERSION, convert_hf_dir, read_kind
 
 log = logging.getLogger(__name__)
 

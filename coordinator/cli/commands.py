@@ -31,16 +31,16 @@ import numpy as np
 
 from broker.embedded import EmbeddedValkey
 from broker.errors import BrokerError
-
-from .allocation import PLATFORMS, normalize_browser
-from .argtypes import EXIT_FAILED, EXIT_USAGE, positive_float, positive_int
-from .console import ProgressPrinter, fail, format_allocation, format_components, format_fields
-from .errors import ConversionError, XshardError
-from .fault_cli import add_fault_commands, run_fault_command
-from .history_cli import add_history_commands, run_history_command
-from .manager import ModelShardingManager
-from .planner import SHARD_TYPES
-from .settings import ManagerSettings
+from broker.kinds import PLATFORMS
+from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, positive_float, positive_int
+from coordinator.cli.console import ProgressPrinter, fail, format_allocation, format_components, format_fields
+from coordinator.cli.faults import add_fault_commands, run_fault_command
+from coordinator.cli.history import add_history_commands, run_history_command
+from coordinator.errors import ConversionError, XshardError
+from coordinator.manager import ModelShardingManager
+from coordinator.planning.allocation import normalize_browser
+from coordinator.planning.planner import SHARD_TYPES
+from coordinator.settings import ManagerSettings
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def serve_broker(port: int | None, appendonly: bool, data_dir: Path | None) -> i
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from .demo import DEFAULT_SENTENCES, run_demo  # tokenizers is only needed here
+    from coordinator.cli.demo import DEFAULT_SENTENCES, run_demo  # tokenizers is only needed here
 
     try:
         browsers = split_browsers(args.browsers) or []

@@ -1,0 +1,5 @@
+import sys
+
+from coordinator.cli.commands import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The running system: dispatch of jobs and replies, request tracking, liveness, recovery, workers, metrics."""
