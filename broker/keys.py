@@ -25,8 +25,17 @@ Key layout (``{ns}`` is the namespace, ``default`` unless configured; tests use 
     xshard:{ns}:dead                       STREAM  dead-lettered jobs with their reason; group-less
     xshard:{ns}:ack:{token}                STREAM  one-shot answers to one sender (``InjectReply``); the
                                                    sender deletes it once read
+    xshard:{ns}:artifact:{sha256}          SET     holder ids that announced the shard file ``{sha256}``
+                                                   (``artifacts.ArtifactIndex``; a holder whose key below
+                                                   has expired is skipped and removed on lookup)
+    xshard:{ns}:holder:{holder_id}         STRING  the base URL of a holder's by-hash file server (a worker
+                                                   or a coordinator), with a TTL its announcements refresh
 
 Every stream entry has one field, ``m``: a msgpack-encoded message (see ``codec``).
+
+Connection names (CLIENT SETNAME), so a coordinator sees in CLIENT LIST when a worker's connections close::
+
+    xshard:{ns}:conn:worker:{worker_id}    every connection of one worker process
 """
 
 from __future__ import annotations
@@ -87,6 +96,16 @@ class Keys:
 
     def ack(self, token: str) -> str:
         return f"{self._base}:ack:{token}"
+
+    def artifact(self, sha256: str) -> str:
+        return f"{self._base}:artifact:{sha256}"
+
+    def holder(self, holder_id: str) -> str:
+        return f"{self._base}:holder:{holder_id}"
+
+    def worker_client(self, worker_id: str) -> str:
+        """The connection name of a worker (``worker_client("")`` is the prefix of them all)."""
+        return f"{self._base}:conn:worker:{worker_id}"
 
     @property
     def pattern(self) -> str:

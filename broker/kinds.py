@@ -40,6 +40,7 @@ class FailureKind(StrEnum):
     TIMEOUT = "timeout"  # the kernel or the job took longer than allowed
     INPUT = "input"  # the job's tensors do not fit the shard: never retried
     UNAVAILABLE = "unavailable"  # the worker cannot serve the stage (not loaded, released)
+    OUT_OF_MEMORY = "out-of-memory"  # the page could not hold the shard (load or run): never on a page as small
 
     @classmethod
     def parse(cls, value: str) -> FailureKind:

@@ -1,5 +1,6 @@
 """Request state in Redis: what makes a request survive a coordinator restart, finish once, or end in
-the dead letter with its reason. Each change is one MULTI named after it.
+the dead letter with its reason. Each change is one MULTI named after it (``Broker.transaction``); the
+ledger uses only ``Broker``'s public API.
 
     accept       request hash (pending, the stage-0 job) + inflight set + XADD stage 0
     finish       request hash (done|failed, the result) + expiry + inflight set - id + XACK/XDEL reply entry
@@ -15,7 +16,7 @@ from typing import Any
 
 from .keys import MESSAGE_FIELD, REPLY_GROUP
 from .messages import DeadLetter, Message, ShardJob, decode, decode_as, encode
-from .streams import Broker, _str, _translated
+from .streams import Broker
 
 RESULT_TTL_S = 24 * 3600
 
@@ -38,26 +39,21 @@ class Ledger:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.keys = broker.keys
-        self._redis = broker._redis
 
     async def accept(self, job: ShardJob, coordinator_id: str) -> str:
-        key = self.keys.request(job.request_id)
-        async with _translated(f"accept {job.request_id}"):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(
-                key,
-                mapping={
-                    "status": "pending",
-                    "coordinator": coordinator_id,
-                    "plan": job.plan_id,
-                    "created_ms": str(time.time() * 1000.0),
-                    "job": encode(job),
-                },
-            )
-            pipe.sadd(self.keys.inflight(coordinator_id), job.request_id)
-            pipe.xadd(job.route[0], {MESSAGE_FIELD: encode(job)})
-            replies = await pipe.execute()
-        return _str(replies[-1])
+        """The ``accept`` change; returns the stage-0 entry id."""
+        fields = {
+            "status": "pending",
+            "coordinator": coordinator_id,
+            "plan": job.plan_id,
+            "created_ms": str(time.time() * 1000.0),
+            "job": encode(job),
+        }
+        async with self.broker.transaction(f"accept {job.request_id}") as tx:
+            tx.pipe.hset(self.keys.request(job.request_id), mapping=fields)
+            tx.pipe.sadd(self.keys.inflight(coordinator_id), job.request_id)
+            tx.pipe.xadd(job.route[0], {MESSAGE_FIELD: encode(job)})
+        return tx.reply_text(-1)
 
     async def finish(
         self,
@@ -67,64 +63,56 @@ class Ledger:
         result: Message | None,
         reply_entry: tuple[str, str] | None = None,
     ) -> None:
+        """The ``finish`` change (with the ack of the reply entry that carried the result, if any)."""
         key = self.keys.request(request_id)
-        async with _translated(f"finish {request_id}"):
-            pipe = self._redis.pipeline(transaction=True)
-            fields: dict[str, Any] = {"status": status, "finished_ms": str(time.time() * 1000.0)}
-            if result is not None:
-                fields["result"] = encode(result)
-            pipe.hset(key, mapping=fields)
-            pipe.hdel(key, "job")
-            pipe.expire(key, RESULT_TTL_S)
-            pipe.srem(self.keys.inflight(coordinator_id), request_id)
+        fields: dict[str, Any] = {"status": status, "finished_ms": str(time.time() * 1000.0)}
+        if result is not None:
+            fields["result"] = encode(result)
+        async with self.broker.transaction(f"finish {request_id}") as tx:
+            tx.pipe.hset(key, mapping=fields)
+            tx.pipe.hdel(key, "job")
+            tx.pipe.expire(key, RESULT_TTL_S)
+            tx.pipe.srem(self.keys.inflight(coordinator_id), request_id)
             if reply_entry is not None:
-                pipe.xack(reply_entry[0], REPLY_GROUP, reply_entry[1])
-                pipe.xdel(reply_entry[0], reply_entry[1])
-            await pipe.execute()
+                tx.pipe.xack(reply_entry[0], REPLY_GROUP, reply_entry[1])
+                tx.pipe.xdel(reply_entry[0], reply_entry[1])
 
     async def bury(self, dead: DeadLetter, coordinator_id: str) -> str:
-        key = self.keys.request(dead.request_id)
-        async with _translated(f"dead-letter {dead.request_id}"):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.xadd(self.keys.dead, {MESSAGE_FIELD: encode(dead)})
-            pipe.hset(key, mapping={"status": "dead", "reason": dead.reason})
-            pipe.srem(self.keys.inflight(coordinator_id), dead.request_id)
-            replies = await pipe.execute()
-        return _str(replies[0])
+        """The ``bury`` change; returns the dead letter's entry id."""
+        async with self.broker.transaction(f"dead-letter {dead.request_id}") as tx:
+            tx.pipe.xadd(self.keys.dead, {MESSAGE_FIELD: encode(dead)})
+            tx.pipe.hset(self.keys.request(dead.request_id), mapping={"status": "dead", "reason": dead.reason})
+            tx.pipe.srem(self.keys.inflight(coordinator_id), dead.request_id)
+        return tx.reply_text(0)
 
     async def exhume(self, entry_id: str, job: ShardJob, coordinator_id: str) -> str:
         """Replay: move a dead letter's job back onto its stage stream (or a worker's), pending again."""
         key = self.keys.request(job.request_id)
-        dst = job.route[job.stage_index]
-        async with _translated(f"replay {entry_id}"):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.xdel(self.keys.dead, entry_id)
-            pipe.hset(key, mapping={"status": "pending", "coordinator": coordinator_id, "plan": job.plan_id})
-            pipe.persist(key)
-            pipe.sadd(self.keys.inflight(coordinator_id), job.request_id)
-            pipe.xadd(dst, {MESSAGE_FIELD: encode(job)})
-            replies = await pipe.execute()
-        return _str(replies[-1])
+        async with self.broker.transaction(f"replay {entry_id}") as tx:
+            tx.pipe.xdel(self.keys.dead, entry_id)
+            tx.pipe.hset(key, mapping={"status": "pending", "coordinator": coordinator_id, "plan": job.plan_id})
+            tx.pipe.persist(key)
+            tx.pipe.sadd(self.keys.inflight(coordinator_id), job.request_id)
+            tx.pipe.xadd(job.route[job.stage_index], {MESSAGE_FIELD: encode(job)})
+        return tx.reply_text(-1)
 
     async def inflight(self, coordinator_id: str) -> list[str]:
-        async with _translated("SMEMBERS inflight"):
-            return sorted(_str(x) for x in await self._redis.smembers(self.keys.inflight(coordinator_id)))
+        return await self.broker.set_members(self.keys.inflight(coordinator_id))
 
     async def state(self, request_id: str) -> RequestState | None:
-        async with _translated(f"HGETALL {request_id}"):
-            raw = await self._redis.hgetall(self.keys.request(request_id))
-        if not raw:
+        row = await self.broker.hash_fields(self.keys.request(request_id))
+        if not row:
             return None
-        row = {_str(k): v for k, v in raw.items()}
-        job = decode_as(row["job"], ShardJob, self.broker.limits) if "job" in row else None
-        result = decode(row["result"], self.broker.limits) if "result" in row else None
-        progress = {k: _str(v) for k, v in row.items() if k.startswith("s") and k[1:].isdigit()}
+        limits = self.broker.limits
+        job = decode_as(row["job"], ShardJob, limits) if "job" in row else None
+        result = decode(row["result"], limits) if "result" in row else None
+        progress = {k: v.decode() for k, v in row.items() if k.startswith("s") and k[1:].isdigit()}
         return RequestState(
             request_id=request_id,
-            status=_str(row.get("status", b"")),
-            coordinator_id=_str(row.get("coordinator", b"")),
-            plan_id=_str(row.get("plan", b"")),
-            created_ms=float(_str(row.get("created_ms", b"0"))),
+            status=row.get("status", b"").decode(),
+            coordinator_id=row.get("coordinator", b"").decode(),
+            plan_id=row.get("plan", b"").decode(),
+            created_ms=float(row.get("created_ms", b"0").decode()),
             job=job,
             result=result,
             progress=progress,
@@ -132,10 +120,7 @@ class Ledger:
 
     async def dead_letters(self, count: int = 1000) -> list[tuple[str, DeadLetter | None, str]]:
         """(entry id, dead letter or None if undecodable, decode error) oldest first."""
-        async with _translated("XRANGE dead"):
-            entries = await self._redis.xrange(self.keys.dead, "-", "+", count=count)
-        out: list[tuple[str, DeadLetter | None, str]] = []
-        for eid, fields in entries:
-            d = self.broker._delivery(self.keys.dead, eid, fields)
-            out.append((d.entry_id, d.message if isinstance(d.message, DeadLetter) else None, d.error or ""))
-        return out
+        return [
+            (d.entry_id, d.message if isinstance(d.message, DeadLetter) else None, d.error or "")
+            for d in await self.broker.range_entries(self.keys.dead, count)
+        ]

@@ -39,6 +39,22 @@ class StageTrace:
     bytes_in: int
     bytes_out: int
     attempt: int = 1
+    # Where the time went (``benchmarks/overhead_breakdown.py``): wall-clock instants in epoch ms, the worker's
+    # clock for the first group, the page's (``performance.timeOrigin + now()``) for ``page_*``; 0.0 = not
+    # measured. A stage run in the same page right after the one before it (``fused``) has no read, send,
+    # receive or hand-off of its own: those marks are 0.0 and its ``queue_ms`` is 0.
+    read_ms: float = 0.0  # the job came out of XREADGROUP, decoded
+    decode_ms: float = 0.0  # a duration: decoding the entry, inside the read
+    send_ms: float = 0.0  # the frame to the page is being built
+    sent_ms: float = 0.0  # the frame was written to the WebSocket
+    page_recv_ms: float = 0.0  # the page's message handler started
+    page_fed_ms: float = 0.0  # the inputs are onnxruntime tensors: session.run starts
+    page_ran_ms: float = 0.0  # session.run returned
+    page_read_ms: float = 0.0  # the outputs were read (and carried on)
+    page_sent_ms: float = 0.0  # the result frame was built and is being sent
+    result_ms: float = 0.0  # the result frame was read back and decoded by the worker
+    handoff_ms: float = 0.0  # the hand-off script is being called
+    fused: bool = False  # ran in the same page op as the stage before it, no stream hop between them
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +151,7 @@ class Inject:
     count: int
     inject_id: str = ""
     reply_stream: str = ""
+    shard_index: int = -1  # only kernels of this shard throw (-1: any shard's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +198,7 @@ class AssignmentReply:
     user_agent: str
     load_ms: float
     note: str = ""
+    wasm_threads: int = 0  # onnxruntime-web threads of the worker's page (0: not reported)
 
 
 # -- events: appended to the events stream by workers and coordinators, written to DuckDB by the

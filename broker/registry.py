@@ -68,6 +68,7 @@ class WorkerInfo:
     stages: tuple[str, ...] = ()  # stage streams served
     capabilities: Mapping[str, Any] = field(default_factory=dict)  # the page's probe: webgpu, webnn, wasm
     platform_note: str = ""  # what ``auto`` fell back to, and why
+    page_budget_bytes: int = 0  # what the page can hold (its wasm memory ceiling, capped by settings); 0: unknown
 
     def platforms(self) -> tuple[str, ...]:
         """Execution providers this worker's page offers (WASM always)."""
@@ -113,7 +114,7 @@ def _text(x: Any) -> str:
 
 def _parse(name: str, value: str, worker_id: str) -> Any:
     try:
-        if name in ("pid", "browser_pid", "started_ms", "heartbeat_ms"):
+        if name in ("pid", "browser_pid", "started_ms", "heartbeat_ms", "page_budget_bytes"):
             return int(float(value))
         if name == "state":
             return WorkerState(value)
@@ -125,3 +126,12 @@ def _parse(name: str, value: str, worker_id: str) -> Any:
     except ValueError as e:
         raise SchemaError(f"worker {worker_id} registration field {name}={value!r}: {e}") from e
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """Which workers hold a connection to the broker right now (``Broker.connected_workers``), and the
+    server's run id: a restarted server has dropped every connection, so absence then says nothing."""
+
+    worker_ids: frozenset[str]
+    run_id: str

@@ -1,45 +1,55 @@
 """Stream operations on Redis/Valkey: the only place xshard talks to the server.
 
-Multi-key state changes are one MULTI named after the change (``hand_off``: publish downstream and
-ack upstream atomically). Redis errors are translated to ``BrokerUnavailable`` at this boundary.
+Multi-key state changes are one MULTI or one Lua script named after the change (``hand_off``: publish
+downstream and ack upstream atomically). Redis errors are translated to ``BrokerUnavailable`` at this
+boundary. Modules of ``broker`` that keep state of their own (``ledger``) build on the small public API
+below, never on the connection: ``transaction(what)`` (one named MULTI), ``hash_fields``, ``set_members``,
+``range_entries`` and ``decode_entry``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.client import Pipeline
 
+from .address import connection_options, redact
 from .codec import DEFAULT_LIMITS, Limits
 from .errors import BrokerUnavailable, MessageError, SchemaError
 from .keys import MESSAGE_FIELD, Keys
 from .messages import Message, decode, encode
-from .registry import WorkerInfo, WorkerState
+from .registry import Connected, WorkerInfo, WorkerState
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 EVENTS_MAXLEN = 1_000_000
 
-# KEYS: src, dst, request hash (or ""), events; ARGV: group, id, consumer, msg, event, field, value, final, maxlen
+# KEYS: src, dst, request hash (or ""), events
+# ARGV: group, id, consumer, msg, final, maxlen, n events, the n events, then (field, value) pairs of progress
 HAND_OFF_LUA = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #p == 0 or p[1][2] ~= ARGV[3] then return false end
 local has_request = KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1
 local id = 'duplicate'
-if not (ARGV[8] == '1' and has_request and redis.call('HGET', KEYS[3], 'status') ~= 'pending') then
+if not (ARGV[5] == '1' and has_request and redis.call('HGET', KEYS[3], 'status') ~= 'pending') then
   id = redis.call('XADD', KEYS[2], '*', 'm', ARGV[4])
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-if ARGV[5] ~= '' then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'm', ARGV[5]) end
-if has_request and ARGV[6] ~= '' then redis.call('HSET', KEYS[3], ARGV[6], ARGV[7]) end
+local n = tonumber(ARGV[7])
+for i = 8, 7 + n do redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'm', ARGV[i]) end
+if has_request then
+  for i = 8 + n, #ARGV - 1, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+end
 return id
 """
 SOCKET_TIMEOUT_S = 30.0
@@ -54,6 +64,7 @@ class Delivery:
     message: Message | None
     error: str | None = None
     size_bytes: int = 0
+    decode_ms: float = 0.0  # how long decoding the entry took
 
 
 @asynccontextmanager
@@ -61,28 +72,52 @@ async def _translated(what: str) -> AsyncIterator[None]:
     try:
         yield
     except (rexc.ConnectionError, rexc.TimeoutError, OSError) as e:
-        raise BrokerUnavailable(f"{what}: broker unreachable: {e}") from e
+        raise BrokerUnavailable(redact(f"{what}: broker unreachable: {e}")) from e
     except rexc.ResponseError as e:
-        raise BrokerUnavailable(f"{what}: broker refused: {e}") from e
+        raise BrokerUnavailable(redact(f"{what}: broker refused: {e}")) from e
 
 
 def _str(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
+@dataclass(slots=True)
+class Transaction:
+    """Commands queued on ``pipe`` for one MULTI (``Broker.transaction``); ``replies`` holds their replies,
+    in order, once the block has run."""
+
+    pipe: Pipeline
+    replies: list[Any] = field(default_factory=list)
+
+    def reply_text(self, index: int) -> str:
+        """One reply as a string (the entry id of an XADD, say)."""
+        return _str(self.replies[index])
+
+
 class Broker:
     """An async connection to the broker, bound to one key namespace."""
 
-    def __init__(self, url: str, namespace: str = "default", limits: Limits = DEFAULT_LIMITS) -> None:
-        self.url = url
+    def __init__(
+        self,
+        url: str,
+        namespace: str = "default",
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        worker_id: str = "",
+        ca_file: str | None = None,
+    ) -> None:
+        """``worker_id`` names a worker's connections; ``ca_file`` verifies ``rediss://`` (``address``)."""
+        self.url = url  # with its password: show ``address.redact(url)``
         self.keys = Keys(namespace)
         self.limits = limits
         self._redis = aioredis.Redis.from_url(
             url,
+            **connection_options(url, ca_file),
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=SOCKET_TIMEOUT_S,
             health_check_interval=10,
             max_connections=64,
+            client_name=self.keys.worker_client(worker_id) if worker_id else None,
         )
 
     async def __aenter__(self) -> Broker:
@@ -96,7 +131,7 @@ class Broker:
         await self._redis.aclose()
 
     async def ping(self) -> None:
-        async with _translated(f"ping {self.url}"):
+        async with _translated(f"ping {redact(self.url)}"):
             await self._redis.ping()
 
     # -- streams -----------------------------------------------------------------------------
@@ -114,15 +149,45 @@ class Broker:
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    def _delivery(self, stream: Any, entry_id: Any, fields: dict[bytes, bytes] | None) -> Delivery:
+    @asynccontextmanager
+    async def transaction(self, what: str) -> AsyncIterator[Transaction]:
+        """One MULTI named after the state change ``what``: queue commands on ``tx.pipe`` in the block; they
+        run atomically when it ends, and ``tx.replies`` holds their replies. Nothing runs if the block raises.
+        Redis errors become ``BrokerUnavailable`` naming ``what``."""
+        async with _translated(what), self._redis.pipeline(transaction=True) as pipe:
+            tx = Transaction(pipe)
+            yield tx
+            tx.replies = await pipe.execute()
+
+    async def hash_fields(self, key: str) -> dict[str, bytes]:
+        """HGETALL: every field of a hash (names as strings, values as stored); empty if there is none."""
+        async with _translated(f"HGETALL {key}"):
+            row = await self._redis.hgetall(key)
+        return {_str(k): v for k, v in row.items()}
+
+    async def set_members(self, key: str) -> list[str]:
+        """SMEMBERS, sorted."""
+        async with _translated(f"SMEMBERS {key}"):
+            return sorted(_str(x) for x in await self._redis.smembers(key))
+
+    async def range_entries(self, stream: str, count: int) -> list[Delivery]:
+        """XRANGE: the first ``count`` entries still on ``stream``, oldest first, decoded."""
+        async with _translated(f"XRANGE {stream}"):
+            entries = await self._redis.xrange(stream, "-", "+", count=count)
+        return [self.decode_entry(stream, eid, fields) for eid, fields in entries]
+
+    def decode_entry(self, stream: Any, entry_id: Any, fields: dict[bytes, bytes] | None) -> Delivery:
+        """One stream entry as read: its message decoded within this broker's limits, or why it cannot be."""
         s, eid = _str(stream), _str(entry_id)
         raw = (fields or {}).get(MESSAGE_FIELD)
         if raw is None:
             return Delivery(s, eid, None, "entry has no message field (deleted or foreign)")
+        started = time.perf_counter()
         try:
-            return Delivery(s, eid, decode(raw, self.limits), None, len(raw))
+            msg = decode(raw, self.limits)
         except MessageError as e:
             return Delivery(s, eid, None, str(e), len(raw))
+        return Delivery(s, eid, msg, None, len(raw), (time.perf_counter() - started) * 1000.0)
 
     async def read_group(
         self, group: str, consumer: str, streams: Iterable[str], *, count: int = 1, block_ms: int | None = 1000
@@ -133,21 +198,19 @@ class Broker:
             return []
         async with _translated(f"XREADGROUP {group}"):
             reply = await self._redis.xreadgroup(group, consumer, wanted, count=count, block=block_ms)
-        return [self._delivery(s, eid, f) for s, entries in reply or [] for eid, f in entries]
+        return [self.decode_entry(s, eid, f) for s, entries in reply or [] for eid, f in entries]
 
     async def read(self, stream: str, last_id: str, *, count: int = 16, block_ms: int = 1000) -> list[Delivery]:
         """Plain XREAD after ``last_id`` (for single-reader control streams)."""
         async with _translated(f"XREAD {stream}"):
             reply = await self._redis.xread({stream: last_id}, count=count, block=block_ms)
-        return [self._delivery(s, eid, f) for s, entries in reply or [] for eid, f in entries]
+        return [self.decode_entry(s, eid, f) for s, entries in reply or [] for eid, f in entries]
 
     async def ack(self, stream: str, group: str, entry_id: str) -> None:
         """Ack and delete a finished entry (streams hold only unfinished work)."""
-        async with _translated(f"XACK {stream}"):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.xack(stream, group, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
+        async with self.transaction(f"XACK {stream}") as tx:
+            tx.pipe.xack(stream, group, entry_id)
+            tx.pipe.xdel(stream, entry_id)
 
     async def hand_off(
         self,
@@ -158,30 +221,22 @@ class Broker:
         dst: str,
         msg: Message,
         *,
-        event: Message | None = None,
+        events: Sequence[Message] = (),
         request_id: str = "",
-        progress: tuple[str, str] | None = None,
+        progress: Sequence[tuple[str, str]] = (),
         final: bool = False,
     ) -> str | None:
         """The ``hand_off`` change, one Lua script: if ``consumer`` still owns ``entry_id``, publish
-        ``msg`` to ``dst``, ack and delete the entry, append ``event``, record ``progress`` (field, value)
-        in the request's hash. A ``final`` hand-off of a request already done publishes nothing.
+        ``msg`` to ``dst``, ack and delete the entry, append ``events``, record ``progress`` ((field, value)
+        pairs; a worker that ran several stages in one go records one per stage) in the request's hash. A
+        ``final`` hand-off of a request already done publishes nothing.
 
         Returns the new entry id; ``"duplicate"`` when the request was already done; None when the entry
         is no longer this consumer's (reclaimed by recovery: a late result must not duplicate)."""
-        field, value = progress or ("", "")
         keys = [src, dst, self.keys.request(request_id) if request_id else "", self.keys.events]
-        args = [
-            group,
-            entry_id,
-            consumer,
-            encode(msg),
-            encode(event) if event else b"",
-            field,
-            value,
-            "1" if final else "0",
-            EVENTS_MAXLEN,
-        ]
+        args: list[Any] = [group, entry_id, consumer, encode(msg), "1" if final else "0", EVENTS_MAXLEN, len(events)]
+        args += [encode(e) for e in events]
+        args += [x for pair in progress for x in pair]
         async with _translated(f"hand_off {src} -> {dst}"):
             result = await self._redis.eval(HAND_OFF_LUA, len(keys), *keys, *args)
         return None if result is None else _str(result)
@@ -195,7 +250,7 @@ class Broker:
             return []
         async with _translated(f"XREADGROUP {group} pending"):
             reply = await self._redis.xreadgroup(group, consumer, wanted, count=count)
-        return [self._delivery(s, eid, f) for s, entries in reply or [] for eid, f in entries if f]
+        return [self.decode_entry(s, eid, f) for s, entries in reply or [] for eid, f in entries if f]
 
     async def read_pending(
         self, group: str, consumer: str, streams: Iterable[str], *, count: int = 100
@@ -210,7 +265,7 @@ class Broker:
                 entries = [(eid, f) for _, batch in reply or [] for eid, f in batch]
                 if not entries:
                     break
-                out += [self._delivery(stream, eid, f) for eid, f in entries]
+                out += [self.decode_entry(stream, eid, f) for eid, f in entries]
                 after = out[-1].entry_id
         return out
 
@@ -234,7 +289,7 @@ class Broker:
             ids = [p["message_id"] for p in pending]
             claimed = await self._redis.xclaim(stream, group, claimer, 0, ids)
         counts = {_str(p["message_id"]): int(p["times_delivered"]) + 1 for p in pending}
-        return [(self._delivery(stream, eid, f), counts.get(_str(eid), 1)) for eid, f in claimed if f]
+        return [(self.decode_entry(stream, eid, f), counts.get(_str(eid), 1)) for eid, f in claimed if f]
 
     async def claim_stale(self, stream: str, group: str, claimer: str, min_idle_ms: int) -> list[Delivery]:
         """XAUTOCLAIM entries idle for ``min_idle_ms`` or more to ``claimer`` (the periodic sweep)."""
@@ -244,7 +299,7 @@ class Broker:
             except rexc.ResponseError:
                 return []
         entries = reply[1] if reply else []
-        return [self._delivery(stream, eid, f) for eid, f in entries if f]
+        return [self.decode_entry(stream, eid, f) for eid, f in entries if f]
 
     async def emit(self, event: Message) -> str:
         """Append an event to the events stream (bounded: at most ``EVENTS_MAXLEN`` unconsumed)."""
@@ -256,20 +311,24 @@ class Broker:
 
     async def read_events(self, count: int = 100_000) -> list[Message]:
         """Events still on the events stream (not yet consumed by the history writer), oldest first."""
-        async with _translated("XRANGE events"):
-            entries = await self._redis.xrange(self.keys.events, "-", "+", count=count)
-        out = []
-        for eid, fields in entries:
-            d = self._delivery(self.keys.events, eid, fields)
-            if d.message is not None:
-                out.append(d.message)
-        return out
+        return [d.message for d in await self.range_entries(self.keys.events, count) if d.message is not None]
 
     async def worker_info(self, worker_id: str) -> WorkerInfo | None:
         """One worker's registration (dead or alive), or None if it never registered or unregistered."""
         async with _translated(f"HGETALL worker {worker_id}"):
             row = await self._redis.hgetall(self.keys.worker(worker_id))
         return WorkerInfo.from_fields(worker_id, row) if row else None
+
+    async def connected_workers(self) -> Connected:
+        """Workers with a connection open now (CLIENT LIST, names from ``Keys.worker_client``); one round trip."""
+        prefix = self.keys.worker_client("")
+        async with _translated("CLIENT LIST"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.client_list()
+            pipe.info("server")
+            clients, info = await pipe.execute()
+        names = (_str(c.get("name", "")) for c in clients)
+        return Connected(frozenset(n[len(prefix) :] for n in names if n.startswith(prefix)), str(info.get("run_id")))
 
     async def stream_length(self, stream: str) -> int:
         async with _translated(f"XLEN {stream}"):

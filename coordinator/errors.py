@@ -4,6 +4,7 @@ XshardError
 ├── ModelError              model path missing, not ONNX, conversion failed
 │   └── ConversionError     HF -> ONNX conversion or its verification failed
 ├── PlanError               the graph cannot be cut as asked
+│   └── ShardTooLarge       a shard's weights and working memory exceed every page's budget
 ├── InputError              a request's inputs do not fit the model
 ├── AllocationError         not enough workers / browsers for the plan
 └── RequestFailed           a request ended in error (carries request_id, shard_index, worker_id, attempt)
@@ -26,6 +27,16 @@ class ConversionError(ModelError):
 
 class PlanError(XshardError):
     """The graph cannot be cut into the requested shards."""
+
+
+class ShardTooLarge(PlanError):
+    """A shard needs more memory than a page holds; raised before anything is enqueued."""
+
+    def __init__(self, message: str, *, shard_index: int, need_bytes: int, budget_bytes: int) -> None:
+        super().__init__(message)
+        self.shard_index = shard_index
+        self.need_bytes = need_bytes
+        self.budget_bytes = budget_bytes
 
 
 class InputError(XshardError):

@@ -27,6 +27,7 @@ class ManagerSettings:
     assign_reply_timeout_s: float = 120.0  # redistributing a shard onto another worker
     coordinator_id: str = ""  # reuse one to resume a killed coordinator's requests
     weight_share: float = 0.5
+    allow_fault_injection: bool = False  # local workers accept injected faults (tests, ``xshard fault-test``)
 
     @classmethod
     def from_env(cls, **overrides: object) -> ManagerSettings:
@@ -34,6 +35,14 @@ class ManagerSettings:
         for f in fields(cls):
             env = os.environ.get(f"XSHARD_{f.name.upper()}")
             if env is not None:
-                values[f.name] = Path(env) if f.name == "cache_dir" else type(getattr(cls(), f.name))(env)
+                values[f.name] = _parse(f.name, env, type(getattr(cls(), f.name)))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _parse(name: str, value: str, kind: type) -> object:
+    if name == "cache_dir":
+        return Path(value)
+    if kind is bool:  # bool("0") is True: read the word
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return kind(value)

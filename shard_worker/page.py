@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .bridge import Bridge, RunResult
+from .bridge import Bridge, RunResult, Step
 from .browser import BrowserProcess
 from .errors import BrowserError, WorkerError
 from .server import StaticServer
@@ -48,7 +50,7 @@ class Page:
         self._bridge = await Bridge().start()
         url = (
             f"http://127.0.0.1:{self.server.port}/#ws={self._bridge.port}&token={self._bridge.token}"
-            f"&platform={s.platform}&threads={s.wasm_threads}"
+            f"&platform={s.platform}&threads={s.wasm_threads}&faults={int(s.allow_fault_injection)}"
         )
         try:
             self._browser = await BrowserProcess(s.browser, url).launch()
@@ -106,4 +108,29 @@ class Page:
                 await self._live_bridge().request("release", self.settings.load_timeout_s, key=key)
 
     async def run(self, key: str, feeds: dict[str, np.ndarray], fail: str | None = None) -> RunResult:
-        return await self._live_bridge().run(key, feeds, self.settings.run_timeout_s, fail)
+        """Run a loaded session; ``fail`` (an injected fault) reaches the page only with fault injection on."""
+        return await self.run_steps((Step(key, None, fail),), feeds)
+
+    async def run_steps(self, steps: Sequence[Step], feeds: dict[str, np.ndarray]) -> RunResult:
+        """Run loaded sessions one after another in the page (``Bridge.run_steps``); injected faults reach
+        the page only with fault injection on."""
+        if not self.settings.allow_fault_injection and any(s.fail for s in steps):
+            log.error("refusing to inject a kernel error into %s: fault injection is disabled", steps[0].key)
+            steps = [dataclasses.replace(s, fail=None) for s in steps]
+        return await self._live_bridge().run_steps(steps, feeds, self.settings.run_timeout_s)
+
+    async def run_session(
+        self, steps: Sequence[Step], feeds: dict[str, np.ndarray], session: dict[str, Any]
+    ) -> RunResult:
+        """Run one step of a generation session: each step's KV cache is fed and kept in the page
+        (``web/kvcache.js``); ``session`` is {id, fresh, limit, ttl_ms}."""
+        bridge = self._live_bridge()
+        return await bridge.run_steps(steps, feeds, self.settings.run_timeout_s, session=session)
+
+    async def end_session(self, session_id: str) -> bool:
+        """Free a session's KV cache in the page; False when the page did not hold it."""
+        return bool(await self._live_bridge().request("end_session", self.settings.load_timeout_s, session=session_id))
+
+    async def session_count(self) -> int:
+        """How many sessions' caches the page holds now."""
+        return int(await self._live_bridge().request("sessions", self.settings.load_timeout_s))

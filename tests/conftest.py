@@ -14,6 +14,7 @@ from broker.embedded import EmbeddedValkey
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("XSHARD_ALLOW_FAULT_INJECTION", "1")  # the suite injects faults; production workers refuse
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,15 @@ outputs checked against native onnxruntime on the whole model, and the command l
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from subprocess import Popen
 
 import numpy as np
 import pytest
@@ -68,24 +72,25 @@ def assert_all_match_native(model: Path, records: Sequence[RequestRecord]) -> No
     assert None not in ids and len(set(ids)) == len(ids), ids
 
 
-def xshard_worker_command(url: str, browser: str, namespace: str, cache_dir: Path, worker_id: str) -> list[str]:
+def start_xshard_worker(url: str, browser: str, namespace: str, cache_dir: Path, worker_id: str) -> Popen[bytes]:
     """``xshard worker`` as a user starts it, with fault injection enabled (tests inject faults)."""
-    return [
-        sys.executable,
-        "-m",
-        "coordinator.cli",
-        "worker",
-        "--redis",
-        url,
-        "--browser",
-        browser,
-        "--namespace",
-        namespace,
-        "--cache-dir",
-        str(cache_dir),
-        "--worker-id",
-        worker_id,
-        "--log-level",
-        "WARNING",
-        "--allow-fault-injection",
-    ]
+    cmd = [sys.executable, "-m", "coordinator.cli", "worker", "--redis", url, "--browser", browser]
+    cmd += ["--namespace", namespace, "--cache-dir", str(cache_dir), "--worker-id", worker_id]
+    cmd += ["--log-level", "WARNING", "--allow-fault-injection"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def stop_processes(procs: Iterable[Popen[bytes]], timeout_s: float = 15.0) -> None:
+    """Resume (a frozen one), terminate, and kill what has not exited after ``timeout_s``."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

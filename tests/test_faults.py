@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from broker.ledger import Ledger
+from broker.messages import Inject
 from broker.streams import Broker
-from coordinator.cli.faultlab import FaultTestConfig, run_fault_test
+from coordinator.cli.faultlab import FaultTestConfig, inject_fault, run_fault_test
 from coordinator.manager import ModelShardingManager
 from coordinator.runtime.launcher import LocalWorkers
 from coordinator.settings import ManagerSettings
@@ -29,8 +30,9 @@ from tests.faults_support import (
     assert_all_match_native,
     assert_matches_native,
     broker_of,
+    start_xshard_worker,
+    stop_processes,
     wait_until,
-    xshard_worker_command,
 )
 from tests.onnx_models import residual_mlp, sample_tokens
 
@@ -57,6 +59,35 @@ async def fault_run(model: Path, cache_dir: Path, failure: str, **kw: Any) -> di
     assert report["duplicated"] == 0, [r for r in report["per_request"] if r["duplicated"]]
     assert report["correct"] == REQUESTS  # faultlab's own column agrees
     return report
+
+
+async def test_an_inject_no_worker_answers_times_out_and_leaves_no_answer_stream(valkey: Any, namespace: str) -> None:
+    async with Broker(valkey.url, namespace) as broker:
+        with pytest.raises(TimeoutError, match="nobody-here did not answer"):
+            await inject_fault(broker, "nobody-here", "kernel-error", 1, timeout_s=0.5)
+        sent = await broker.read(broker.keys.control("nobody-here"), "0", block_ms=100)
+        assert len(sent) == 1, sent
+        inject = sent[0].message
+        assert isinstance(inject, Inject), sent
+        assert (inject.kind, inject.count) == ("kernel-error", 1)
+        assert inject.inject_id and inject.reply_stream == broker.keys.ack(inject.inject_id)
+        assert await broker.scan_keys(broker.keys.ack("*")) == []
+
+
+async def test_a_worker_started_without_fault_injection_refuses_an_inject(
+    cache_dir: Path, valkey: Any, namespace: str
+) -> None:
+    require_browsers("chromium")
+    workers = LocalWorkers(valkey.url, namespace, cache_dir, heartbeat_s=0.5)  # injection off: the default
+    wid = workers.spawn("chromium", "wasm").worker_id
+    try:
+        async with Broker(valkey.url, namespace) as broker:
+            await workers.wait_registered(broker, [wid], 60, 2000)
+            reply = await inject_fault(broker, wid, "kernel-error", 1)
+            assert reply.worker_id == wid and not reply.accepted and reply.reason, reply
+            assert await broker.scan_keys(broker.keys.ack("*")) == []
+    finally:
+        await workers.stop_all()
 
 
 async def test_job_of_killed_browser_is_recovered_and_completes(model: Path, cache_dir: Path) -> None:
@@ -219,15 +250,10 @@ async def test_sixty_requests_survive_a_killed_browser_a_killed_worker_and_a_fro
     flight; one browser SIGKILLed, one worker SIGKILLed, another frozen until the coordinator declares
     it dead, then resumed."""
     require_browsers("chromium", "firefox")
-    procs = {}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     for browser in ("chromium", "firefox", "chromium"):
         wid = f"{browser}-{namespace}-{len(procs)}"
-        procs[wid] = subprocess.Popen(  # noqa: ASYNC220 (a quick fork)
-            xshard_worker_command(valkey.url, browser, namespace, cache_dir, wid),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": os.getcwd()},
-        )
+        procs[wid] = start_xshard_worker(valkey.url, browser, namespace, cache_dir, wid)
     manager = ModelShardingManager(
         str(model),
         num_shards=2,
@@ -267,12 +293,4 @@ async def test_sixty_requests_survive_a_killed_browser_a_killed_worker_and_a_fro
         assert len({r["metrics"]["request_id"] for r in results}) == 60
     finally:
         await manager.close()
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs.values())

@@ -297,7 +297,8 @@ def start_writer_process(url: str, namespace: str, db: Path, log_path: Path) -> 
             [
                 sys.executable,
                 "-m",
-                "coordinator.history.writer",
+                "coordinator.cli",
+                "history-writer",
                 "--redis",
                 url,
                 "--namespace",

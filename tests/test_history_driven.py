@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from broker.browsers import find_executable
 from coordinator.history.report import print_history, write_html_report
 from coordinator.manager import ModelShardingManager
 from coordinator.planning.allocation import allocate
@@ -17,6 +18,10 @@ from tests.faults_support import arm, assert_matches_native, broker_of
 from tests.onnx_models import residual_mlp, sample_tokens
 
 pytestmark = pytest.mark.browser
+
+
+def installed(browser: str) -> bool:
+    return find_executable(browser) is not None
 
 
 def rows(db: Path, sql: str) -> list[tuple]:
@@ -99,7 +104,7 @@ async def test_second_manager_allocates_from_measured_history_and_quotes_the_num
     static = ModelShardingManager("all-MiniLM-L6-v2", num_shards=2, platform="wasm", settings=settings)
     await static.prepare()  # what a manager without history allocates: the guide's table
     assert static.model is not None
-    guide = allocate(2, model_type="text", model_kind=static.model.kind, installed=lambda b: True, platform="wasm")
+    guide = allocate(2, model_type="text", model_kind=static.model.kind, installed=installed, platform="wasm")
     assert {s.browser for s in guide.values()} == {"chromium"}  # the guide: text embedding -> Edge
     learned = ModelShardingManager(
         "all-MiniLM-L6-v2", num_shards=2, platform="wasm", db_path=str(db), settings=settings

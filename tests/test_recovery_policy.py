@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from broker.errors import SettingError
+from broker.kinds import FailureKind
 from coordinator.errors import XshardError
 from coordinator.recovery import (
     FAILURE_KINDS,
@@ -26,18 +27,22 @@ from coordinator.recovery import (
     Failure,
     IllegalTransition,
     Options,
+    OrphanPlan,
     Policy,
     RecoveryError,
     Redistribute,
     Reroute,
     Restart,
+    RestartBudget,
     Retry,
     Rung,
     StageHistory,
     UnknownSetting,
     counts_against_worker,
+    decide_orphan,
     describe_table,
     ladder,
+    may_restart,
     runs_in_parallel,
     transition,
 )
@@ -573,3 +578,139 @@ def test_policy_from_env_reads_level_and_strategy_and_refuses_nonsense() -> None
         Policy.from_env({"XSHARD_MAX_TOTAL_ATTEMPTS": "forever"})
     with pytest.raises(UnknownSetting):
         Policy(max_total_attempts=0)
+
+
+# --- the request's own limit, what each failure kind allows, an orphaned stage ----------------------------
+
+
+def limited(kind: str, attempt: int, limit: int | None, worker: str = "w1") -> Failure:
+    return Failure("req-1", 0, worker, "chromium", "webgpu", kind, "boom", attempt, limit)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("level", ["low", "medium", "critical"])
+def test_the_requests_own_attempt_limit_dead_letters_within_a_larger_level_budget(level: str) -> None:
+    policy = Policy(level, "progressive")
+    assert not isinstance(
+        policy.decide(limited("timeout", 2, 3), StageHistory(), EVERYTHING, random.Random(0)), DeadLetter
+    )
+    decision = policy.decide(limited("timeout", 3, 3), StageHistory(), EVERYTHING, random.Random(0))
+    assert isinstance(decision, DeadLetter) and decision.cause == "budget"
+    assert "max_retries exhausted after 3 attempt(s)" in decision.reason and "boom" in decision.reason
+
+
+def test_a_limit_larger_than_the_level_budget_does_not_extend_it() -> None:
+    decision = Policy("medium").decide(limited("timeout", 6, 100), StageHistory(), EVERYTHING, random.Random(0))
+    assert isinstance(decision, DeadLetter) and "6 of 6 attempts spent" in decision.reason
+
+
+def test_a_walk_never_tries_a_stage_more_often_than_the_request_allows() -> None:
+    stopped_by_the_limit = 0
+    for seed in range(50):
+        rng = random.Random(seed)
+        limit = rng.randint(1, 4)
+        history, worker = StageHistory(), "w1"
+        for attempt in itertools.count(1):
+            failure = limited(rng.choice(["kernel", "timeout", "unavailable"]), attempt, limit, worker)
+            decision = Policy("critical").decide(failure, history, EVERYTHING, rng)
+            if isinstance(decision, DeadLetter):
+                break
+            history = history.record(failure, decision)
+            worker = decision.worker_id or worker
+        assert attempt <= limit, (seed, limit, attempt)
+        stopped_by_the_limit += "max_retries exhausted" in decision.reason
+    assert stopped_by_the_limit > 25
+
+
+def test_zero_retries_still_names_a_bad_input_as_such() -> None:
+    decision = Policy().decide(limited("input", 1, 1), StageHistory(), EVERYTHING, random.Random(0))
+    assert isinstance(decision, DeadLetter) and decision.cause == "input"
+
+
+def test_only_a_failure_a_browser_restart_can_cure_restarts_it() -> None:
+    assert {k for k in FailureKind if may_restart(k)} == {
+        FailureKind.KERNEL,
+        FailureKind.TIMEOUT,
+        FailureKind.BROWSER_LOST,
+    }
+    policy = Policy("medium", "restart")
+    for kind in FailureKind:
+        if kind is FailureKind.INPUT:
+            continue
+        decision = policy.decide(fail(kind.value), StageHistory(), EVERYTHING, random.Random(0))
+        assert isinstance(decision, Restart) == may_restart(kind), (kind, decision)
+
+
+def test_a_kind_a_restart_cures_still_needs_a_live_worker_to_restart() -> None:
+    dead = Options(replicas=("w2",), restartable=False)
+    decision = Policy("medium", "restart").decide(fail("kernel"), StageHistory(), dead, random.Random(0))
+    assert not isinstance(decision, Restart)
+
+
+def test_failure_kinds_are_the_brokers_enum_and_wire_strings_are_accepted() -> None:
+    assert FAILURE_KINDS == tuple(FailureKind)
+    failure = fail("browser-lost")
+    assert failure.kind is FailureKind.BROWSER_LOST and failure.kind == "browser-lost"
+    with pytest.raises(UnknownSetting):
+        limited("timeout", 1, 0)
+
+
+def test_a_stage_that_still_has_a_live_replica_is_not_orphaned() -> None:
+    assert decide_orphan(1, replicas=("w2",), spares=("w3",), died=("w1",)) is None
+
+
+def test_an_orphaned_stage_tries_each_spare_in_order_and_never_a_dead_worker() -> None:
+    plan = decide_orphan(2, replicas=(), spares=("w3", "w1", "w4", "w3"), died=("w1", "w5"))
+    assert plan == OrphanPlan(2, "w1", (Redistribute("w3"), Redistribute("w4")), "stage 2 lost its only worker w1")
+
+
+def test_an_orphaned_stage_with_no_spare_is_left_uncovered_and_says_why() -> None:
+    plan = decide_orphan(0, replicas=(), spares=("w1",), died=("w1",))
+    assert plan is not None and plan.tries == () and plan.lost_worker == "w1"
+    assert "no spare worker" in plan.reason and "stage 0 lost its only worker w1" in plan.reason
+    unknown = decide_orphan(3, replicas=(), spares=(), died=())
+    assert unknown is not None and unknown.lost_worker == "" and "stage 3 has no worker" in unknown.reason
+
+
+# -- the worker's own browser-restart budget (broker.restarts, applied by the worker) -----------------------
+
+
+def test_restart_budget_allows_max_restarts_within_the_window_and_refuses_the_next() -> None:
+    budget = RestartBudget(max_restarts=3, window_s=60.0)
+    times: tuple[float, ...] = ()
+    for now_s in (100.0, 101.0, 102.0):
+        verdict = budget.decide(times, now_s)
+        assert verdict.allowed and verdict.reason == "", verdict
+        times = verdict.kept_times_s
+    assert times == (100.0, 101.0, 102.0)
+    refused = budget.decide(times, 103.0)
+    assert not refused.allowed
+    assert refused.reason == "browser restarted 3 times in 60s"
+    assert refused.kept_times_s == (100.0, 101.0, 102.0, 103.0)
+
+
+def test_restart_budget_forgets_restarts_older_than_its_window() -> None:
+    budget = RestartBudget(max_restarts=2, window_s=10.0)
+    verdict = budget.decide([0.0, 5.0], 10.0)  # 0.0 is exactly one window old: out
+    assert verdict.allowed and verdict.kept_times_s == (5.0, 10.0)
+    assert not budget.decide(verdict.kept_times_s, 14.0).allowed
+    assert budget.decide(verdict.kept_times_s, 15.0).kept_times_s == (10.0, 15.0)
+
+
+def test_restart_budget_is_pure_and_its_defaults_are_the_workers() -> None:
+    budget = RestartBudget()
+    assert (budget.max_restarts, budget.window_s) == (5, 60.0)
+    recent = [1.0, 2.0]
+    assert budget.decide(recent, 3.0) == budget.decide(recent, 3.0)
+    assert recent == [1.0, 2.0]
+    with pytest.raises(AttributeError):
+        budget.max_restarts = 9  # type: ignore[misc]
+    assert RestartBudget is importlib.import_module("broker.restarts").RestartBudget  # one rule, both sides
+
+
+def test_restart_budget_refuses_nonsense_and_zero_allows_no_restart() -> None:
+    for bad in ({"max_restarts": -1}, {"window_s": 0.0}, {"window_s": float("inf")}, {"window_s": float("nan")}):
+        with pytest.raises(SettingError):
+            RestartBudget(**bad)  # type: ignore[arg-type]
+    never = RestartBudget(max_restarts=0)
+    verdict = never.decide((), 0.0)
+    assert not verdict.allowed and verdict.reason == "browser restarted 0 times in 60s"

@@ -3,7 +3,8 @@
 ::
 
     xshard run      one request through a sharded model: inputs from .npz, outputs to .npz, metrics to stdout
-    xshard worker   one shard worker owning one browser (runs ``python -m shard_worker``)
+    xshard worker   one shard worker owning one browser (runs ``python -m shard_worker``); it refuses
+                    injected faults unless started with ``--allow-fault-injection`` (tests, fault-test)
     xshard broker   an embedded valkey-server in the foreground, for external workers
     xshard demo     all-MiniLM-L6-v2 sharded across Chromium and Firefox
 
@@ -18,10 +19,8 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
-import threading
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,13 +28,13 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from broker.embedded import EmbeddedValkey
-from broker.errors import BrokerError
 from broker.kinds import PLATFORMS
 from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, positive_float, positive_int
 from coordinator.cli.console import ProgressPrinter, fail, format_allocation, format_components, format_fields
+from coordinator.cli.embedded import add_broker_command, serve_broker
 from coordinator.cli.faults import add_fault_commands, run_fault_command
 from coordinator.cli.history import add_history_commands, run_history_command
+from coordinator.cli.service import add_service_commands, run_service_command
 from coordinator.errors import ConversionError, XshardError
 from coordinator.manager import ModelShardingManager
 from coordinator.planning.allocation import normalize_browser
@@ -219,36 +218,6 @@ def exec_worker(worker_args: Sequence[str], log_level: str | None) -> NoReturn:
     os.execv(sys.executable, [sys.executable, "-m", "shard_worker", *argv])
 
 
-def serve_broker(port: int | None, appendonly: bool, data_dir: Path | None) -> int:
-    """Run an embedded valkey-server until SIGINT or SIGTERM."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        if data_dir is not None:
-            data_dir.mkdir(parents=True, exist_ok=True)
-        server = EmbeddedValkey(port=port, appendonly=appendonly, data_dir=data_dir)
-        server.start()
-    except (BrokerError, OSError) as e:
-        fail(str(e))
-        return EXIT_FAILED
-    try:
-        print(f"REDIS_URL={server.url}", flush=True)
-        print(
-            f"xshard broker: valkey-server pid {server.pid}, data in {server.data_dir}"
-            f"{' (append-only file on)' if appendonly else ''}; start workers with\n"
-            f"  xshard worker --redis {server.url} --browser chromium\n"
-            "Ctrl-C stops it.",
-            file=sys.stderr,
-            flush=True,
-        )
-        stop.wait()
-    finally:
-        server.stop()
-    print("xshard broker: stopped", file=sys.stderr, flush=True)
-    return 0
-
-
 def run_demo_command(args: argparse.Namespace) -> int:
     from coordinator.cli.demo import DEFAULT_SENTENCES, run_demo  # tokenizers is only needed here
 
@@ -312,11 +281,10 @@ def build_parser() -> Parser:
     common = log_level_parent(argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run_parser(sub, common)
-    sub.add_parser("worker", add_help=False, help="run one shard worker (xshard worker --help)")
-    b = sub.add_parser("broker", parents=[common], help="run an embedded valkey-server for external workers")
-    b.add_argument("--port", type=positive_int, default=None, help="default: a free port")
-    b.add_argument("--appendonly", action="store_true", help="log every write to an append-only file")
-    b.add_argument("--data-dir", type=Path, default=None, help="keep data here (default: a temp dir, removed)")
+    sub.add_parser(
+        "worker", add_help=False, help="run one shard worker (xshard worker --help; --allow-fault-injection for tests)"
+    )
+    add_broker_command(sub, common)
     d = sub.add_parser("demo", parents=[common], help="all-MiniLM-L6-v2 sharded across Chromium and Firefox")
     d.add_argument("--browsers", default="chromium,firefox")
     d.add_argument("--shards", type=positive_int, default=3)
@@ -324,6 +292,7 @@ def build_parser() -> Parser:
     d.add_argument("--sentences", nargs="+", default=None, metavar="SENTENCE")
     add_fault_commands(sub, common)
     add_history_commands(sub, common)
+    add_service_commands(sub, common)
     return parser
 
 
@@ -339,10 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return asyncio.run(run_request(args))
         if args.command == "broker":
-            return serve_broker(args.port, args.appendonly, args.data_dir)
+            return serve_broker(args)
         if args.command == "demo":
             return run_demo_command(args)
-        for handler in (run_fault_command, run_history_command):
+        for handler in (run_fault_command, run_history_command, run_service_command):
             code = handler(args)
             if code is not None:
                 return code

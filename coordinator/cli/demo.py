@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,27 @@ async def run_demo(browsers: Sequence[str], shards: int, platform: str, sentence
         await manager.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """The sharded batch against native onnxruntime on the whole model."""
+
+    embeddings: np.ndarray  # of the sharded outputs
+    max_hidden_diff: float  # over the unmasked tokens of last_hidden_state
+    max_embedding_diff: float
+    unmasked_tokens: int
+    native_ms: float
+
+
+def compare_native(onnx_path: Path, inputs: Mapping[str, np.ndarray], hidden: np.ndarray) -> Comparison:
+    mask = inputs["attention_mask"]
+    emb = embed(hidden, mask)
+    native_outputs, native_ms = run_native(onnx_path, inputs)
+    native = native_outputs["last_hidden_state"]
+    diff = np.abs(hidden.astype(np.float64) - native.astype(np.float64))[mask.astype(bool)]
+    emb_diff = float(np.abs(emb - embed(native, mask)).max())
+    return Comparison(emb, float(diff.max()), emb_diff, int(mask.sum()), native_ms)
+
+
 async def demonstrate(manager: ModelShardingManager, sentences: Sequence[str], progress: ProgressPrinter) -> int:
     if not await manager.initialize_sharding():
         fail(manager.last_error or "initializing the shards failed")
@@ -167,52 +189,54 @@ async def demonstrate(manager: ModelShardingManager, sentences: Sequence[str], p
     if "error" in result:
         fail(result["error"])
         return 1
-    mask = inputs["attention_mask"]
-    hidden = result["result"]["last_hidden_state"]
-    emb = embed(hidden, mask)
-
-    native_outputs, native_ms = run_native(manager.model.onnx_path, inputs)
-    native = native_outputs["last_hidden_state"]
-    diff = np.abs(hidden.astype(np.float64) - native.astype(np.float64))[mask.astype(bool)]
-    emb_diff = float(np.abs(emb - embed(native, mask)).max())
+    comparison = compare_native(manager.model.onnx_path, inputs, result["result"]["last_hidden_state"])
 
     progress(f"timing {LATENCY_REQUESTS} single-sentence requests, one after another")
     latency = await measure_latency(manager, manager.model.tokenizer_path, sentences, input_names)
     if isinstance(latency, str):
         fail(latency)
         return 1
+    print_report(manager, sentences, (batch, seq), result["metrics"], comparison)
+    print_latency(latency)
+    return 0
 
+
+def print_report(
+    manager: ModelShardingManager,
+    sentences: Sequence[str],
+    shape: tuple[int, int],
+    metrics: Mapping[str, Any],
+    comparison: Comparison,
+) -> None:
+    """The plan, the similarities, the allocation, the batch's timings and its correctness."""
+    assert manager.model is not None and manager.shards is not None
     plan = manager.shards.plan
     cuts = " ".join(f"[{st.start}, {st.end})" for st in plan.stages)
+    emb = comparison.embeddings
     print(f"\nmodel: {MODEL} ({manager.model.kind}), ONNX {manager.model.onnx_path}")
     print(f"plan {plan.plan_id}: {len(plan.stages)} layer shards, node ranges {cuts} ({plan.boundary_kind})")
     print("\ncosine similarity (mean-pooled, L2-normalized sentence embeddings)")
     print(format_similarities(sentences, emb @ emb.T))
     print("\nallocation")
     print(format_allocation(manager.get_metrics()["browser_allocation"]))
-    print(f"\ntimings of the batch [{batch}, {seq}]")
-    print(format_timings(result["metrics"]))
+    print(f"\ntimings of the batch [{shape[0]}, {shape[1]}]")
+    print(format_timings(metrics))
     print(
         "\ncorrectness vs native onnxruntime (CPU) on the whole, unsharded model "
-        f"(one run of the batch: {native_ms:.1f} ms)"
+        f"(one run of the batch: {comparison.native_ms:.1f} ms)"
     )
-    print(f"  max |sharded - native| last_hidden_state at {int(mask.sum())} unmasked tokens: {diff.max():.2e}")
-    print(f"  max |sharded - native| sentence embeddings: {emb_diff:.2e}")
+    print(
+        f"  max |sharded - native| last_hidden_state at {comparison.unmasked_tokens} unmasked tokens: "
+        f"{comparison.max_hidden_diff:.2e}"
+    )
+    print(f"  max |sharded - native| sentence embeddings: {comparison.max_embedding_diff:.2e}")
+
+
+def print_latency(latency: Mapping[str, Sequence[float]]) -> None:
     e2e, kernel, over = latency["end_to_end"], latency["kernel"], latency["overhead"]
     print(f"\nlatency of {len(e2e)} single-sentence requests, one at a time")
-    print(
-        format_table(
-            ["", "p50 ms", "min ms", "max ms"],
-            [
-                ["end to end", f"{percentile_ms(e2e, 50):.1f}", f"{min(e2e):.1f}", f"{max(e2e):.1f}"],
-                [
-                    "kernel (all shards)",
-                    f"{percentile_ms(kernel, 50):.1f}",
-                    f"{min(kernel):.1f}",
-                    f"{max(kernel):.1f}",
-                ],
-                ["overhead", f"{percentile_ms(over, 50):.1f}", f"{min(over):.1f}", f"{max(over):.1f}"],
-            ],
-        )
-    )
-    return 0
+    rows = [
+        [label, f"{percentile_ms(values, 50):.1f}", f"{min(values):.1f}", f"{max(values):.1f}"]
+        for label, values in (("end to end", e2e), ("kernel (all shards)", kernel), ("overhead", over))
+    ]
+    print(format_table(["", "p50 ms", "min ms", "max ms"], rows))

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from broker.address import redact
 from broker.errors import BrokerError
 from broker.keys import Keys
 from broker.streams import Broker
@@ -115,7 +116,7 @@ async def run_history_writer(
     try:
         async with Broker(redis_url, namespace) as broker, HistoryWriter(broker, db_path, settings=settings) as w:
             print(
-                f"xshard history-writer: consuming {w.stream} on {redis_url} into {w.store.db_path}",
+                f"xshard history-writer: consuming {w.stream} on {redact(redis_url)} into {w.store.db_path}",
                 file=sys.stderr,
                 flush=True,
             )

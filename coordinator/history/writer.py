@@ -9,6 +9,10 @@ decoded, or are not history events, are acked and logged, never retried.
 The consumer name is stable (``writer`` unless configured) so a restarted writer finds the entries its
 previous run left pending. One writer per namespace and database file.
 
+The consumer runs until ``close()``. A batch that fails (broker outage, database error or lock) is tried
+again with backoff (``broker.retry.retrying``) after re-reading what is pending; once batches have kept
+failing for ``max_outage_s`` the writer gives up and keeps the error in ``error``.
+
 Runs inside the manager (``HistoryWriter`` as an async context manager on the manager's broker) or
 alone: ``xshard history-writer``.
 """
@@ -28,8 +32,10 @@ from pathlib import Path
 from broker.errors import BrokerUnavailable
 from broker.keys import EVENTS_GROUP
 from broker.messages import Event, ExecutionEvent, RecoveryEvent, RequestEvent
+from broker.retry import Backoff, Stopped, poll, retrying
 from broker.streams import Broker, Delivery
-from coordinator.history.store import HistoryError, HistoryStore, WriteResult, event_row
+from coordinator.history.schema import event_row
+from coordinator.history.store import HistoryError, HistoryStore, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +48,18 @@ class WriterSettings:
     batch_size: int = 256
     flush_interval_s: float = 1.0  # how long a partial batch may wait for more events
     block_ms: int = 500  # one XREADGROUP's wait when the stream is empty
-    max_failures: int = 30  # consecutive failed batches (database or broker) before the writer stops
-    backoff_s: float = 0.5
+    max_outage_s: float = 120.0  # how long batches may keep failing (database or broker) before the writer stops
+    backoff_s: float = 0.5  # the wait after the first failed batch, doubling up to max_backoff_s
     max_backoff_s: float = 5.0
-    lock_wait_s: float = 10.0  # waiting for a reader to release the database file
+    lock_wait_s: float = 10.0  # waiting for another process to release the database file
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.block_ms < 1 or self.flush_interval_s < 0 or self.max_failures < 1:
+        if self.batch_size < 1 or self.block_ms < 1 or self.flush_interval_s < 0 or not self.max_outage_s > 0:
             raise ValueError(f"invalid history writer settings: {self}")
+
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(base_s=self.backoff_s, max_s=self.max_backoff_s)
 
     @classmethod
     def from_env(cls, **overrides: object) -> WriterSettings:
@@ -121,7 +131,8 @@ class HistoryWriter:
         self._io = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._committing: asyncio.Task[None] | None = None
-        self._closing = False
+        self._stop = asyncio.Event()
+        self._batch_failed = False  # the failed batch is still pending: re-read it first
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -138,10 +149,11 @@ class HistoryWriter:
     async def start(self) -> None:
         """Create the group and the tables, write what an earlier run left pending, then consume."""
         await self.broker.ensure_group(self.stream, EVENTS_GROUP, "0")
-        await asyncio.to_thread(self.store.create)
+        await self.store.when_unlocked(self.store.create)
         async with self._io:
             await self._drain_pending()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"history-writer {self.stream}")
+        name = f"history-writer {self.stream}"
+        self._task = asyncio.get_running_loop().create_task(self._consume_until_stopped(), name=name)
         log.info("history: consuming %s into %s as %s", self.stream, self.store.db_path, self.settings.consumer)
 
     async def flush(self) -> WriteResult:
@@ -160,8 +172,8 @@ class HistoryWriter:
         )
 
     async def close(self, flush: bool = True) -> None:
-        self._closing = True
         """Stop consuming; with ``flush``, write what is in the stream first."""
+        self._stop.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # a failure is kept in self.error
@@ -175,33 +187,41 @@ class HistoryWriter:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _consume_until_stopped(self) -> None:
         s = self.settings
-        failures = 0
-        while not self._closing:  # redis-py may turn a cancellation into a connection error
-            try:
-                async with self._io:
-                    if failures:
-                        await self._drain_pending()  # the failed batch is still pending
-                    batch = await self._collect()
-                    if batch:
-                        await self._commit(batch)
-                failures = 0
-            except (HistoryError, BrokerUnavailable) as e:
-                failures += 1
-                if failures >= s.max_failures:
-                    log.error("history: giving up after %d failed batches: %s", failures, e)
-                    self.error = e
-                    raise
-                delay_s = min(s.backoff_s * 2 ** (failures - 1), s.max_backoff_s)
-                log.warning(
-                    "history: batch failed (%d/%d), retrying in %.1fs: %s", failures, s.max_failures, delay_s, e
+        try:
+            async for _ in poll(0.0, self._stop):  # each read blocks up to block_ms
+                await retrying(
+                    self._consume_batch,
+                    what="history: batch",
+                    deadline_s=s.max_outage_s,
+                    stop=self._stop,
+                    backoff=s.backoff,
+                    retry_on=(HistoryError, BrokerUnavailable),
+                    on_retry=self._note_failed_batch,
                 )
-                await asyncio.sleep(delay_s)
-            except Exception as e:
-                log.exception("history: the writer stopped")
-                self.error = e
-                raise
+        except Stopped:
+            return
+        except (HistoryError, BrokerUnavailable) as e:
+            log.error("history: giving up after %.0fs of failed batches: %s", s.max_outage_s, e)
+            self.error = e
+            raise
+        except Exception as e:
+            log.exception("history: the writer stopped")
+            self.error = e
+            raise
+
+    def _note_failed_batch(self, _: BaseException) -> None:
+        self._batch_failed = True
+
+    async def _consume_batch(self) -> None:
+        async with self._io:
+            if self._batch_failed:
+                await self._drain_pending()
+                self._batch_failed = False
+            batch = await self._collect()
+            if batch:
+                await self._commit(batch)
 
     async def _read(self, count: int, block_ms: int) -> list[Delivery]:
         return await self.broker.read_group(
@@ -237,7 +257,7 @@ class HistoryWriter:
 
     async def _write_and_ack(self, batch: list[Delivery]) -> None:
         events, rejected = sort_deliveries(batch)
-        result = await asyncio.to_thread(self.store.write_events, events) if events else WriteResult()
+        result = await self.store.when_unlocked(self.store.write_events, events) if events else WriteResult()
         for d in batch:
             await self.broker.ack(self.stream, EVENTS_GROUP, d.entry_id)
         t = self.totals

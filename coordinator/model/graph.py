@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from coordinator.errors import ModelError, PlanError
+from coordinator.model.state import StatePair, find_state_pairs, state_names
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class GraphProfile:
 
     ``crossing[p]`` lists the non-constant tensors that are produced before node ``p`` (or are graph
     inputs) and used at or after it (or are graph outputs): what must travel across a cut at ``p``.
-    ``crossing[n]`` is the graph outputs.
+    ``crossing[n]`` is the graph outputs. ``crossing_bytes`` leaves out state tensors (``state_pairs``,
+    e.g. a KV cache): they stay with the shard that reads and writes them and never travel.
     """
 
     model_sha256: str
@@ -72,6 +74,12 @@ class GraphProfile:
     tensor_bytes: dict[str, int]
     tensor_ranks: dict[str, int]
     node_weight_shapes: tuple[tuple[tuple[int, ...], ...], ...]
+    state_pairs: tuple[StatePair, ...] = ()
+
+    @property
+    def state_names(self) -> frozenset[str]:
+        """Names of every state input and output (see :mod:`coordinator.model.state`)."""
+        return state_names(self.state_pairs)
 
 
 def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
@@ -137,19 +145,20 @@ def node_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _sample_inputs(specs: Iterable[TensorSpec]) -> dict[str, np.ndarray]:
+def _sample_inputs(specs: Iterable[TensorSpec], empty: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Feeds at sample dims; inputs in ``empty`` (state inputs) get length 0 on their dynamic axes past the batch."""
     feeds = {}
     for s in specs:
+        rest = 0 if s.name in empty else SAMPLE_DIM
         shape = [
-            d if isinstance(d, int) and d > 0 else (SAMPLE_BATCH if i == 0 else SAMPLE_DIM)
-            for i, d in enumerate(s.shape)
+            d if isinstance(d, int) and d > 0 else (SAMPLE_BATCH if i == 0 else rest) for i, d in enumerate(s.shape)
         ]
         fill = 0 if s.dtype.startswith("float") else 1
         feeds[s.name] = np.full(shape, fill, dtype=s.dtype)
     return feeds
 
 
-def _measure(model: onnx.ModelProto, inputs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
+def _measure(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run the whole graph natively once at sample dims, returning every intermediate tensor."""
     import onnxruntime as ort
 
@@ -167,7 +176,7 @@ def _measure(model: onnx.ModelProto, inputs: tuple[TensorSpec, ...]) -> dict[str
     try:
         session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
-        values = session.run(names, _sample_inputs(inputs))
+        values = session.run(names, feeds)
     except Exception as e:  # onnxruntime raises its own untyped errors
         raise ModelError(f"onnxruntime cannot run the model at sample dims: {e}") from e
     return dict(zip(names, values, strict=True))
@@ -232,12 +241,40 @@ def profile_graph(model: onnx.ModelProto, model_sha256: str) -> GraphProfile:
         last_use[o.name] = n
         if o.name not in producer and o.name not in inits:
             raise ModelError(f"graph output {o.name!r} is produced by no node")
-    values = _measure(model, inputs)
-    values.update(_sample_inputs(inputs))
+    pairs = find_state_pairs(model, _ONNX_TO_NUMPY)
+    stateful = state_names(pairs)
+    feeds = _sample_inputs(inputs, frozenset(p.input_name for p in pairs))
+    values = _measure(model, feeds)
+    values.update(feeds)
     shapes = {k: tuple(v.shape) for k, v in values.items()}
     shapes.update({k: tuple(int(d) for d in t.dims) for k, t in inits.items()})
     nbytes = {k: int(v.nbytes) for k, v in values.items()}
     dtypes = {k: v.dtype.name for k, v in values.items()}
+    crossing = _crossing(producer, last_use, n, outputs)
+    return GraphProfile(
+        model_sha256=model_sha256,
+        node_count=n,
+        node_flops=tuple(_flops(node, shapes) for node in g.node),
+        node_weight_bytes=tuple(weight_bytes),
+        crossing=tuple(crossing),
+        crossing_bytes=tuple(sum(nbytes.get(x, 0) for x in c if x not in stateful) for c in crossing),
+        inputs=inputs,
+        outputs=outputs,
+        dtypes=dtypes,
+        vocab_limits=_vocab_limits(model, {s.name for s in inputs}, inits),
+        producers={k: v for k, v in producer.items() if v >= 0},
+        consumers={k: tuple(v) for k, v in consumers.items()},
+        tensor_bytes=nbytes,
+        tensor_ranks={k: len(v) for k, v in shapes.items()},
+        node_weight_shapes=tuple(weight_shapes),
+        state_pairs=pairs,
+    )
+
+
+def _crossing(
+    producer: dict[str, int], last_use: dict[str, int], n: int, outputs: tuple[TensorSpec, ...]
+) -> list[tuple[str, ...]]:
+    """For each position ``p`` in ``0..n``, the tensors live across it (see ``GraphProfile.crossing``)."""
     crossing: list[tuple[str, ...]] = []
     live: dict[str, None] = {}
     starts: dict[int, list[str]] = {}
@@ -251,23 +288,7 @@ def profile_graph(model: onnx.ModelProto, model_sha256: str) -> GraphProfile:
             del live[name]
         crossing.append(tuple(live))
     crossing[n] = tuple(o.name for o in outputs)
-    return GraphProfile(
-        model_sha256=model_sha256,
-        node_count=n,
-        node_flops=tuple(_flops(node, shapes) for node in g.node),
-        node_weight_bytes=tuple(weight_bytes),
-        crossing=tuple(crossing),
-        crossing_bytes=tuple(sum(nbytes.get(x, 0) for x in c) for c in crossing),
-        inputs=inputs,
-        outputs=outputs,
-        dtypes=dtypes,
-        vocab_limits=_vocab_limits(model, {s.name for s in inputs}, inits),
-        producers={k: v for k, v in producer.items() if v >= 0},
-        consumers={k: tuple(v) for k, v in consumers.items()},
-        tensor_bytes=nbytes,
-        tensor_ranks={k: len(v) for k, v in shapes.items()},
-        node_weight_shapes=tuple(weight_shapes),
-    )
+    return crossing
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

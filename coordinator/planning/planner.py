@@ -15,6 +15,14 @@ Finding layer boundaries without knowing any tensor or op name:
 Cuts are then chosen among the boundaries to minimize the most expensive shard, where a node's
 cost mixes its share of the compute (FLOPs at sample dims) and of the weight bytes.
 A plan is a DAG of stages (``upstream``); layer sharding makes it a chain.
+
+A stateful graph (a KV cache, see :mod:`coordinator.model.state`) is cut so that each state pair stays
+in one stage: no cut between the first and the last node that reads or writes a pair, none before the
+first state node or after the last one (so the first and the last stage own state: no stage is the
+embedding or the head alone). Cut at layer boundaries, every stage owns its layers' state; only the
+fallback inside layers (more shards than layers) can leave a stage, e.g. a feed-forward half, without.
+State tensors are left out of the residual analysis and of what a stage carries downstream: each stage
+reads its own state inputs and returns its own state outputs, recorded in ``Stage.state_pairs``.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from dataclasses import dataclass
 
 from coordinator.errors import PlanError
 from coordinator.model.graph import GraphProfile
+from coordinator.model.state import StatePair
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,13 @@ MAX_PERIOD = 8
 
 @dataclass(frozen=True, slots=True)
 class Stage:
+    """Nodes ``[start, end)`` of the graph, run as one shard.
+
+    ``input_names`` are the shard's feeds and ``output_names`` what it returns, state included;
+    ``carry_names`` what travels on after it (never state). ``state_pairs`` are the state inputs this
+    stage reads and the outputs that replace them at the next call, e.g. its layers' past/present K/V.
+    """
+
     index: int
     start: int
     end: int
@@ -48,6 +64,17 @@ class Stage:
     flops_share: float
     weight_bytes: int
     crossing_bytes_out: int
+    state_pairs: tuple[StatePair, ...] = ()
+
+    @property
+    def state_input_names(self) -> tuple[str, ...]:
+        """Feeds that come from this stage's own state (past), not from upstream."""
+        return tuple(p.input_name for p in self.state_pairs)
+
+    @property
+    def state_output_names(self) -> tuple[str, ...]:
+        """Outputs kept as this stage's state for the next call (present), not sent downstream."""
+        return tuple(p.output_name for p in self.state_pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +92,11 @@ class Plan:
     @property
     def is_chain(self) -> bool:
         return all(s.upstream == ((s.index - 1,) if s.index else ()) for s in self.stages)
+
+    @property
+    def state_pairs(self) -> tuple[StatePair, ...]:
+        """Every stage's state pairs, in stage order."""
+        return tuple(p for s in self.stages for p in s.state_pairs)
 
 
 def node_costs(profile: GraphProfile, weight_share: float) -> list[float]:
@@ -85,7 +117,10 @@ def hidden_bytes(profile: GraphProfile) -> int:
     )
     if sizes:
         return max(sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
-    biggest = sorted(max((profile.tensor_bytes.get(x, 0) for x in c), default=0) for c in profile.crossing)
+    state = profile.state_names
+    biggest = sorted(
+        max((profile.tensor_bytes.get(x, 0) for x in c if x not in state), default=0) for c in profile.crossing
+    )
     return biggest[len(biggest) // 2] if biggest else 0
 
 
@@ -96,10 +131,11 @@ def residual_points(profile: GraphProfile) -> list[int]:
     arithmetic) belong to one region; its point is where the fewest bytes cross, the latest of equals.
     """
     threshold = ACTIVATION_FRACTION * hidden_bytes(profile)
+    state = profile.state_names
     hits = [
         p
         for p in range(1, profile.node_count)
-        if sum(profile.tensor_bytes.get(x, 0) >= threshold for x in profile.crossing[p]) == 1
+        if sum(profile.tensor_bytes.get(x, 0) >= threshold for x in profile.crossing[p] if x not in state) == 1
     ]
     if not any(profile.node_weight_shapes):
         return hits
@@ -144,6 +180,27 @@ def layer_boundaries(profile: GraphProfile) -> tuple[list[int], str]:
     return [p for p in bounds if 0 < p < profile.node_count], "layer"
 
 
+def state_spans(profile: GraphProfile) -> list[tuple[int, int]]:
+    """For each state pair, the first and the last node that reads or writes it."""
+    spans = []
+    for pair in profile.state_pairs:
+        uses = [*profile.consumers.get(pair.input_name, ()), *profile.consumers.get(pair.output_name, ())]
+        if pair.output_name in profile.producers:
+            uses.append(profile.producers[pair.output_name])
+        if uses:
+            spans.append((min(uses), max(uses)))
+    return spans
+
+
+def state_safe(profile: GraphProfile, candidates: list[int]) -> list[int]:
+    """The cut positions that keep every state pair within one stage, none before the first or after the last."""
+    spans = state_spans(profile)
+    if not spans:
+        return candidates
+    first, last = min(a for a, _ in spans), max(b for _, b in spans)
+    return [p for p in candidates if first < p <= last and not any(a < p <= b for a, b in spans)]
+
+
 def choose_cuts(profile: GraphProfile, num_shards: int, weight_share: float = 0.5) -> tuple[list[int], str]:
     """``num_shards - 1`` cut positions among the boundaries, minimizing the costliest shard."""
     n = profile.node_count
@@ -152,9 +209,10 @@ def choose_cuts(profile: GraphProfile, num_shards: int, weight_share: float = 0.
     if num_shards == 1:
         return [], "none"
     candidates, kind = layer_boundaries(profile)
+    candidates = state_safe(profile, candidates)
     layers = len(candidates) + 1
     if len(candidates) < num_shards - 1 and kind == "layer":
-        candidates, kind = residual_points(profile), "residual"
+        candidates, kind = state_safe(profile, residual_points(profile)), "residual"
         if len(candidates) >= num_shards - 1:
             log.warning("%d shards but only %d layer blocks: cutting inside layers too", num_shards, layers)
     if len(candidates) < num_shards - 1:
@@ -197,13 +255,14 @@ def plan_shards(profile: GraphProfile, num_shards: int, shard_type: str = "layer
     costs = node_costs(profile, weight_share)
     total_cost = sum(costs) or 1.0
     total_flops = sum(profile.node_flops) or 1.0
+    state = profile.state_names
     stages = []
     for index, (start, end) in enumerate(bounds):
         inputs = tuple(
             x for x in profile.crossing[start] if any(start <= i < end for i in profile.consumers.get(x, ()))
         )
-        carry = profile.crossing[end]
-        outputs = tuple(x for x in carry if start <= profile.producers.get(x, -1) < end)
+        outputs = tuple(x for x in profile.crossing[end] if start <= profile.producers.get(x, -1) < end)
+        carry = tuple(x for x in profile.crossing[end] if x not in state)
         stages.append(
             Stage(
                 index=index,
@@ -217,6 +276,24 @@ def plan_shards(profile: GraphProfile, num_shards: int, shard_type: str = "layer
                 flops_share=sum(profile.node_flops[start:end]) / total_flops,
                 weight_bytes=sum(profile.node_weight_bytes[start:end]),
                 crossing_bytes_out=profile.crossing_bytes[end] if end < profile.node_count else 0,
+                state_pairs=_stage_state(profile, index, inputs, outputs),
             )
         )
     return Plan(profile.model_sha256, shard_type, tuple(stages), kind)
+
+
+def _stage_state(
+    profile: GraphProfile, index: int, inputs: tuple[str, ...], outputs: tuple[str, ...]
+) -> tuple[StatePair, ...]:
+    """The state pairs a stage reads and writes; a pair split across stages is a PlanError."""
+    mine = []
+    for pair in profile.state_pairs:
+        reads, writes = pair.input_name in inputs, pair.output_name in outputs
+        if reads != writes:
+            raise PlanError(
+                f"stage {index} {'reads' if reads else 'writes'} state {pair.input_name!r} -> {pair.output_name!r} "
+                "but not its other half"
+            )
+        if reads:
+            mine.append(pair)
+    return tuple(mine)

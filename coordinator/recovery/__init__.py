@@ -3,15 +3,34 @@
 - ``Backoff`` (from ``broker.retry``, the one retry helper): exponential backoff with proportional jitter.
 - ``breaker``: circuit breakers per worker and per (browser, platform) (``CircuitBreaker``, ``Breakers``).
 - ``ladder``: the recovery ladder and the level/strategy table (``ladder``, ``describe_table``).
+- ``failures``: what a failure is and what its kind allows (``Failure``, ``may_restart``, ``counts_against_worker``).
+- ``decisions``: what the policy sees besides the failure and what it answers (``Options``, ``StageHistory``,
+  ``Retry`` ... ``DeadLetter``).
 - ``policy``: the decision itself (``Policy.decide(failure, history, options, rng) -> Decision``).
+- ``RestartBudget`` (from ``broker.restarts``, so the worker applies it too): how many browser restarts a
+  worker may make within a window before it stops (``decide(recent_restart_times_s, now_s) -> RestartVerdict``).
+- ``orphan``: a stage left without a live worker (``decide_orphan(...) -> OrphanPlan | None``).
 
 Nothing here does I/O, sleeps, or reads the clock; callers pass ``now_s`` and a ``random.Random``.
 """
 
+from broker.restarts import RestartBudget, RestartVerdict
 from broker.retry import Backoff
 
 from .breaker import Breakers, BreakerState, CircuitBreaker, breaker_key_name, transition
+from .decisions import (
+    ChangePlatform,
+    DeadLetter,
+    Decision,
+    Options,
+    Redistribute,
+    Reroute,
+    Restart,
+    Retry,
+    StageHistory,
+)
 from .errors import IllegalTransition, RecoveryError, UnknownSetting
+from .failures import FAILURE_KINDS, Failure, FailureKind, counts_against_worker, may_restart
 from .ladder import (
     FAULT_TOLERANCE_LEVELS,
     PLATFORM_FALLBACKS,
@@ -25,22 +44,8 @@ from .ladder import (
     retries_in_place,
     runs_in_parallel,
 )
-from .policy import (
-    FAILURE_KINDS,
-    ChangePlatform,
-    DeadLetter,
-    Decision,
-    Failure,
-    FailureKind,
-    Options,
-    Policy,
-    Redistribute,
-    Reroute,
-    Restart,
-    Retry,
-    StageHistory,
-    counts_against_worker,
-)
+from .orphan import OrphanPlan, decide_orphan
+from .policy import Policy
 
 __all__ = [
     "FAILURE_KINDS",
@@ -58,12 +63,15 @@ __all__ = [
     "FailureKind",
     "IllegalTransition",
     "Level",
+    "OrphanPlan",
     "Options",
     "Policy",
     "RecoveryError",
     "Redistribute",
     "Reroute",
     "Restart",
+    "RestartBudget",
+    "RestartVerdict",
     "Retry",
     "Rung",
     "StageHistory",
@@ -72,8 +80,10 @@ __all__ = [
     "attempt_budget",
     "breaker_key_name",
     "counts_against_worker",
+    "decide_orphan",
     "describe_table",
     "ladder",
+    "may_restart",
     "retries_in_place",
     "runs_in_parallel",
     "transition",

@@ -17,14 +17,18 @@ Rules, in order:
 
 1. ``input`` failures (bad input, decode error) go to the dead letter at once: never a retry storm.
 2. Level ``none`` dead-letters the first failure.
-3. Never more than the level's attempt budget for the stage (``Policy.budget``), counting the first try.
-4. A poison input (kernel errors or lost browsers on ``poison_after_workers`` different workers) is only offered
+3. Never more than the request's own limit (``Failure.attempt_limit``, from ``max_retries``) nor the level's
+   attempt budget for the stage (``Policy.budget``), counting the first try.
+4. An ``out-of-memory`` failure only moves to a larger page (``memory.larger_page``), never retried or
+   restarted on a page as small; with none it is dead-lettered with the reason (cause ``memory``).
+5. A poison input (kernel errors or lost browsers on ``poison_after_workers`` different workers) is only offered
    a change of provider, never more of the same; with no provider left it is dead-lettered as poison.
-5. Otherwise walk ``ladder(level, strategy)`` and take the first rung that still has attempts and something to
-   act on. A lost worker is never retried or restarted in place; a lost browser is restarted, not retried; a
+6. Otherwise walk ``ladder(level, strategy)`` and take the first rung that still has attempts and something to
+   act on. A lost worker is never retried or restarted in place; a browser is restarted only after a failure
+   of a kind that a restart can cure (``failures.may_restart``); a lost browser is restarted, not retried; a
    kernel error right after a restart of the same worker is not met with another restart; reroute and
    redistribute pick workers not tried yet for this stage; a provider is never tried twice.
-6. Nothing left: ``DeadLetter`` whose reason names the rungs, workers and providers tried and the last error.
+7. Nothing left: ``DeadLetter`` whose reason names the rungs, workers and providers tried and the last error.
 """
 
 from __future__ import annotations
@@ -33,11 +37,25 @@ import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
+from broker.kinds import FailureKind
 from broker.retry import Backoff
 
+from .decisions import (
+    ChangePlatform,
+    DeadLetter,
+    Decision,
+    Options,
+    Redistribute,
+    Reroute,
+    Restart,
+    Retry,
+    StageHistory,
+    add_new,
+)
 from .errors import UnknownSetting
+from .failures import POISON_KINDS, Failure, may_restart
+from .memory import larger_page
 from .ladder import (
     DEFAULT_ATTEMPTS_PER_RUNG,
     DEFAULT_TOTAL_ATTEMPTS,
@@ -51,164 +69,7 @@ from .ladder import (
     runs_in_parallel,
 )
 
-FailureKind = Literal["kernel", "browser-lost", "worker-lost", "timeout", "input", "unavailable"]
-FAILURE_KINDS: tuple[FailureKind, ...] = ("kernel", "browser-lost", "worker-lost", "timeout", "input", "unavailable")
-
-# The kinds a poison input produces: the page throws, or the browser dies under it.
-_POISON_KINDS = frozenset({"kernel", "browser-lost"})
 _ERROR_CHARS = 500
-
-
-def counts_against_worker(kind: str) -> bool:
-    """Whether a failure of this kind should be recorded against the worker's circuit breaker."""
-    return kind in ("kernel", "browser-lost", "worker-lost", "timeout")
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """One failed try of one stage of one request."""
-
-    request_id: str
-    stage_index: int
-    worker_id: str | None
-    browser: str | None
-    platform: str | None
-    kind: FailureKind
-    error: str
-    attempt: int = 1  # tries of this stage so far, this one included
-
-    def __post_init__(self) -> None:
-        if self.kind not in FAILURE_KINDS:
-            raise UnknownSetting(f"unknown failure kind {self.kind!r}; choose from {', '.join(FAILURE_KINDS)}")
-        if self.attempt < 1:
-            raise UnknownSetting(f"attempt is 1-based, got {self.attempt}")
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    delay_s: float
-    worker_id: str | None = None  # None: back into the stage's pool
-
-    @property
-    def rung(self) -> Rung:
-        return Rung.RETRY
-
-
-@dataclass(frozen=True, slots=True)
-class Restart:
-    worker_id: str
-    delay_s: float = 0.0
-
-    @property
-    def rung(self) -> Rung:
-        return Rung.RESTART
-
-
-@dataclass(frozen=True, slots=True)
-class Reroute:
-    worker_id: str
-
-    @property
-    def rung(self) -> Rung:
-        return Rung.REROUTE
-
-
-@dataclass(frozen=True, slots=True)
-class ChangePlatform:
-    worker_id: str
-    platform: str
-
-    @property
-    def rung(self) -> Rung:
-        return Rung.CHANGE_PLATFORM
-
-
-@dataclass(frozen=True, slots=True)
-class Redistribute:
-    worker_id: str
-
-    @property
-    def rung(self) -> Rung:
-        return Rung.REDISTRIBUTE
-
-
-DeadLetterCause = Literal["input", "disabled", "budget", "poison", "exhausted"]
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    reason: str
-    cause: DeadLetterCause = "exhausted"
-
-    @property
-    def rung(self) -> Rung:
-        return Rung.DEAD_LETTER
-
-
-Decision = Retry | Restart | Reroute | ChangePlatform | Redistribute | DeadLetter
-
-
-def _add(items: tuple[str, ...], *new: str | None) -> tuple[str, ...]:
-    out = list(items)
-    for item in new:
-        if item and item not in out:
-            out.append(item)
-    return tuple(out)
-
-
-@dataclass(frozen=True, slots=True)
-class StageHistory:
-    """What has been tried for one stage of one request. Immutable: each ``with_attempt`` returns a new one."""
-
-    tried: tuple[tuple[Rung, str], ...] = ()  # (rung, worker id); "" when the stage's pool chose the worker
-    workers_tried: tuple[str, ...] = ()
-    platforms_tried: tuple[str, ...] = ()
-    failures: tuple[tuple[str, str, str], ...] = ()  # (kind, worker id, platform) of each failure seen
-
-    def count(self, rung: Rung) -> int:
-        return sum(1 for r, _ in self.tried if r is rung)
-
-    def with_attempt(
-        self, rung: Rung, worker_id: str | None, platform: str | None, *, failure: Failure | None = None
-    ) -> StageHistory:
-        """Record that ``rung`` is being tried on ``worker_id`` (None: the pool) with ``platform``.
-
-        Pass the ``failure`` that led to it so that its worker and provider count as tried and poison inputs
-        can be recognised.
-        """
-        failures = self.failures
-        workers, platforms = self.workers_tried, self.platforms_tried
-        if failure is not None:
-            failures += ((failure.kind, failure.worker_id or "", failure.platform or ""),)
-            workers, platforms = _add(workers, failure.worker_id), _add(platforms, failure.platform)
-        return StageHistory(
-            tried=self.tried + ((rung, worker_id or ""),),
-            workers_tried=_add(workers, worker_id),
-            platforms_tried=_add(platforms, platform),
-            failures=failures,
-        )
-
-    def record(self, failure: Failure, decision: Decision) -> StageHistory:
-        """``with_attempt`` for a decision just taken after ``failure``."""
-        if isinstance(decision, DeadLetter):
-            raise UnknownSetting("a dead letter ends the stage; there is no attempt to record")
-        if isinstance(decision, ChangePlatform):
-            platform: str | None = decision.platform
-        elif isinstance(decision, Restart) or (isinstance(decision, Retry) and decision.worker_id):
-            platform = failure.platform
-        else:
-            platform = None  # the worker that takes it decides; its failure, if any, will say
-        return self.with_attempt(decision.rung, decision.worker_id, platform, failure=failure)
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    """What exists right now for the failed stage, gathered by the caller (breakers already applied)."""
-
-    replicas: tuple[str, ...] = ()  # live workers serving this shard, other than the failed one, in preference order
-    spare_workers: tuple[str, ...] = ()  # healthy workers not holding the shard, in preference order
-    alternative_platforms: tuple[tuple[str, str], ...] = ()  # (worker id, provider) this shard could run on
-    restartable: bool = False  # the failed worker is alive and can restart its browser
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,14 +125,23 @@ class Policy:
         return runs_in_parallel(self.strategy, self.level)
 
     def decide(self, failure: Failure, history: StageHistory, options: Options, rng: random.Random) -> Decision:
-        if failure.kind == "input":
+        if failure.kind is FailureKind.INPUT:
             return DeadLetter(f"bad input, never retried ({_where(failure)}): {_clip(failure.error)}", "input")
         if self.level == "none":
             return DeadLetter(self._reason("fault_tolerance_level is none", failure, history, []), "disabled")
         per_rung, total = self.budget
         attempts = max(failure.attempt, len(history.tried) + 1)
+        limit = failure.attempt_limit
+        if limit is not None and failure.attempt >= limit:
+            headline = f"max_retries exhausted after {failure.attempt} attempt(s)"
+            return DeadLetter(self._reason(headline, failure, history, []), "budget")
         if attempts >= total:
             return DeadLetter(self._reason(f"{attempts} of {total} attempts spent", failure, history, []), "budget")
+        if failure.kind is FailureKind.OUT_OF_MEMORY:
+            moved = larger_page(failure, history, options)
+            if isinstance(moved, str):
+                return DeadLetter(self._reason(f"out of memory, {moved}", failure, history, []), "memory")
+            return moved
         poison = _poison_workers(failure, history)
         poisoned = len(poison) >= self.poison_after_workers
         skipped: list[str] = []
@@ -300,14 +170,16 @@ class Policy:
         tried = set(history.workers_tried) | {failure.worker_id or ""}
         lost = _lost_workers(failure, history)  # never sent work again, whatever stale options say
         if rung is Rung.RETRY:
-            if failure.kind in ("worker-lost", "browser-lost"):
+            if failure.kind in (FailureKind.WORKER_LOST, FailureKind.BROWSER_LOST):
                 return f"nothing to retry on after {failure.kind}"
             pinned = failure.worker_id if retries_in_place(self.strategy) else None
             return Retry(self.backoff.delay_s(history.count(Rung.RETRY) + 1, rng), pinned)
         if rung is Rung.RESTART:
-            if not failure.worker_id or failure.kind in ("worker-lost", "unavailable") or not options.restartable:
+            if not failure.worker_id or not options.restartable:
                 return "failed worker cannot restart its browser"
-            if failure.kind == "kernel" and history.tried[-1:] == ((Rung.RESTART, failure.worker_id),):
+            if not may_restart(failure.kind):
+                return f"a restart does not cure {failure.kind}"
+            if failure.kind is FailureKind.KERNEL and history.tried[-1:] == ((Rung.RESTART, failure.worker_id),):
                 return "a freshly restarted browser threw again"
             return Restart(failure.worker_id, self.backoff.delay_s(history.count(Rung.RESTART) + 1, rng))
         if rung is Rung.REROUTE:
@@ -341,9 +213,9 @@ class Policy:
     def _reason(self, headline: str, failure: Failure, history: StageHistory, skipped: list[str]) -> str:
         parts = [headline, f"{self.level}/{self.strategy} ladder", f"tried: {_tried(history)}"]
         if history.workers_tried or failure.worker_id:
-            parts.append("workers: " + ", ".join(_add(history.workers_tried, failure.worker_id)))
+            parts.append("workers: " + ", ".join(add_new(history.workers_tried, failure.worker_id)))
         if history.platforms_tried or failure.platform:
-            parts.append("platforms: " + ", ".join(_add(history.platforms_tried, failure.platform)))
+            parts.append("platforms: " + ", ".join(add_new(history.platforms_tried, failure.platform)))
         if skipped:
             parts.append("not possible: " + ", ".join(skipped))
         attempts = max(failure.attempt, len(history.tried) + 1)
@@ -353,16 +225,16 @@ class Policy:
 
 def _poison_workers(failure: Failure, history: StageHistory) -> tuple[str, ...]:
     """Workers on which this stage's input made the page throw or the browser die."""
-    seen = [w for kind, w, _ in history.failures if kind in _POISON_KINDS]
-    if failure.kind in _POISON_KINDS:
+    seen = [w for kind, w, _ in history.failures if kind in POISON_KINDS]
+    if failure.kind in POISON_KINDS:
         seen.append(failure.worker_id or "")
-    return _add((), *seen)
+    return add_new((), *seen)
 
 
 def _lost_workers(failure: Failure, history: StageHistory) -> set[str]:
     """Workers whose loss this stage has seen (heartbeat lapsed or process gone)."""
-    lost = {w for kind, w, _ in history.failures if kind == "worker-lost"}
-    if failure.kind == "worker-lost" and failure.worker_id:
+    lost = {w for kind, w, _ in history.failures if kind == FailureKind.WORKER_LOST}
+    if failure.kind is FailureKind.WORKER_LOST and failure.worker_id:
         lost.add(failure.worker_id)
     return lost
 
@@ -373,7 +245,7 @@ def _tried(history: StageHistory) -> str:
     by_rung: dict[Rung, list[str]] = {}
     for rung, worker in history.tried:
         by_rung.setdefault(rung, []).append(worker or "pool")
-    return ", ".join(f"{rung.value}×{len(ws)} ({', '.join(_add((), *ws))})" for rung, ws in by_rung.items())
+    return ", ".join(f"{rung.value}×{len(ws)} ({', '.join(add_new((), *ws))})" for rung, ws in by_rung.items())
 
 
 def _where(failure: Failure) -> str:

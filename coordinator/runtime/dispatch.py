@@ -1,6 +1,8 @@
 """The coordinator's side of the streams: submit jobs and assignments, and read the reply stream
-(results, failures, assignment replies). One reader task per coordinator; what is read is handed to
-callbacks and acked by them (a result is acked in the same MULTI that records it)."""
+(results, failures, assignment replies). One reader task per coordinator, reading until ``close()``; what
+is read is handed to callbacks and acked by them (a result is acked in the same MULTI that records it).
+A broker outage is ridden out with backoff (``broker.retry.retrying``); after it, the entries read but
+not acked are read again first."""
 
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ from typing import Any
 from broker.errors import BrokerUnavailable
 from broker.keys import REPLY_GROUP
 from broker.messages import Assignment, AssignmentReply, ShardFailure, ShardResult
+from broker.retry import Stopped, poll, retrying
 from broker.streams import Broker
 
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 500
-BACKOFF_MAX_S = 2.0
+READ_COUNT = 64
 
 Entry = tuple[str, str]  # (stream, entry id)
 OnResult = Callable[[ShardResult, Entry], Awaitable[None]]
@@ -35,14 +38,15 @@ class Dispatcher:
         self._assignments: dict[str, asyncio.Future[AssignmentReply]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._recoveries: set[asyncio.Task[None]] = set()
-        self._closing = False
+        self._stop = asyncio.Event()
+        self._reread_pending = True  # entries read before a restart or an outage but not acked
 
     async def start(self) -> None:
         await self.broker.ensure_group(self.reply_stream, REPLY_GROUP, "0")
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        self._reader = asyncio.get_running_loop().create_task(self._read_until_stopped())
 
     async def close(self) -> None:
-        self._closing = True
+        self._stop.set()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -66,31 +70,33 @@ class Dispatcher:
         except Exception:
             log.exception("request %s: recovery of stage %d failed", msg.request_id, msg.stage_index)
 
-    async def _read_loop(self) -> None:
-        consumer, pending, delay_s = self.coordinator_id, True, 0.05
-        while not self._closing:
+    async def _read_until_stopped(self) -> None:
+        """Read the reply stream until ``close()``."""
+        what = f"coordinator {self.coordinator_id}: reply stream"
+        with contextlib.suppress(Stopped):
+            async for _ in poll(0.0, self._stop):  # each read blocks up to READ_BLOCK_MS
+                await retrying(self._read_once, what=what, stop=self._stop, on_retry=self._after_outage)
+
+    def _after_outage(self, _: BaseException) -> None:
+        self._reread_pending = True
+
+    async def _read_once(self) -> None:
+        consumer, streams = self.coordinator_id, [self.reply_stream]
+        if self._reread_pending:
+            deliveries = await self.broker.read_own_pending(REPLY_GROUP, consumer, streams, READ_COUNT)
+            self._reread_pending = bool(deliveries)
+        else:
+            deliveries = await self.broker.read_group(
+                REPLY_GROUP, consumer, streams, count=READ_COUNT, block_ms=READ_BLOCK_MS
+            )
+        for d in deliveries:
             try:
-                if pending:  # entries read before a restart or an outage but not acked
-                    deliveries = await self.broker.read_own_pending(REPLY_GROUP, consumer, [self.reply_stream], 64)
-                    pending = bool(deliveries)
-                else:
-                    deliveries = await self.broker.read_group(
-                        REPLY_GROUP, consumer, [self.reply_stream], count=64, block_ms=READ_BLOCK_MS
-                    )
-                for d in deliveries:
-                    try:
-                        await self._handle(d.message, (d.stream, d.entry_id), d.error)
-                    except BrokerUnavailable:
-                        raise
-                    except Exception:  # one bad entry must not stop the coordinator reading its replies
-                        log.exception("coordinator %s: handling reply entry %s failed", consumer, d.entry_id)
-                        pending = True
-                delay_s = 0.05
-            except BrokerUnavailable as e:
-                log.warning("coordinator %s: reply stream unavailable (%s); retrying in %.2fs", consumer, e, delay_s)
-                pending = True
-                await asyncio.sleep(delay_s)
-                delay_s = min(BACKOFF_MAX_S, delay_s * 2)
+                await self._handle(d.message, (d.stream, d.entry_id), d.error)
+            except BrokerUnavailable:
+                raise
+            except Exception:  # one bad entry must not stop the coordinator reading its replies
+                log.exception("coordinator %s: handling reply entry %s failed", consumer, d.entry_id)
+                self._reread_pending = True
 
     async def _handle(self, msg: Any, entry: Entry, error: str | None) -> None:
         if isinstance(msg, ShardResult):

@@ -1,7 +1,9 @@
 """Starting local shard workers as separate processes (``python -m shard_worker``).
 
 The coordinator never imports the worker package; it runs it, as ``xshard worker`` does.
-Each worker's output goes to a log file whose tail is shown if it fails to start.
+Each worker's output goes to a log file whose tail is shown if it fails to start. Whether a worker
+accepts injected faults is exactly what ``LocalWorkers`` says (``--allow-fault-injection``), never
+inherited from this process's ``XSHARD_ALLOW_FAULT_INJECTION``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.process import die_with_parent
+from broker.retry import poll
 from broker.streams import Broker
 from coordinator.errors import AllocationError
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0
+REGISTRY_POLL_S = 0.1  # how often the registry is read while local workers start
+FAULT_INJECTION_ENV = "XSHARD_ALLOW_FAULT_INJECTION"
 
 
 @dataclass
@@ -50,7 +55,10 @@ def worker_command(
     cache_dir: Path,
     worker_id: str,
     heartbeat_s: float,
+    *,
+    allow_fault_injection: bool = False,
 ) -> list[str]:
+    flags = ["--allow-fault-injection"] if allow_fault_injection else []
     return [
         sys.executable,
         "-m",
@@ -69,17 +77,21 @@ def worker_command(
         worker_id,
         "--heartbeat-s",
         str(heartbeat_s),
+        *flags,
     ]
 
 
 class LocalWorkers:
     """Worker processes this coordinator started and must stop."""
 
-    def __init__(self, redis_url: str, namespace: str, cache_dir: Path, heartbeat_s: float) -> None:
+    def __init__(
+        self, redis_url: str, namespace: str, cache_dir: Path, heartbeat_s: float, allow_fault_injection: bool = False
+    ) -> None:
         self.redis_url = redis_url
         self.namespace = namespace
         self.cache_dir = cache_dir
         self.heartbeat_s = heartbeat_s
+        self.allow_fault_injection = allow_fault_injection
         self.workers: dict[str, LocalWorker] = {}
         self.log_dir = cache_dir / "logs"
 
@@ -88,9 +100,16 @@ class LocalWorkers:
         worker_id = f"{browser}-local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         log_path = self.log_dir / f"{worker_id}.log"
         cmd = worker_command(
-            self.redis_url, browser, platform, self.namespace, self.cache_dir, worker_id, self.heartbeat_s
+            self.redis_url,
+            browser,
+            platform,
+            self.namespace,
+            self.cache_dir,
+            worker_id,
+            self.heartbeat_s,
+            allow_fault_injection=self.allow_fault_injection,
         )
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k != FAULT_INJECTION_ENV}
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(log_path, "wb") as out:
@@ -108,24 +127,27 @@ class LocalWorkers:
         log.info("started local worker %s (pid %s, log %s)", worker_id, proc.pid, log_path)
         return w
 
-    async def wait_registered(self, broker: Broker, ids: list[str], timeout_s: float, max_age_ms: int) -> None:
+    async def wait_registered(
+        self, broker: Broker, ids: list[str], timeout_s: float, max_age_ms: int, stop: asyncio.Event | None = None
+    ) -> None:
+        """Wait until every worker in ``ids`` has registered; AllocationError (with the tails of their logs)
+        when one exits first, when ``timeout_s`` passes, or when ``stop`` is set."""
         deadline = time.monotonic() + timeout_s
         pending = set(ids)
-        while pending:
-            for wid in list(pending):
+        async for _ in poll(REGISTRY_POLL_S, stop or asyncio.Event()):
+            for wid in sorted(pending):
                 w = self.workers[wid]
                 if w.process.poll() is not None:
                     raise AllocationError(
                         f"local {w.browser} worker exited with {w.process.returncode} before registering:\n{w.tail()}"
                     )
-            live = {w.worker_id for w in await broker.live_workers(int(time.time() * 1000), max_age_ms)}
-            pending -= live
+            pending -= {w.worker_id for w in await broker.live_workers(int(time.time() * 1000), max_age_ms)}
             if not pending:
                 return
             if time.monotonic() > deadline:
                 tails = "\n".join(f"--- {wid}:\n{self.workers[wid].tail()}" for wid in sorted(pending))
                 raise AllocationError(f"{len(pending)} local worker(s) did not register within {timeout_s}s\n{tails}")
-            await asyncio.sleep(0.1)
+        raise AllocationError(f"stopped while waiting for {len(pending)} local worker(s) to register")
 
     async def stop_all(self) -> None:
         for w in self.workers.values():

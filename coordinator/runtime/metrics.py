@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.history.summary import counter_shape
+
 TIMELINE_LENGTH = 1000
 
 
@@ -32,16 +34,9 @@ class Counter:
 
     def as_dict(self) -> dict[str, Any]:
         lat = np.array(self.latencies) if self.latencies else None
-        return {
-            "success_count": self.success_count,
-            "error_count": self.error_count,
-            "total_latency": round(self.total_latency, 3),
-            "execution_count": self.execution_count,
-            "success_rate": self.success_count / self.execution_count if self.execution_count else 0.0,
-            "avg_latency": self.total_latency / self.success_count if self.success_count else 0.0,
-            "p50_latency": float(np.percentile(lat, 50)) if lat is not None else 0.0,
-            "p95_latency": float(np.percentile(lat, 95)) if lat is not None else 0.0,
-        }
+        p50 = float(np.percentile(lat, 50)) if lat is not None else 0.0
+        p95 = float(np.percentile(lat, 95)) if lat is not None else 0.0
+        return counter_shape(self.success_count, self.error_count, self.total_latency, self.execution_count, p50, p95)
 
 
 class LiveMetrics:

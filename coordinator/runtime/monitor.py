@@ -1,18 +1,27 @@
 """Liveness: a worker whose heartbeat lapses is dead to the coordinator. Its jobs are claimed at once
 (XCLAIM into the recovery consumer) and recovered; a stage left with no live worker is loaded onto a
-healthy one. A periodic sweep (XAUTOCLAIM, ``min_idle_ms``) catches jobs stuck with a live worker."""
+healthy one (the pure ``decide_orphan`` says which). A periodic sweep (XAUTOCLAIM, ``min_idle_ms``)
+catches jobs stuck with a live worker.
+
+The monitor ticks every ``interval_s`` until ``stop()`` (``run_until_stopped``); a tick that meets a
+broker outage is tried again with backoff (``broker.retry.retrying``) until it succeeds or the monitor
+is stopped.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from broker.errors import BrokerUnavailable
 from broker.keys import STAGE_GROUP
+from broker.kinds import FailureKind
 from broker.messages import ShardJob
+from broker.retry import Stopped, poll, retrying
 from broker.streams import Broker
+from coordinator.recovery import Rung, decide_orphan
 from coordinator.runtime.fleet import Fleet
 from coordinator.runtime.recoverer import Recoverer
 
@@ -42,26 +51,23 @@ class Monitor:
         self.sweep_interval_s = sweep_interval_s
         self.min_idle_ms = min_idle_ms
         self._last_sweep = time.monotonic()
-        self._stopping = False
+        self._stop = asyncio.Event()
 
     def stop(self) -> None:
-        """End ``run`` at its next step (redis-py can turn a cancellation into a connection error)."""
-        self._stopping = True
+        """End ``run_until_stopped`` at its next step (redis-py can turn a cancellation into a connection
+        error, so cancelling the task alone is not enough)."""
+        self._stop.set()
 
-    async def run(self) -> None:
-        delay_s = 0.05
-        while not self._stopping:
-            try:
-                await self.tick()
-                delay_s = 0.05
-                await asyncio.sleep(self.interval_s)
-            except BrokerUnavailable as e:
-                log.warning("monitor: broker unavailable (%s); retrying in %.2fs", e, delay_s)
-                await asyncio.sleep(delay_s)
-                delay_s = min(2.0, delay_s * 2)
-            except Exception:  # the monitor must outlive one failed tick
-                log.exception("monitor: tick failed")
-                await asyncio.sleep(self.interval_s)
+    async def run_until_stopped(self) -> None:
+        """Tick every ``interval_s`` until ``stop()``; a failed tick is logged and the next one comes."""
+        with contextlib.suppress(Stopped):
+            async for _ in poll(self.interval_s, self._stop):
+                try:
+                    await retrying(self.tick, what="monitor tick", stop=self._stop)
+                except Stopped:
+                    raise
+                except Exception:  # the monitor must outlive one failed tick
+                    log.exception("monitor: tick failed")
 
     async def tick(self) -> None:
         now_ms = int(time.time() * 1000)
@@ -70,7 +76,7 @@ class Monitor:
         for wid in revived:
             log.warning("worker %s is alive again", wid)
         for wid in died:
-            await self._reclaim(wid, "worker-lost")
+            await self._reclaim(wid, FailureKind.WORKER_LOST)
         if died:
             await self._cover_orphaned_stages(died)
         if time.monotonic() - self._last_sweep >= self.sweep_interval_s:
@@ -112,20 +118,22 @@ class Monitor:
                 await self.broker.ack(d.stream, STAGE_GROUP, d.entry_id)
 
     async def _cover_orphaned_stages(self, died: list[str]) -> None:
-        """A stage with no live worker gets one: load its shard onto a healthy worker (redistribute)."""
+        """A stage with no live worker gets one: load its shard onto a spare (``decide_orphan`` picks them)."""
         for index in range(len(self.route)):
-            if self.fleet.replicas(index, ""):
+            lost = [w for w in died if index in self.fleet.stages_of(w)]
+            plan = decide_orphan(index, self.fleet.replicas(index, ""), self.fleet.spares(index, ""), lost)
+            if plan is None:
                 continue
-            lost = next((w for w in died if index in self.fleet.stages_of(w)), "")
             started, ok = time.monotonic(), False
-            for spare in self.fleet.spares(index, ""):
-                log.warning("stage %d has no live worker; loading its shard onto %s", index, spare)
-                if await self._assign(index, spare):
+            for target in plan.tries:
+                log.warning("stage %d has no live worker; loading its shard onto %s", index, target.worker_id)
+                if await self._assign(index, target.worker_id):
                     ok = True
                     break
-            self.recoverer.note(
-                index, lost, "worker-lost", "redistribute", ok, started, f"stage {index} lost its only worker {lost}"
-            )
+            if not plan.tries:
+                log.error("%s", plan.reason)
+            action = Rung.REDISTRIBUTE.name.lower()
+            self.recoverer.note(index, plan.lost_worker, FailureKind.WORKER_LOST, action, ok, started, plan.reason)
 
     async def _sweep(self) -> None:
         streams = list(self.route) + sorted(
@@ -134,6 +142,6 @@ class Monitor:
         for stream in streams:
             for d in await self.broker.claim_stale(stream, STAGE_GROUP, self.recoverer.claimer, self.min_idle_ms):
                 if isinstance(d.message, ShardJob):
-                    await self.recoverer.on_claimed(d.stream, d.entry_id, d.message, "timeout", "")
+                    await self.recoverer.on_claimed(d.stream, d.entry_id, d.message, FailureKind.TIMEOUT, "")
                 else:
                     await self.broker.ack(d.stream, STAGE_GROUP, d.entry_id)

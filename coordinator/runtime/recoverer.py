@@ -16,19 +16,18 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
 
 from broker.keys import STAGE_GROUP
+from broker.kinds import FailureKind
 from broker.ledger import Ledger
 from broker.messages import DeadLetter as DeadLetterMessage
 from broker.messages import RecoveryEvent, Restart, ShardFailure, ShardJob
 from broker.streams import Broker
 from coordinator.recovery import (
-    FAILURE_KINDS,
     ChangePlatform,
     DeadLetter,
+    Decision,
     Failure,
-    FailureKind,
     Options,
     Policy,
     Redistribute,
@@ -170,16 +169,13 @@ class Recoverer:
             worker_id=worker_id or None,
             browser=browser or None,
             platform=platform or None,
-            kind=cast(FailureKind, kind if kind in FAILURE_KINDS else "unavailable"),
+            kind=FailureKind.parse(kind),
             error=error,
             attempt=max(1, job.attempt),
+            attempt_limit=self.max_attempts.get(job.request_id),
         )
         history = self._histories.get((job.request_id, stage), StageHistory())
-        limit = self.max_attempts.get(job.request_id)
-        if limit is not None and job.attempt >= limit:
-            decision: Any = DeadLetter(f"max_retries exhausted after {job.attempt} attempt(s): {error}", "budget")
-        else:
-            decision = self.policy.decide(failure, history, self._options(stage, worker_id, kind), self._rng)
+        decision = self.policy.decide(failure, history, self._options(stage, worker_id), self._rng)
         started = time.monotonic()
         rec = OpenRecovery(
             kind, decision.rung.name.lower(), worker_id, browser, platform, stage, error, started, time.time() * 1000.0
@@ -216,7 +212,7 @@ class Recoverer:
             if twin != dst:
                 await self.broker.add(twin, retry)
 
-    async def _act(self, decision: Any, job: ShardJob) -> tuple[str | None, str]:
+    async def _act(self, decision: Decision, job: ShardJob) -> tuple[str | None, str]:
         keys = self.broker.keys
         if isinstance(decision, Retry):
             await asyncio.sleep(decision.delay_s)
@@ -234,7 +230,7 @@ class Recoverer:
             return (keys.direct(decision.worker_id) if ok else None), ""
         return None, ""
 
-    def _options(self, stage: int, worker_id: str, kind: str) -> Options:
+    def _options(self, stage: int, worker_id: str) -> Options:
         replicas = self.fleet.replicas(stage, worker_id)
         alternatives = [(w, p) for w in (worker_id, *replicas) if w for p in self.fleet.platforms(w)]
         alive = worker_id in self.fleet.live and worker_id not in self.fleet.dead
@@ -242,7 +238,7 @@ class Recoverer:
             replicas=replicas,
             spare_workers=self.fleet.spares(stage, worker_id),
             alternative_platforms=tuple(alternatives),
-            restartable=alive and kind in ("kernel", "timeout", "browser-lost"),
+            restartable=alive,  # whether the failure calls for a restart is the policy's rule (may_restart)
         )
 
     async def _bury(

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 
 from broker.errors import BrokerUnavailable
 from broker.ledger import Ledger
 from broker.messages import DeadLetter, ShardJob, ShardResult
+from broker.retry import retrying
 from coordinator.runtime.dispatch import Entry
 
 log = logging.getLogger(__name__)
 
 SUBMIT_DEADLINE_S = 30.0
-BACKOFF_MAX_S = 2.0
 
 Outcome = ShardResult | DeadLetter
 
@@ -41,20 +40,16 @@ class RequestTracker:
     async def submit(self, job: ShardJob) -> asyncio.Future[Outcome]:
         """Accept the request (one MULTI); rides out a broker outage for up to ``SUBMIT_DEADLINE_S``."""
         fut = self.watch(job.request_id)
-        delay_s, deadline = 0.05, time.monotonic() + SUBMIT_DEADLINE_S
-        while True:
-            try:
-                await self.ledger.accept(job, self.coordinator_id)
-                return fut
-            except BrokerUnavailable as e:
-                if time.monotonic() > deadline:
-                    self.forget(job.request_id)
-                    raise
-                log.warning(
-                    "request %s: broker unavailable on submit (%s); retrying in %.2fs", job.request_id, e, delay_s
-                )
-                await asyncio.sleep(delay_s)
-                delay_s = min(BACKOFF_MAX_S, delay_s * 2)
+        try:
+            await retrying(
+                lambda: self.ledger.accept(job, self.coordinator_id),
+                what=f"request {job.request_id}: submit",
+                deadline_s=SUBMIT_DEADLINE_S,
+            )
+        except BrokerUnavailable:
+            self.forget(job.request_id)
+            raise
+        return fut
 
     async def on_result(self, msg: ShardResult, entry: Entry) -> None:
         self.deliveries[msg.request_id] += 1

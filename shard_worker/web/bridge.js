@@ -3,6 +3,7 @@
 //   [u32 LE header length][JSON header][pad to 8][tensor bytes, each padded to 8]
 // with header.tensors = [{name, dtype, shape, offset, length}], offsets relative to the data start.
 import * as runner from './runner.js';
+import * as kvcache from './kvcache.js';
 
 const statusEl = document.getElementById('status');
 const params = new URLSearchParams(location.hash.slice(1));
@@ -41,6 +42,13 @@ function encodeFrame(header, outputs) {
 
 function errorText(e) { return e && e.message ? e.message : String(e); }
 
+// onnxruntime tensors (on the CPU) as encodeFrame takes them.
+function wire(tensors) {
+  const out = {};
+  for (const [name, t] of Object.entries(tensors)) out[name] = { dtype: t.type, shape: Array.from(t.dims), data: t.data };
+  return out;
+}
+
 async function main() {
   const port = params.get('ws');
   const token = params.get('token');
@@ -70,7 +78,10 @@ async function main() {
         let result = null;
         if (msg.op === 'load') result = await runner.load(msg.key, msg.url, msg.platform);
         else if (msg.op === 'release') result = await runner.release(msg.key);
-        else if (msg.op === 'throw') throw new Error(`injected page error: ${msg.message}`);
+        else if (msg.op === 'end_session') result = kvcache.end(msg.session);
+        else if (msg.op === 'sessions') result = kvcache.count();
+        else if (msg.op === 'throw' && runner.faultInjection) throw new Error(`injected page error: ${msg.message}`);
+        else if (msg.op === 'throw') throw new Error('fault injection is disabled in this page (op throw refused)');
         else throw new Error(`unknown op ${msg.op}`);
         send({ op: 'ok', id: msg.id, result });
       } catch (e) {
@@ -78,15 +89,21 @@ async function main() {
       }
       return;
     }
+    const recvMs = runner.nowMs();
     const { header, tensors } = decodeFrame(event.data);
+    const steps = header.steps || [{ key: header.key, carry: null, fail: header.fail }];
     try {
-      const r = await runner.run(header.key, tensors, header.fail);
-      ws.send(encodeFrame(
-        { op: 'result', id: header.id, kernel_ms: r.kernelMs, provider: r.provider, adapter: r.adapter },
-        r.outputs,
-      ));
+      const r = header.session ? await kvcache.runSteps(steps, tensors, header.session) : await runner.runSteps(steps, tensors);
+      const head = { op: 'result', id: header.id, recv_ms: recvMs, steps: r.steps, sent_ms: runner.nowMs() };
+      ws.send(encodeFrame(head, wire(r.outputs)));
     } catch (e) {
-      send({ op: 'error', id: header.id, message: errorText(e) });
+      if (!(e instanceof runner.StepError) || e.step === 0) {
+        send({ op: 'error', id: header.id, message: errorText(e), step: 0 });
+        return;
+      }
+      // a later step failed: hand back the tensors it was given, so that stage can be tried again
+      const head = { op: 'error', id: header.id, message: e.message, step: e.step, steps: e.done, recv_ms: recvMs };
+      ws.send(encodeFrame(head, wire(e.inputs)));
     }
   };
 }

@@ -2,9 +2,15 @@
 // provider, loads shard sessions and runs them, timing the kernel.
 import * as ort from '/ort/ort.all.min.mjs';
 
+export { ort };
+
 ort.env.wasm.wasmPaths = '/ort/';
 ort.env.wasm.proxy = false;
 ort.env.logLevel = 'error';
+
+// Fault injection (tests only): on when the worker was started with --allow-fault-injection, which puts
+// faults=1 in this page's URL. Otherwise an injected fault is refused and the kernel runs as asked.
+export const faultInjection = new URLSearchParams(location.hash.slice(1)).get('faults') === '1';
 
 const SOFTWARE_ADAPTER = /swiftshader|llvmpipe|lavapipe|softpipe|software|microsoft basic render/i;
 
@@ -110,7 +116,7 @@ export async function load(key, url, platform) {
     executionProviders: providerOptions(pick.provider),
     graphOptimizationLevel: 'all',
   });
-  sessions.set(key, { session, provider: pick.provider, adapter: pick.adapter });
+  sessions.set(key, { session, provider: pick.provider, adapter: pick.adapter, url, onDevice: [] });
   return {
     provider: pick.provider, adapter: pick.adapter, note: pick.note,
     load_ms: performance.now() - t0,
@@ -124,25 +130,99 @@ export async function release(key) {
   if (entry) await entry.session.release();
 }
 
+// On WebGPU, recreate `key`'s session so that the outputs `names` stay on the GPU (a KV cache fed back
+// at the next step never crosses to the CPU). A no-op on other providers and once done.
+export async function keepOnDevice(key, names) {
+  const entry = sessions.get(key);
+  if (!entry || entry.provider !== 'webgpu' || names.every((n) => entry.onDevice.includes(n))) return;
+  const response = await fetch(entry.url);
+  if (!response.ok) throw new Error(`fetch ${entry.url}: HTTP ${response.status}`);
+  const onDevice = [...new Set([...entry.onDevice, ...names])];
+  const session = await ort.InferenceSession.create(new Uint8Array(await response.arrayBuffer()), {
+    executionProviders: providerOptions('webgpu'),
+    graphOptimizationLevel: 'all',
+    preferredOutputLocation: Object.fromEntries(onDevice.map((n) => [n, 'gpu-buffer'])),
+  });
+  await entry.session.release();
+  sessions.set(key, { ...entry, session, onDevice });
+}
+
 export function toOrt(t) {
   const Ctor = DTYPE_ARRAYS[t.dtype];
   if (!Ctor) throw new Error(`unsupported dtype ${t.dtype}`);
   return new ort.Tensor(t.dtype, new Ctor(t.buffer, t.offset, t.length / Ctor.BYTES_PER_ELEMENT), t.shape);
 }
 
-export async function run(key, feeds, fail) {
-  const entry = sessions.get(key);
-  if (!entry) throw new Error(`shard ${key} is not loaded in this page`);
-  if (fail) throw new Error(`injected kernel error: ${fail}`);
-  const ortFeeds = {};
-  for (const [name, t] of Object.entries(feeds)) ortFeeds[name] = toOrt(t);
-  const t0 = performance.now();
-  const out = await entry.session.run(ortFeeds);
-  const kernelMs = performance.now() - t0;
-  const outputs = {};
-  for (const [name, tensor] of Object.entries(out)) {
-    const data = tensor.location === 'cpu' || !tensor.location ? tensor.data : await tensor.getData(true);
-    outputs[name] = { dtype: tensor.type, shape: Array.from(tensor.dims), data };
+// Wall-clock instants in epoch ms on the page's clock (the worker compares them with its own).
+export const nowMs = () => performance.timeOrigin + performance.now();
+
+// A step of runSteps failed: which one, why, the tensors it was given (so that stage can be tried again
+// elsewhere) and what the steps before it measured.
+export class StepError extends Error {
+  constructor(step, message, inputs, done) {
+    super(message);
+    this.step = step;
+    this.inputs = inputs;
+    this.done = done;
   }
-  return { outputs, kernelMs, provider: entry.provider, adapter: entry.adapter };
+}
+
+function errorText(e) { return e && e.message ? e.message : String(e); }
+
+async function onCpu(tensor) {
+  if (tensor.location === 'cpu' || !tensor.location) return tensor;
+  return new ort.Tensor(tensor.type, await tensor.getData(true), tensor.dims);
+}
+
+export function carried(env, names, key) {
+  const missing = names.filter((n) => !(n in env));
+  if (missing.length) throw new Error(`shard ${key} did not produce ${missing.join(', ')}`);
+  return Object.fromEntries(names.map((n) => [n, env[n]]));
+}
+
+// One loaded session on what the steps before it carried. `fail` (an injected fault) makes it throw
+// instead, only with fault injection on; a refused one is reported back as `fault_refused`.
+export async function runStep(step, env, keep = null) {
+  const entry = sessions.get(step.key);
+  if (!entry) throw new Error(`shard ${step.key} is not loaded in this page`);
+  if (step.fail && faultInjection) throw new Error(`injected kernel error: ${step.fail}`);
+  const faultRefused = step.fail ? `fault injection is disabled in this page; ignored: ${step.fail}` : '';
+  if (faultRefused) console.error(faultRefused);
+  const feeds = {};
+  for (const name of entry.session.inputNames) {
+    if (!(name in env)) throw new Error(`shard ${step.key} lacks input ${name}`);
+    feeds[name] = env[name];
+  }
+  const fedMs = nowMs();
+  const out = await entry.session.run(feeds);
+  const ranMs = nowMs();
+  const outputs = {};
+  for (const [name, tensor] of Object.entries(out)) outputs[name] = keep && keep.has(name) ? tensor : await onCpu(tensor);
+  const marks = {
+    kernel_ms: ranMs - fedMs, fed_ms: fedMs, ran_ms: ranMs, read_ms: nowMs(),
+    provider: entry.provider, adapter: entry.adapter, fault_refused: faultRefused,
+  };
+  return { outputs, marks };
+}
+
+// Runs loaded sessions one after another, inside this page: consecutive stages of one worker cost no
+// stream hop and no bridge round trip between them. Each step is {key, carry, fail}: it is fed from
+// what the steps before it carried (the wire tensors first), then keeps `carry` of its inputs and
+// outputs (all its outputs when carry is null). Returns the last step's carried tensors and each step's
+// marks; a failing step throws a StepError holding that step's inputs.
+export async function runSteps(steps, wire) {
+  let env = {};
+  for (const [name, t] of Object.entries(wire)) env[name] = toOrt(t);
+  const done = [];
+  for (let i = 0; i < steps.length; i++) {
+    const step = steps[i];
+    try {
+      const { outputs, marks } = await runStep(step, env);
+      env = step.carry ? carried({ ...env, ...outputs }, step.carry, step.key) : outputs;
+      done.push(marks);
+    } catch (e) {
+      throw new StepError(i, errorText(e), env, done);
+    }
+  }
+  return { outputs: env, steps: done };
 }

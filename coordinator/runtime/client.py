@@ -1,0 +1,189 @@
+"""The request client: one request through the plan's stages, from submission to its outcome.
+
+It accepts the request (``RequestTracker.submit``: one MULTI in the ledger), waits for the result or the
+dead letter, buries a request that outlives ``timeout_s``, resumes requests a restarted coordinator with
+the same id accepted, replays dead letters, and turns each outcome into the guide's shape
+(``coordinator.runtime.results``) while it counts it in the live metrics and appends its event.
+It works through a started ``Deployment``; other clients (generation sessions) can sit beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from broker.errors import BrokerError
+from broker.messages import DeadLetter, RequestEvent, ShardJob, ShardResult
+from coordinator.runtime import results
+from coordinator.runtime.deployment import Deployment
+from coordinator.runtime.metrics import LiveMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLabels:
+    """How this coordinator's requests are named in their events and metrics."""
+
+    model_name: str
+    shard_type: str
+    num_shards: int
+    coordinator_id: str
+
+
+class RequestClient:
+    """Requests through a started deployment; each call returns the guide's result or error dict."""
+
+    def __init__(self, deployment: Deployment, metrics: LiveMetrics, labels: RequestLabels, timeout_s: float) -> None:
+        self._rt = deployment.runtime
+        self._spawn = deployment.spawn
+        self.metrics = metrics
+        self.labels = labels
+        self.timeout_s = timeout_s
+
+    async def run(self, arrays: dict[str, np.ndarray], max_retries: int) -> dict[str, Any]:
+        """Submit checked inputs as a new request and wait for its outcome."""
+        rt = self._rt
+        request_id = uuid.uuid4().hex
+        job = ShardJob(
+            request_id=request_id,
+            plan_id=rt.plan_id,
+            stage_index=0,
+            route=rt.route,
+            reply_stream=rt.dispatcher.reply_stream,
+            tensors=arrays,
+            enqueued_ms=time.time() * 1000.0,
+        )
+        rt.recoverer.max_attempts[request_id] = max(0, max_retries) + 1
+        started = time.perf_counter()
+        try:
+            fut = await rt.tracker.submit(job)
+        except BrokerError as e:
+            return results.failure(f"request not accepted: {e}", "unavailable", request_id)
+        return await self._outcome(request_id, fut, started)
+
+    async def resume(self) -> list[str]:
+        """Requests this coordinator id accepted before a restart and has not finished; ``wait_for`` each."""
+        return await self._rt.tracker.resume()
+
+    async def wait_for(self, request_id: str) -> dict[str, Any]:
+        """The outcome of a request accepted earlier (e.g. before a coordinator restart)."""
+        tracker, ledger = self._rt.tracker, self._rt.ledger
+        fut = tracker.watch(request_id)  # before reading the state: a result may land in between
+        state = await ledger.state(request_id)
+        if state is not None and isinstance(state.result, ShardResult):
+            tracker.forget(request_id)
+            return self._success(request_id, state.result, time.perf_counter(), 1)
+        if state is None or state.status == "dead":
+            tracker.forget(request_id)
+            why = "is in the dead letter" if state else "is unknown"
+            return results.failure(f"request {request_id} {why}", "dead_letter" if state else "state", request_id)
+        return await self._outcome(request_id, fut, time.perf_counter())
+
+    async def dead_letters(self) -> list[tuple[str, DeadLetter | None, str]]:
+        return await self._rt.ledger.dead_letters()
+
+    async def replay(self, entry_ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Re-enqueue dead-lettered jobs of this plan (all, or those ids) and wait for their outcomes."""
+        rt = self._rt
+        wanted = set(entry_ids) if entry_ids else None
+        waits = {}
+        for entry_id, dead, _ in await rt.ledger.dead_letters():
+            if dead is None or (wanted is not None and entry_id not in wanted) or dead.route[:1] != rt.route[:1]:
+                continue
+            job = ShardJob(
+                request_id=dead.request_id,
+                plan_id=dead.plan_id,
+                stage_index=dead.stage_index,
+                route=dead.route,
+                reply_stream=rt.dispatcher.reply_stream,
+                tensors=dead.tensors,
+                enqueued_ms=time.time() * 1000.0,
+                trace=dead.trace,
+            )
+            fut = rt.tracker.watch(dead.request_id)
+            await rt.ledger.exhume(entry_id, job, self.labels.coordinator_id)
+            waits[entry_id] = (dead.request_id, fut)
+        return {entry_id: await self._outcome(rid, fut, time.perf_counter()) for entry_id, (rid, fut) in waits.items()}
+
+    # -- outcomes --------------------------------------------------------------------------------
+
+    async def _outcome(self, request_id: str, fut: asyncio.Future[Any], started: float) -> dict[str, Any]:
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+        except TimeoutError:
+            self._rt.tracker.forget(request_id)
+            outcome = await self._bury_timed_out(request_id)
+        if isinstance(outcome, ShardResult):
+            return self._success(request_id, outcome, started, max((t.attempt for t in outcome.trace), default=1))
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        error = results.dead_letter_error(outcome)
+        self.metrics.record_request(request_id, False, latency_ms, error)
+        self._emit(request_id, latency_ms, 0.0, outcome.attempts, "dead_letter", error)
+        return results.dead_lettered(request_id, outcome)
+
+    async def _bury_timed_out(self, request_id: str) -> DeadLetter:
+        rt = self._rt
+        state = await rt.ledger.state(request_id)
+        job = state.job if state else None
+        reason = f"timed out after {self.timeout_s}s"
+        dead = DeadLetter(
+            request_id=request_id,
+            plan_id=rt.plan_id,
+            stage_index=0,
+            route=rt.route,
+            reply_stream=rt.dispatcher.reply_stream,
+            tensors=job.tensors if job else {},
+            reason=reason,
+            error=reason,
+            attempts=1,
+            workers_tried=(),
+            ts_ms=time.time() * 1000.0,
+        )
+        await rt.ledger.bury(dead, self.labels.coordinator_id)
+        rt.recoverer.finished(request_id, ok=False)
+        return dead
+
+    def _success(self, request_id: str, reply: ShardResult, started: float, attempts: int) -> dict[str, Any]:
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        for t in reply.trace:
+            info = results.component_info(t, self.labels.shard_type)
+            self.metrics.record_component(results.component_id(t.shard_index), info, True, t.kernel_ms)
+        self.metrics.record_request(request_id, True, latency_ms)
+        self._emit(request_id, latency_ms, results.kernel_ms(reply.trace), attempts, "success", "")
+        return results.success(request_id, reply, latency_ms, attempts, self.labels.num_shards)
+
+    def _emit(
+        self, request_id: str, latency_ms: float, kernel_ms: float, attempts: int, outcome: str, error: str
+    ) -> None:
+        """Append the request's event to the events stream without delaying the caller."""
+        labels = self.labels
+        event = RequestEvent(
+            event_id=uuid.uuid4().hex,
+            ts_ms=time.time() * 1000.0,
+            request_id=request_id,
+            plan_id=self._rt.plan_id,
+            model_name=labels.model_name,
+            shard_type=labels.shard_type,
+            num_shards=labels.num_shards,
+            coordinator_id=labels.coordinator_id,
+            latency_ms=latency_ms,
+            kernel_ms=kernel_ms,
+            attempts=attempts,
+            outcome=outcome,
+            error=error,
+        )
+        self._spawn(self._append(event))
+
+    async def _append(self, event: RequestEvent) -> None:
+        try:
+            await self._rt.broker.emit(event)
+        except BrokerError as e:
+            log.warning("request %s: could not append its event: %s", event.request_id, e)
