@@ -12,10 +12,14 @@ test: setup
 	@$(PY) -m pytest -q
 
 bench: setup
+	@$(PY) -m benchmarks.overhead_breakdown
 	@$(PY) -m benchmarks.hop_overhead
 	@$(PY) -m benchmarks.minilm_latency
 	@$(PY) -m benchmarks.recovery
 	@$(PY) -m benchmarks.scaling
+	@$(PY) -m benchmarks.component_dag
+	@$(PY) -m benchmarks.big_model
+	@$(PY) -m benchmarks.generation
 
 lint: setup
 	@.venv/bin/ruff format --check broker coordinator shard_worker tests benchmarks

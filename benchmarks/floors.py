@@ -11,13 +11,18 @@ import asyncio
 import multiprocessing
 import time
 import uuid
+from collections.abc import Callable
 from types import TracebackType
 
 import redis.asyncio as aioredis
 
+from benchmarks.report import summarize
 from broker.keys import MESSAGE_FIELD, STAGE_GROUP, Keys
 from broker.messages import ShardJob, decode, encode
 from broker.streams import Broker
+from coordinator.model.graph import GraphProfile
+from coordinator.model.validation import validate_inputs
+from shard_worker.bridge import decode_frame, encode_frame
 
 BLOCK_MS = 5000
 READY = b"ready"
@@ -183,3 +188,27 @@ class Floors:
         t0 = time.perf_counter()
         await self._client.xadd(self.streams["wake"], {MESSAGE_FIELD: self.payload})
         return "wake", (await asyncio.wait_for(self._acked.get(), BLOCK_MS / 1000.0) - t0) * 1000.0
+
+
+def python_costs(profile: GraphProfile, job: ShardJob, reps: int = 200) -> dict[str, dict[str, float]]:
+    """Per-call CPU cost of the Python-side steps of a hop, in this process."""
+    x = job.tensors["x"]
+    encoded = encode(job)
+    reply = {"op": "result", "id": 1, "kernel_ms": 0.1, "provider": "wasm", "adapter": "a"}
+    frame_in = encode_frame(reply, {"y": x})
+    steps: dict[str, Callable[[], object]] = {
+        "messages.encode(ShardJob)": lambda: encode(job),
+        "messages.decode(ShardJob)": lambda: decode(encoded),
+        "bridge.encode_frame (to page)": lambda: encode_frame({"op": "run", "key": "k", "id": 1}, {"x": x}),
+        "bridge.decode_frame (from page)": lambda: decode_frame(frame_in),
+        "validate_inputs": lambda: validate_inputs({"x": x}, profile.inputs, profile.vocab_limits),
+    }
+    out = {}
+    for name, fn in steps.items():
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1000.0)
+        out[name] = summarize(samples)
+    return out

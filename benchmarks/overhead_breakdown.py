@@ -55,7 +55,6 @@ CLS_ID, SEP_ID, VOCAB = 101, 102, 30522
 WAIT_S = 300.0
 REQUEST_TIMEOUT_S = 120.0
 CONFIG_TIMEOUT_S = 600.0
-THREADS_ENV = "XSHARD_WASM_THREADS"  # the local workers read it (python -m shard_worker --wasm-threads)
 SHORT_TARGET_SHARE, SHORT_TARGET_RATIO, LONG_TARGET_RATIO = 0.25, 1.5, 1.2
 
 
@@ -147,7 +146,7 @@ class Config:
     label: str
     shards: int
     browsers: tuple[str, ...]
-    threads: str  # the local workers' wasm threads ('' = as the manager or the worker decides)
+    threads: str  # wasm threads per page ('' or '0': the manager's policy, the cores / the browsers)
     max_connections: int  # 0: the manager's default
 
 
@@ -158,7 +157,11 @@ class Running:
         self.config, self.tokens = config, tokens
         self.inputs = sample_inputs(tokens)
         settings = ManagerSettings.from_env(
-            cache_dir=args.cache_dir, worker_wait_s=WAIT_S, assign_timeout_s=WAIT_S, request_timeout_s=REQUEST_TIMEOUT_S
+            cache_dir=args.cache_dir,
+            worker_wait_s=WAIT_S,
+            assign_timeout_s=WAIT_S,
+            request_timeout_s=REQUEST_TIMEOUT_S,
+            wasm_threads=int(config.threads) if config.threads else None,
         )
         extra: dict[str, Any] = {"max_connections": config.max_connections} if config.max_connections else {}
         self.m = ModelShardingManager(
@@ -177,9 +180,6 @@ class Running:
         self._probe: HandOffProbe | None = None
 
     async def start(self) -> None:
-        before = os.environ.get(THREADS_ENV)
-        if self.config.threads:
-            os.environ[THREADS_ENV] = self.config.threads  # the local workers read it when they start
         try:
             async with asyncio.timeout(CONFIG_TIMEOUT_S):
                 if not await self.m.initialize_sharding():
@@ -187,10 +187,6 @@ class Running:
         except Exception as e:  # one config failing must not stop the others
             self.error = f"{type(e).__name__}: {e}"
             return
-        finally:
-            os.environ.pop(THREADS_ENV, None)
-            if before is not None:
-                os.environ[THREADS_ENV] = before
         self.allocation = {i: {k: v for k, v in a.items() if k != "reason"} for i, a in self.m.allocation.items()}
         self._marks, self._probe = CoordinatorMarks(self.m), HandOffProbe(str(self.m.broker_url))
 
@@ -335,7 +331,7 @@ def configs(args: argparse.Namespace) -> list[Config]:
     caps = [int(c) for c in args.max_connections.split(",") if c.strip()] or [0]
     out = []
     for t in threads:
-        suffix = f", {t} thread(s)" if t else ""
+        suffix = "" if not t else ", threads by policy" if t == "0" else f", {t} thread(s)"
         if args.baseline:
             out.append(Config(f"{args.baseline} unsharded{suffix}", 1, (args.baseline,), t, 0))
         for cap in caps:

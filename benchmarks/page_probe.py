@@ -210,3 +210,53 @@ async def probe_page(
         if proc is not None:
             await proc.close()
         server.close()
+
+
+class EchoPage:
+    """The shard page as the worker launches it, used only to echo frames: the floor of a page round trip
+    (the same WebSocket bridge, a page that does nothing with what it is sent)."""
+
+    def __init__(self, browser: str, platform: str = "wasm") -> None:
+        self.browser = browser
+        self.platform = platform
+        self._server: StaticServer | None = None
+        self._bridge: Bridge | None = None
+        self._proc: BrowserProcess | None = None
+
+    async def __aenter__(self) -> EchoPage:
+        ort_dir = find_ort_dist()
+        if ort_dir is None:
+            raise RuntimeError("onnxruntime-web is not installed (npm ci)")
+        try:
+            self._server = StaticServer(ort_dir, Path(tempfile.mkdtemp(prefix="xshard-echo-"))).start()
+            self._bridge = await Bridge().start()
+            url = (
+                f"http://127.0.0.1:{self._server.port}/#ws={self._bridge.port}&token={self._bridge.token}"
+                f"&platform={self.platform}&threads=1"
+            )
+            self._proc = await BrowserProcess(self.browser, url).launch()
+            await self._bridge.wait_hello(PAGE_TIMEOUT_S)
+            await self._proc.detach_devtools()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def sample(self, tensors: dict[str, np.ndarray]) -> float:
+        """One echo round trip of ``tensors``, in ms."""
+        assert self._bridge is not None
+        t0 = time.perf_counter()
+        await self._bridge.echo(tensors, PAGE_TIMEOUT_S)
+        return (time.perf_counter() - t0) * 1000.0
+
+    async def close(self) -> None:
+        if self._bridge is not None:
+            await self._bridge.close()
+        if self._proc is not None:
+            await self._proc.close()
+        if self._server is not None:
+            self._server.close()
+            shutil.rmtree(self._server.shard_dir, ignore_errors=True)

@@ -209,7 +209,8 @@ class Holding:
             try:
                 await self._announce()
             except (BrokerUnavailable, TimeoutError) as e:
-                log.warning("holder %s: announcing shard files failed (%s); trying again", self.holder_id, e)
+                why = str(e) or f"no answer within {ANNOUNCE_TIMEOUT_S}s"
+                log.warning("holder %s: announcing shard files failed (%s); trying again", self.holder_id, why)
 
     async def close(self) -> None:
         self._stop.set()

@@ -21,6 +21,8 @@ Key layout (``{ns}`` is the namespace, ``default`` unless configured; tests use 
                                                    coordinator, plan, the stage-0 job, per-stage progress
                                                    (``s{i}`` = worker:attempt), the result once done
     xshard:{ns}:inflight:{coordinator_id}  SET     request ids a coordinator has accepted, not finished
+    xshard:{ns}:session:{session_id}       HASH    one generation session: plan, prompt and generated
+                                                   token ids (json), position; a TTL (``broker.sessions``)
     xshard:{ns}:events                     STREAM  execution and recovery events (history)
     xshard:{ns}:dead                       STREAM  dead-lettered jobs with their reason; group-less
     xshard:{ns}:ack:{token}                STREAM  one-shot answers to one sender (``InjectReply``); the
@@ -79,6 +81,9 @@ class Keys:
 
     def inflight(self, coordinator_id: str) -> str:
         return f"{self._base}:inflight:{coordinator_id}"
+
+    def session(self, session_id: str) -> str:
+        return f"{self._base}:session:{session_id}"
 
     def stage(self, plan_id: str, index: int) -> str:
         return f"{self._base}:stage:{plan_id}:{index}"

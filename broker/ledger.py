@@ -41,7 +41,8 @@ class Ledger:
         self.keys = broker.keys
 
     async def accept(self, job: ShardJob, coordinator_id: str) -> str:
-        """The ``accept`` change; returns the stage-0 entry id."""
+        """The ``accept`` change; returns the entry id of the job on its first stage's stream (stage 0 for a
+        chain's request, a later one for a DAG segment's sub-request)."""
         fields = {
             "status": "pending",
             "coordinator": coordinator_id,
@@ -52,7 +53,7 @@ class Ledger:
         async with self.broker.transaction(f"accept {job.request_id}") as tx:
             tx.pipe.hset(self.keys.request(job.request_id), mapping=fields)
             tx.pipe.sadd(self.keys.inflight(coordinator_id), job.request_id)
-            tx.pipe.xadd(job.route[0], {MESSAGE_FIELD: encode(job)})
+            tx.pipe.xadd(job.route[job.stage_index], {MESSAGE_FIELD: encode(job)})
         return tx.reply_text(-1)
 
     async def finish(

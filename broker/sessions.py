@@ -12,12 +12,16 @@ session expired) is refused with ``SessionRefusal.MISSING`` and the coordinator 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from . import messages
 from .messages import StageTrace, Tensors
+
+if TYPE_CHECKING:
+    from .streams import Broker
 
 
 class SessionRefusal(StrEnum):
@@ -124,6 +128,43 @@ class SessionEnd:
     session_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class SessionHistory:
+    """What a coordinator keeps of a session in Redis, so one with the same session id can resume it: the
+    prompt and the tokens generated so far (the position is their total length)."""
+
+    plan_id: str
+    prompt: tuple[int, ...]
+    generated: tuple[int, ...]
+
+    @property
+    def position(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+
+async def save_history(broker: Broker, session_id: str, history: SessionHistory, ttl_s: int) -> None:
+    """The ``record session step`` change: one MULTI writing the session's hash and refreshing its TTL."""
+    key = broker.keys.session(session_id)
+    fields = {
+        "plan": history.plan_id,
+        "prompt": json.dumps(list(history.prompt)),
+        "generated": json.dumps(list(history.generated)),
+        "position": str(history.position),
+    }
+    async with broker.transaction("record session step") as tx:
+        tx.pipe.hset(key, mapping=fields)
+        tx.pipe.expire(key, ttl_s)
+
+
+async def load_history(broker: Broker, session_id: str) -> SessionHistory | None:
+    """The session's stored history, or None when there is none (never started, expired, forgotten)."""
+    row = await broker.hash_fields(broker.keys.session(session_id))
+    if not row:
+        return None
+    text = {k: v.decode() for k, v in row.items()}
+    return SessionHistory(text["plan"], tuple(json.loads(text["prompt"])), tuple(json.loads(text["generated"])))
+
+
 SessionMessage = SessionStep | SessionResult | SessionFailure | SessionEnd
 
 messages._TYPES.update({cls.TYPE: cls for cls in (SessionStep, SessionResult, SessionFailure, SessionEnd)})
@@ -134,7 +175,10 @@ __all__ = [
     "SessionMessage",
     "SessionRefusal",
     "SessionResult",
+    "SessionHistory",
     "SessionStep",
     "StateSlot",
+    "load_history",
+    "save_history",
     "state_entry",
 ]

@@ -1,7 +1,9 @@
 """``ModelShardingManager``: the public API, as the guide shows it, on real browsers and Redis Streams.
 
 Without ``redis_url`` (and no ``REDIS_URL`` in the environment) the manager starts an embedded
-valkey-server and one local worker process per shard. With it, it uses the workers registered there.
+valkey-server and one local worker process (one browser) per shard, at most ``max_connections`` of them:
+past that, runs of consecutive shards share a browser, which runs them in one page op with no stream hop
+between them. With ``redis_url``, it uses the workers registered there.
 
 The manager is a façade over named parts:
 
@@ -20,26 +22,31 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from broker.address import redact
 from broker.browsers import find_executable
 from broker.errors import BrokerError
 from broker.messages import DeadLetter
 from coordinator.errors import InputError, XshardError
+from coordinator.generation.sampling import Sampling
 from coordinator.model.resolve import ResolvedModel, resolve_model
 from coordinator.model.validation import validate_inputs
 from coordinator.planning.allocation import Slot, allocate
 from coordinator.planning.recommendations import allocate_from_history, recommend
-from coordinator.planning.shardset import ShardSet, build_shard_set
+from coordinator.planning.shardset import ShardSet
+from coordinator.planning.sizedset import build_sized_shard_set, parse_num_shards, with_reason
+from coordinator.planning.sizing import Sizing
 from coordinator.recovery import Policy
 from coordinator.recovery.ladder import FAULT_TOLERANCE_LEVELS, RECOVERY_STRATEGIES
 from coordinator.runtime.client import RequestClient, RequestLabels
 from coordinator.runtime.deployment import Deployment, DeploymentConfig
 from coordinator.runtime.dispatch import Dispatcher
 from coordinator.runtime.fleet import Fleet
+from coordinator.runtime.generation import GeneratedToken, GenerationClient, Tokenizer, check_prompt
 from coordinator.runtime.history_view import HistoryView
 from coordinator.runtime.metrics import LiveMetrics
 from coordinator.runtime.requests import RequestTracker
@@ -51,13 +58,13 @@ Progress = Callable[[str], None]
 NOT_INITIALIZED = "the manager is not initialized: call initialize_sharding() first"
 
 
-def _check_arguments(num_shards: int, fault_tolerance_level: str, recovery_strategy: str) -> None:
+def _check_arguments(fault_tolerance_level: str, recovery_strategy: str, max_connections: int) -> None:
     if fault_tolerance_level not in FAULT_TOLERANCE_LEVELS:
         raise ValueError(f"fault_tolerance_level must be one of {FAULT_TOLERANCE_LEVELS}")
     if recovery_strategy not in RECOVERY_STRATEGIES:
         raise ValueError(f"recovery_strategy must be one of {RECOVERY_STRATEGIES}")
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be >= 1, got {max_connections}")
 
 
 def _installed(browser: str) -> bool:
@@ -70,7 +77,7 @@ class ModelShardingManager:
     def __init__(
         self,
         model_name: str,
-        num_shards: int = 2,
+        num_shards: int | str = 2,
         shard_type: str = "layer",
         model_type: str = "text",
         enable_ipfs: bool = True,
@@ -85,13 +92,18 @@ class ModelShardingManager:
         platform: str = "auto",
         settings: ManagerSettings | None = None,
         progress: Progress | None = None,
+        generation: bool = False,
     ) -> None:
-        _check_arguments(num_shards, fault_tolerance_level, recovery_strategy)
+        _check_arguments(fault_tolerance_level, recovery_strategy, max_connections)
         self.model_name = model_name
-        self.num_shards = num_shards
+        self.requested_shards = parse_num_shards(num_shards)  # a count, or "auto": sized to the pages
+        self.num_shards = self.requested_shards if isinstance(self.requested_shards, int) else 0  # set by prepare
+        self.sizing: Sizing | None = None
         self.shard_type = shard_type
         self.model_type = model_type
-        self.enable_ipfs = enable_ipfs  # content addressing is by sha256; IPFS fetching is not implemented
+        # shard files are content-addressed (sha256) and fetched by hash from any holder, in the spirit of
+        # IPFS (``broker.artifacts``); always on, whatever this says
+        self.enable_ipfs = enable_ipfs
         self.max_connections = max_connections
         self.db_path = db_path
         self.fault_tolerance_level = fault_tolerance_level
@@ -100,6 +112,7 @@ class ModelShardingManager:
         self.redis_url = redis_url if redis_url is not None else os.environ.get("REDIS_URL") or None
         self.browsers = list(browsers) if browsers else None
         self.platform = platform
+        self.generation = generation  # a causal LM converted with a KV cache, for generate() and stream()
         self.settings = settings or ManagerSettings.from_env()
         self.coordinator_id = self.settings.coordinator_id or f"coord-{uuid.uuid4().hex[:10]}"
         self.policy = Policy.from_env(level=fault_tolerance_level, strategy=recovery_strategy)
@@ -114,6 +127,8 @@ class ModelShardingManager:
         self._history = HistoryView(db_path, model_name, shard_type)
         self._deployment: Deployment | None = None
         self._client: RequestClient | None = None
+        self._generation: GenerationClient | None = None
+        self._tokenizer: Tokenizer | None = None
 
     @property
     def broker_url(self) -> str | None:
@@ -151,11 +166,22 @@ class ModelShardingManager:
             return self.shards
         s = self.settings
         self._progress(f"resolving model {self.model_name}")
-        self.model = await asyncio.to_thread(resolve_model, self.model_name, s.cache_dir, self._progress)
-        self._progress(f"cutting {self.model_name} into {self.num_shards} {self.shard_type} shards")
-        shards = await asyncio.to_thread(
-            build_shard_set, self.model.onnx_path, self.num_shards, self.shard_type, s.cache_dir, s.weight_share
+        self.model = await asyncio.to_thread(
+            resolve_model, self.model_name, s.cache_dir, self._progress, kv_cache=self.generation
         )
+        self._progress(f"cutting {self.model_name} into {self.requested_shards} {self.shard_type} shards")
+        shards, sizing = await asyncio.to_thread(
+            build_sized_shard_set,
+            self.model.onnx_path,
+            self.requested_shards,
+            self.shard_type,
+            s.cache_dir,
+            s.weight_share,
+            s.page_budget_bytes,
+        )
+        self.num_shards = len(shards.plan.stages)
+        self.sizing = sizing
+        self._progress(f"sizing: {sizing.reason}")
         self._slots = allocate(
             self.num_shards,
             model_type=self.model_type,
@@ -164,9 +190,11 @@ class ModelShardingManager:
             platform=self.platform,
             browsers=self.browsers,
             custom=self.custom_browser_allocation,
+            stage_kinds=tuple(stage.kind for stage in shards.plan.stages),
         )
         if await self._history.read(shards.plan.plan_id):
             self._steer_by_history()
+        self._slots = with_reason(self._slots, sizing.reason)
         self.shards = shards
         return shards
 
@@ -204,7 +232,13 @@ class ModelShardingManager:
             log.info("initialize_sharding failed: %s", e)
             return False
         labels = RequestLabels(self.model_name, self.shard_type, self.num_shards, self.coordinator_id)
-        self._client = RequestClient(self._deployment, self.metrics, labels, self.settings.request_timeout_s)
+        self._client = RequestClient(self._deployment, self.metrics, labels, self.settings.request_timeout_s, shards)
+        if self.model is not None and self.model.kv_cache:
+            timeout_s = self.settings.request_timeout_s
+            self._tokenizer = self._tokenizer or Tokenizer(self.model)
+            self._generation = GenerationClient(
+                self._deployment, shards, self.model, self.metrics, timeout_s, self._tokenizer
+            )
         self.initialized = True
         return True
 
@@ -216,6 +250,7 @@ class ModelShardingManager:
             shard_type=self.shard_type,
             redis_url=self.redis_url,
             db_path=self.db_path,
+            max_browsers=self.max_connections,
         )
         return Deployment(
             config,
@@ -228,7 +263,7 @@ class ModelShardingManager:
 
     async def close(self) -> None:
         """Release shard sessions, stop local workers and the embedded broker."""
-        self._client = None
+        self._client = self._generation = None
         if self._deployment is not None:
             await self._deployment.close()
         self.initialized = False
@@ -253,6 +288,43 @@ class ModelShardingManager:
         except InputError as e:
             return {"error": str(e), "error_kind": "input"}
         return await self._client.run(arrays, max_retries)
+
+    def _generator(self) -> GenerationClient:
+        if self._generation is None:
+            raise XshardError("generation needs a causal LM on an initialized manager built with generation=True")
+        return self._generation
+
+    def check_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 32, chat: bool = False) -> list[int]:
+        """The prompt's token ids, or InputError; needs ``prepare()`` only (no broker, no browser)."""
+        if self.model is None or not self.model.kv_cache:
+            raise InputError(f"{self.model_name} is not prepared as a causal LM for generation (generation=True)")
+        self._tokenizer = self._tokenizer or Tokenizer(self.model)
+        return check_prompt(self._tokenizer, prompt, max_new_tokens, chat)
+
+    async def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        chat: bool = False,
+        result: dict[str, Any] | None = None,
+    ) -> AsyncIterator[GeneratedToken]:
+        """Generate after ``prompt`` (text or token ids), one ``GeneratedToken`` at a time (greedy unless
+        ``temperature`` > 0); ``result``, when given, gets what ``generate`` returns."""
+        client = self._generator()
+        ids = client.check(prompt, max_new_tokens, chat)
+        async for token in client.stream(ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed), result):
+            yield token
+
+    async def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 32, **options: Any) -> dict[str, Any]:
+        """``{"text", "token_ids", "prompt_token_ids", "finish_reason", "metrics"}`` (see ``stream``)."""
+        result: dict[str, Any] = {}
+        async for _ in self.stream(prompt, max_new_tokens, **options, result=result):
+            pass
+        return result
 
     async def resume(self) -> list[str]:
         """Requests this coordinator id accepted before a restart and has not finished; ``wait_for`` each."""
@@ -283,7 +355,7 @@ class ModelShardingManager:
             "initialized": self.initialized,
             "fault_tolerance_level": self.fault_tolerance_level,
             "recovery_strategy": self.recovery_strategy,
-            "broker": (dep.url if dep else None) or self.redis_url,
+            "broker": redact(url) if (url := (dep.url if dep else None) or self.redis_url) else None,
             "embedded_broker": dep is not None and dep.embedded is not None,
             "plan_id": plan.plan_id if plan else None,
             "boundary_kind": plan.boundary_kind if plan else None,

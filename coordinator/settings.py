@@ -27,7 +27,11 @@ class ManagerSettings:
     assign_reply_timeout_s: float = 120.0  # redistributing a shard onto another worker
     coordinator_id: str = ""  # reuse one to resume a killed coordinator's requests
     weight_share: float = 0.5
+    page_budget_bytes: int = 2**32  # what each page holds (32-bit wasm: 4 GiB); shards are sized to it
     allow_fault_injection: bool = False  # local workers accept injected faults (tests, ``xshard fault-test``)
+    artifact_url: str = ""  # where other hosts fetch this coordinator's shard files (``XSHARD_ARTIFACT_URL``)
+    redis_ca_file: str = ""  # verifies a ``rediss://`` broker (``XSHARD_REDIS_CA_FILE``)
+    wasm_threads: int = 0  # onnxruntime-web threads per page of local workers; 0: the cores / the browsers
 
     @classmethod
     def from_env(cls, **overrides: object) -> ManagerSettings:

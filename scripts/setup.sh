@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-APT_PACKAGES=(chromium firefox-esr mesa-vulkan-drivers)
+APT_PACKAGES=(chromium firefox-esr mesa-vulkan-drivers iproute2)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

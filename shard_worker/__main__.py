@@ -17,7 +17,7 @@ from broker.errors import BrokerError
 from broker.kinds import PLATFORMS, Platform
 
 from .errors import WorkerError
-from .settings import FAULT_INJECTION_ENV, WorkerSettings, default_cache_dir, env_flag
+from .settings import FAULT_INJECTION_ENV, PAGE_BUDGET_ENV, WorkerSettings, default_cache_dir, env_flag
 
 log = logging.getLogger("shard_worker")
 
@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env_flag(FAULT_INJECTION_ENV),
         help=f"accept injected faults (tests and xshard fault-test only; also {FAULT_INJECTION_ENV}=1)",
     )
+    p.add_argument(
+        "--page-budget-bytes",
+        type=int,
+        default=int(os.environ.get(PAGE_BUDGET_ENV) or 0),
+        help=f"cap the page's measured memory budget (tests; default: {PAGE_BUDGET_ENV} or no cap)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         fuse_stages=args.fuse_stages,
         warm_spare=args.warm_spare,
         allow_fault_injection=args.allow_fault_injection,
+        page_budget_bytes=args.page_budget_bytes,
     )
     try:
         return asyncio.run(amain(settings))

@@ -221,6 +221,9 @@ class Bridge:
         fut = self._pending.pop(int(header["id"]), None)
         if fut is None or fut.done():
             return
+        if header.get("op") == "echo":
+            fut.set_result(tensors)
+            return
         steps = tuple(StepResult.from_json(m) for m in header.get("steps") or ())
         if header.get("op") == "error":
             fut.set_exception(StepFailed(str(header.get("message")), int(header["step"]), tensors, steps))
@@ -295,6 +298,13 @@ class Bridge:
 
         result: RunResult = await self._call(frame, timeout_s, f"run {steps[0].key}", marks)
         return dataclasses.replace(result, send_ms=marks[0], sent_ms=marks[1])
+
+    async def echo(self, tensors: dict[str, np.ndarray], timeout_s: float) -> dict[str, np.ndarray]:
+        """Send ``tensors`` in a frame the page sends straight back (benchmarks: a page round trip's floor)."""
+        echoed: dict[str, np.ndarray] = await self._call(
+            lambda rid: encode_frame({"op": "echo", "id": rid}, tensors), timeout_s, "echo"
+        )
+        return echoed
 
     async def close(self) -> None:
         self._lost("bridge closed by worker")

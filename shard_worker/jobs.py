@@ -32,6 +32,7 @@ from .bridge import RunResult
 from .chain import Link, WorkerMarks, chain_of, page_inputs, steps_of, traces
 from .errors import BridgeClosed, BridgeTimeout, PageError, StepFailed, WorkerError
 from .injection import FaultInjection
+from .memory import is_out_of_memory
 from .page import Page
 from .settings import WorkerSettings
 from .stage import Stage
@@ -144,7 +145,8 @@ class JobRunner:
             await self._fail_later_step(p, e)
         except PageError as e:
             shapes = ", ".join(f"{n}: {a.dtype}{list(a.shape)}" for n, a in p.feeds.items())
-            await self._fail(p.d, job, first.stage, FailureKind.KERNEL, f"{e} (inputs {shapes})", provider)
+            kind = FailureKind.OUT_OF_MEMORY if is_out_of_memory(str(e)) else FailureKind.KERNEL
+            await self._fail(p.d, job, first.stage, kind, f"{e} (inputs {shapes})", provider)
         except BridgeTimeout as e:
             await self._fail(p.d, job, first.stage, FailureKind.TIMEOUT, str(e), provider)
             h.restart_soon(f"kernel timed out: {e}")

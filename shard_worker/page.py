@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from broker.shardfiles import data_files
+
 from .bridge import Bridge, RunResult, Step
 from .browser import BrowserProcess
 from .errors import BrowserError, WorkerError
@@ -96,8 +98,16 @@ class Page:
         return self._bridge
 
     async def load(self, key: str, onnx_sha256: str, platform: str) -> dict[str, Any]:
+        external = [
+            {"path": f.path, "url": f"/shards/{f.path}"} for f in data_files(self.server.shard_dir, onnx_sha256)
+        ]
         info: dict[str, Any] = await self._live_bridge().request(
-            "load", self.settings.load_timeout_s, key=key, url=f"/shards/{onnx_sha256}.onnx", platform=platform
+            "load",
+            self.settings.load_timeout_s,
+            key=key,
+            url=f"/shards/{onnx_sha256}.onnx",
+            platform=platform,
+            external=external,
         )
         self.loaded[key] = info
         return info

@@ -2,7 +2,9 @@
 
 Serves on 127.0.0.1 only, with COOP/COEP headers so the page is cross-origin isolated (WASM threads).
 Routes: ``/`` and ``/<page file>`` from ``web/``, ``/ort/<file>`` from onnxruntime-web's ``dist``,
-``/shards/<sha256>.onnx`` from the shared shard cache.
+``/shards/<sha256>.onnx`` from the shared shard cache, with a shard's external data files
+``/shards/<sha256>.data`` (``broker.shardfiles``). Files are streamed in chunks, never read whole: a data
+file can be gigabytes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"
-_SHARD = re.compile(r"^/shards/([0-9a-f]{64})\.onnx$")
+_SHARD = re.compile(r"^/shards/([0-9a-f]{64}\.(?:onnx|data))$")
+CHUNK_BYTES = 4 * 2**20
 _FILE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -58,16 +61,17 @@ class StaticServer:
                 if path is None or not path.is_file():
                     self.send_error(HTTPStatus.NOT_FOUND)
                     return
-                body = path.read_bytes()
                 self.send_response(HTTPStatus.OK)
                 self.send_header("Content-Type", CONTENT_TYPES.get(path.suffix, "application/octet-stream"))
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(path.stat().st_size))
                 self.send_header("Cross-Origin-Opener-Policy", "same-origin")
                 self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
                 self.send_header("Cross-Origin-Resource-Policy", "same-origin")
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
-                self.wfile.write(body)
+                with path.open("rb") as f:
+                    while block := f.read(CHUNK_BYTES):
+                        self.wfile.write(block)
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
@@ -79,7 +83,7 @@ class StaticServer:
             return WEB_DIR / "index.html"
         m = _SHARD.match(url_path)
         if m:
-            return self.shard_dir / f"{m.group(1)}.onnx"
+            return self.shard_dir / m.group(1)
         if url_path.startswith("/ort/"):
             name = url_path[len("/ort/") :]
             return self.ort_dir / name if _FILE.match(name) else None

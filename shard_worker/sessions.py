@@ -202,7 +202,7 @@ class SessionRunner:
         else:
             dst = msg.route[nxt]
             reply = dataclasses.replace(  # type: ignore[assignment]
-                msg, stage_index=nxt, tensors=out, trace=trace, enqueued_ms=now_ms(), attempt=1
+                msg, stage_index=nxt, tensors=out, trace=trace, enqueued_ms=now_ms()
             )
         events = [self._event(k.stage, msg, t, "success") for k, t in zip(links, new, strict=True)]
         await self._hand_off(d, msg, dst, reply, events)

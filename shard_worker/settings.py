@@ -13,6 +13,7 @@ from broker.kinds import Platform
 from broker.restarts import RestartBudget
 
 FAULT_INJECTION_ENV = "XSHARD_ALLOW_FAULT_INJECTION"
+PAGE_BUDGET_ENV = "XSHARD_PAGE_BUDGET_BYTES"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
 
@@ -46,6 +47,7 @@ class WorkerSettings:
     allow_fault_injection: bool = False  # tests and ``xshard fault-test`` only: accept ``Inject`` commands
     artifact_url: str = ""  # the URL other hosts fetch this worker's shard files at (``XSHARD_ARTIFACT_URL``)
     redis_ca_file: str = ""  # verifies a ``rediss://`` broker (``XSHARD_REDIS_CA_FILE``)
+    page_budget_bytes: int = 0  # caps the page's measured memory budget (``XSHARD_PAGE_BUDGET_BYTES``); 0: no cap
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "platform", Platform.parse(self.platform))
@@ -67,6 +69,7 @@ class WorkerSettings:
             "allow_fault_injection": env_flag(FAULT_INJECTION_ENV),
             "artifact_url": os.environ.get("XSHARD_ARTIFACT_URL", ""),
             "redis_ca_file": os.environ.get("XSHARD_REDIS_CA_FILE", ""),
+            "page_budget_bytes": int(os.environ.get(PAGE_BUDGET_ENV) or 0),
         }
         if "XSHARD_HEARTBEAT_S" in os.environ:
             env["heartbeat_s"] = float(os.environ["XSHARD_HEARTBEAT_S"])

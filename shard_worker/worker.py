@@ -31,6 +31,7 @@ from .control import ControlReader
 from .errors import WorkerError
 from .injection import FaultInjection
 from .jobs import JobRunner, now_ms
+from .memory import page_budget_bytes
 from .page import Page
 from .server import StaticServer, find_ort_dist
 from .sessions import SessionRunner, is_session_entry
@@ -154,6 +155,7 @@ class ShardWorker:
             stages=tuple(sorted(self.stages)),
             capabilities=page.capabilities,
             platform_note=page.choice.get("note", ""),
+            page_budget_bytes=page_budget_bytes(page.capabilities, s.page_budget_bytes),
         )
 
     def _move(self, target: WorkerState) -> bool:

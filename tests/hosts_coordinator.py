@@ -94,9 +94,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             redis_url=url,
             settings=settings,
         )
-        await manager.prepare()  # TEMP until the deployment serves its shard files
-        from broker.artifact_server import Holding, serving_address
-        tmp_holding = await Holding(broker, "coordinator-tmp", args.cache_dir / "shards", serving_address(url)).start()
         if not await manager.initialize_sharding():
             raise SystemExit(f"initialize_sharding failed: {manager.last_error}")
         try:
@@ -110,8 +107,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             summary["rejoined_s"] = await wait_live(broker, lost, True, settings.heartbeat_max_age_ms, 90)
             summary["errors"] = {i: r.get("error") for i, r in enumerate(results) if "error" in r}
             for i, (x, r) in enumerate(zip(inputs, results, strict=True)):
-                outs = {f"out_{k}": np.asarray(v) for k, v in (r.get("result") or {}).items()}
-                np.savez(args.out / f"req_{i}.npz", **x, **outs)
+                arrays: dict[str, Any] = {
+                    **x,
+                    **{f"out_{k}": np.asarray(v) for k, v in (r.get("result") or {}).items()},
+                }
+                np.savez(args.out / f"req_{i}.npz", **arrays)
             events = [e for e in await broker.read_events() if isinstance(e, RecoveryEvent)]
             summary["recovery"] = [(e.failure, e.worker_id, e.success) for e in events]
             summary["metrics_requests"] = manager.get_metrics()["requests"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 HIDDEN = 32
+TEXT_HIDDEN = 64  # the encoders' attention mask (batch x 1 x seq x seq) stays well below their hidden states
 LAYERS = 2
 HEADS = 2
 INTERMEDIATE = 64
@@ -97,10 +98,10 @@ def save_tiny_roberta(hf_dir: Path, seed: int = 0, layers: int = LAYERS) -> Path
     from transformers import RobertaConfig, RobertaModel
 
     config = RobertaConfig(
-        hidden_size=HIDDEN,
+        hidden_size=TEXT_HIDDEN,
         num_hidden_layers=layers,
         num_attention_heads=HEADS,
-        intermediate_size=INTERMEDIATE,
+        intermediate_size=2 * INTERMEDIATE,
         vocab_size=VOCAB,
         max_position_embeddings=80,
         pad_token_id=1,
@@ -113,10 +114,10 @@ def save_tiny_bert(hf_dir: Path, seed: int = 0, layers: int = LAYERS) -> Path:
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
-        hidden_size=HIDDEN,
+        hidden_size=TEXT_HIDDEN,
         num_hidden_layers=layers,
         num_attention_heads=HEADS,
-        intermediate_size=INTERMEDIATE,
+        intermediate_size=2 * INTERMEDIATE,
         vocab_size=VOCAB,
         max_position_embeddings=64,
         pad_token_id=0,

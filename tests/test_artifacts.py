@@ -6,6 +6,7 @@ announcing are skipped."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import http.client
 import logging
@@ -83,7 +84,8 @@ async def test_a_corrupted_copy_is_refused_and_the_file_is_fetched_from_another_
         good = await holding(stack, broker, "good-holder", tmp_path / "good")
         sha = put(bad.directory, bytes(corrupted), name_of=data)
         assert put(good.directory, data) == sha
-        bad.announce_now(), good.announce_now()
+        bad.announce_now()
+        good.announce_now()
         index = ArtifactIndex(broker)
         await wait_for_holders(index, sha, 2)
         fetcher = ArtifactFetcher(index, tmp_path / "mine", "fetcher", FAST, order=bad_first)
@@ -107,7 +109,8 @@ async def test_a_truncated_copy_is_refused_and_when_no_holder_has_it_whole_nothi
         flipped = await holding(stack, broker, "bad-flipped", tmp_path / "flipped")
         sha = put(short.directory, data[: len(data) // 3], name_of=data)
         put(flipped.directory, data[::-1], name_of=data)
-        short.announce_now(), flipped.announce_now()
+        short.announce_now()
+        flipped.announce_now()
         index = ArtifactIndex(broker)
         await wait_for_holders(index, sha, 2)
         fetcher = ArtifactFetcher(index, tmp_path / "mine", "fetcher", FAST)
@@ -120,7 +123,9 @@ async def test_a_truncated_copy_is_refused_and_when_no_holder_has_it_whole_nothi
     assert leftovers(tmp_path / "mine") == []
 
 
-async def test_concurrent_fetches_of_one_file_download_it_once(broker: Broker, tmp_path: Path) -> None:
+async def test_concurrent_fetches_of_one_file_download_it_once_with_progress_in_the_log(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     data = shard_bytes(8 * 1024 * 1024)
     async with AsyncExitStack() as stack:
         src = await holding(stack, broker, "source", tmp_path / "src")
@@ -128,11 +133,15 @@ async def test_concurrent_fetches_of_one_file_download_it_once(broker: Broker, t
         src.announce_now()
         index = ArtifactIndex(broker)
         await wait_for_holders(index, sha, 1)
-        fetcher = ArtifactFetcher(index, tmp_path / "mine", "fetcher", FAST)
-        paths = await asyncio.gather(*(fetcher.ensure(sha) for _ in range(8)))
+        fetcher = ArtifactFetcher(index, tmp_path / "mine", "fetcher", dataclasses.replace(FAST, progress_every_s=0))
+        with caplog.at_level(logging.INFO, logger="shard_worker.artifacts"):
+            paths = await asyncio.gather(*(fetcher.ensure(sha) for _ in range(8)))
         assert len(set(paths)) == 1 and paths[0].read_bytes() == data
         assert src.server is not None and src.server.served[sha] == 1
         assert await fetcher.ensure(sha) == paths[0] and src.server.served[sha] == 1  # already here: no fetch
+    progress = [r.getMessage() for r in caplog.records if "MiB (" in r.getMessage()]
+    assert progress and all(sha[:12] in line and "source" in line for line in progress), progress
+    assert "of 8.0 MiB (100%)" in progress[-1], progress[-1]
 
 
 async def test_the_server_serves_only_hash_names_from_its_directory(tmp_path: Path) -> None:

@@ -4,19 +4,28 @@ artificially small page budget."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from broker.kinds import FailureKind
 from broker.registry import WorkerInfo
 from coordinator.errors import ShardTooLarge
+from coordinator.manager import ModelShardingManager
 from coordinator.model.graph import GraphProfile, load_model, profile_graph
 from coordinator.planning.planner import plan_shards
+from coordinator.planning.sizedset import parse_num_shards
 from coordinator.planning.sizing import (
     WEIGHTS_ONLY,
     MemoryModel,
     auto_plan,
     check_fit,
+    gb,
     pages_that_fit,
     shard_fits,
     shard_need_bytes,
@@ -32,7 +41,10 @@ from coordinator.recovery import (
     counts_against_worker,
     may_restart,
 )
-from tests.onnx_models import residual_mlp
+from coordinator.settings import ManagerSettings
+from shard_worker.memory import is_out_of_memory
+from shard_worker.memory import page_budget_bytes as worker_budget
+from tests.onnx_models import residual_mlp, sample_tokens
 
 NO_RUNTIME = MemoryModel(runtime_bytes=0)
 
@@ -141,3 +153,94 @@ def test_out_of_memory_with_no_page_budgets_known_dead_letters() -> None:
     decision = Policy("critical").decide(oom(), StageHistory(), options, random.Random(0))
     assert isinstance(decision, DeadLetter) and decision.cause == "memory"
 
+
+# --- the manager: num_shards="auto" and a count that cannot fit, refused before anything is enqueued ----------
+
+
+def budget_for(path: Path, parts: int) -> int:
+    model, sha = load_model(path)
+    profile = profile_graph(model, sha)
+    whole = shard_need_bytes(profile, plan_shards(profile, 1).stages[0])
+    runtime = MemoryModel().runtime_bytes
+    return runtime + (whole - runtime) // parts
+
+
+async def test_the_manager_sizes_auto_shards_to_the_page_budget_and_says_why(tmp_path: Path) -> None:
+    path = residual_mlp(tmp_path / "m.onnx", layers=8, hidden=64)
+    budget = budget_for(path, 3)
+    settings = ManagerSettings(cache_dir=tmp_path / "cache", page_budget_bytes=budget)
+    manager = ModelShardingManager(str(path), num_shards="auto", browsers=["chromium"], settings=settings)
+    shards = await manager.prepare()
+    assert manager.num_shards == len(shards.plan.stages) > 1 and manager.sizing is not None
+    assert all(f.need_bytes <= budget for f in manager.sizing.fits)
+    assert all(manager.sizing.reason in slot.reason for slot in manager._slots.values())
+    assert f"pages hold {gb(budget)} each" in manager.sizing.reason
+    await manager.close()
+
+
+async def test_the_manager_refuses_a_count_that_cannot_fit_before_anything_is_enqueued(tmp_path: Path) -> None:
+    path = residual_mlp(tmp_path / "m.onnx", layers=8, hidden=64)
+    budget = budget_for(path, 3)
+    settings = ManagerSettings(cache_dir=tmp_path / "cache", page_budget_bytes=budget)
+    manager = ModelShardingManager(str(path), num_shards=1, browsers=["chromium"], settings=settings)
+    with pytest.raises(ShardTooLarge, match=r"shard 0 of 1 does not fit a page: it needs .* and pages hold"):
+        await manager.prepare()
+    assert not (tmp_path / "cache" / "shards").exists()  # no shard file written, nothing to enqueue
+    assert not await manager.initialize_sharding() and "does not fit a page" in (manager.last_error or "")
+    assert manager.broker_url is None  # no broker was started
+    await manager.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many", ""])
+def test_num_shards_is_a_positive_count_or_auto(value: str) -> None:
+    assert parse_num_shards("auto") == "auto" and parse_num_shards("3") == 3
+    with pytest.raises(ValueError):
+        parse_num_shards(value)
+
+
+# --- the worker's side: an out-of-memory page error and the registered budget -------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "RangeError: WebAssembly.Memory.grow(): Maximum memory size exceeded",
+        "RangeError: Array buffer allocation failed",
+        "Can't create a session. ERROR_CODE: 6, ERROR_MESSAGE: std::bad_alloc",
+        "InternalError: out of memory",
+        "Aborted(OOM)",
+        "Cannot enlarge memory arrays to size 4294967296 bytes",
+    ],
+)
+def test_a_page_that_ran_out_of_memory_is_reported_as_such(error: str) -> None:
+    assert is_out_of_memory(error)
+
+
+@pytest.mark.parametrize("error", ["input 'x' has shape [2,3], expected [2,4]", "Kernel MatMul failed: bad dims"])
+def test_other_page_errors_are_not_out_of_memory(error: str) -> None:
+    assert not is_out_of_memory(error)
+
+
+def test_the_registered_budget_is_the_measured_one_capped_by_the_setting() -> None:
+    caps = {"memory": {"budget_bytes": 4_000}}
+    assert worker_budget(caps) == 4_000 and worker_budget(caps, 1_000) == 1_000 and worker_budget(caps, 9_000) == 4_000
+    assert worker_budget({}) == 0 and worker_budget({}, 1_000) == 1_000
+
+
+def test_xshard_run_refuses_a_count_that_cannot_fit_before_any_browser_starts(tmp_path: Path) -> None:
+    path = residual_mlp(tmp_path / "m.onnx", layers=8, hidden=64)
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, **sample_tokens(1, 5))
+    env = {
+        **os.environ,
+        "XSHARD_CACHE_DIR": str(tmp_path / "cache"),
+        "XSHARD_PAGE_BUDGET_BYTES": str(budget_for(path, 3)),
+    }
+    env.pop("REDIS_URL", None)
+    cmd = [sys.executable, "-m", "coordinator.cli", "run", "--model", str(path), "--shards", "1"]
+    cmd += ["--inputs", str(inputs), "--output", str(tmp_path / "out.npz")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("xshard: error: shard 0 of 1 does not fit a page: it needs"), line
+    assert not (tmp_path / "cache" / "logs").exists(), "a worker was started"

@@ -1,16 +1,14 @@
 """Consecutive stages one worker serves run in its page with no stream hop between them, and a failure of
-the later one hands back that stage's own inputs. The coordinator's side is played by the test on the
-streams (assignments, one job, the reply), so what is checked is the worker's contract: real valkey,
-real ``python -m shard_worker`` processes with headless Chromium and onnxruntime-web, outputs against
-native onnxruntime."""
+the later one hands back that stage's own inputs. In the first two tests the coordinator's side is played
+by the test on the streams (assignments, one job, the reply), so what is checked is the worker's contract;
+the last goes through the public API, where ``max_connections`` caps the browsers a manager launches.
+Real valkey, real ``python -m shard_worker`` processes with headless Chromium and onnxruntime-web,
+outputs against native onnxruntime."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,8 +22,6 @@ import pytest
 
 from broker.keys import STAGE_GROUP
 from broker.messages import (
-    Assignment,
-    AssignmentReply,
     Inject,
     InjectReply,
     Message,
@@ -34,15 +30,18 @@ from broker.messages import (
     ShardResult,
 )
 from broker.streams import Broker
+from coordinator.manager import ModelShardingManager
+from coordinator.planning.hosting import wasm_threads
 from coordinator.planning.shardset import ShardSet, build_shard_set
+from coordinator.settings import ManagerSettings
 from tests.conftest import require_browsers
 from tests.faults_support import stop_processes, wait_until
 from tests.native import run_whole
 from tests.onnx_models import residual_mlp, sample_tokens
+from tests.worker_support import WAIT_S, assign, now_ms, read_one, start_worker
 
 pytestmark = pytest.mark.browser
 
-WAIT_S = 90.0
 TOLERANCE = 1e-4
 
 
@@ -64,48 +63,6 @@ class Chain:
         job = ShardJob(uuid.uuid4().hex, self.shards.plan.plan_id, stage, self.route, self.reply, inputs, now_ms())
         await self.broker.add(self.route[stage], job)
         return await read_one(self.broker, self.reply)
-
-
-def now_ms() -> float:
-    return time.time() * 1000.0
-
-
-def start_worker(url: str, namespace: str, cache_dir: Path, worker_id: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "shard_worker", "--redis", url, "--browser", "chromium", "--platform", "wasm"]
-    cmd += ["--namespace", namespace, "--cache-dir", str(cache_dir), "--worker-id", worker_id, "--wasm-threads", "1"]
-    cmd += ["--allow-fault-injection", "--log-level", "WARNING"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-
-
-async def read_one(broker: Broker, stream: str, after: str = "0") -> Message:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        for d in await broker.read(stream, after, count=1, block_ms=1000):
-            await broker.delete(stream)  # one answer at a time on this stream
-            assert d.message is not None, d.error
-            return d.message
-    pytest.fail(f"no answer on {stream} within {WAIT_S}s")
-
-
-async def assign(broker: Broker, shards: ShardSet, route: tuple[str, ...], index: int, worker_id: str) -> None:
-    stage = shards.plan.stages[index]
-    reply = broker.keys.ack(uuid.uuid4().hex)
-    a = Assignment(
-        uuid.uuid4().hex,
-        shards.plan.plan_id,
-        index,
-        route[index],
-        shards.shard_sha256[index],
-        stage.input_names,
-        stage.carry_names,
-        "wasm",
-        reply,
-        "mlp",
-    )
-    await broker.add(broker.keys.control(worker_id), a)
-    answer = await read_one(broker, reply)
-    assert isinstance(answer, AssignmentReply) and answer.ok, answer
 
 
 @asynccontextmanager
@@ -188,3 +145,27 @@ async def test_a_failure_in_the_later_stage_hands_back_that_stages_inputs(
         result = await c.submit(dict(failure.tensors), stage=2)
         assert isinstance(result, ShardResult), result
         np.testing.assert_allclose(result.tensors["hidden"], run_whole(model, inputs)["hidden"], rtol=0, atol=TOLERANCE)
+
+
+async def test_max_connections_caps_the_browsers_and_consecutive_shards_share_one(model: Path, cache_dir: Path) -> None:
+    require_browsers("chromium")
+    settings = ManagerSettings(cache_dir=cache_dir, namespace=f"cap{uuid.uuid4().hex[:8]}")
+    manager = ModelShardingManager(
+        str(model), num_shards=3, browsers=["chromium"], platform="wasm", max_connections=2, settings=settings
+    )
+    try:
+        assert await manager.initialize_sharding(), manager.last_error
+        alloc = manager.allocation
+        workers = [alloc[i]["worker_id"] for i in range(3)]
+        assert workers[0] == workers[1] != workers[2], alloc
+        assert "shares shard 0's chromium (max_connections=2)" in alloc[1]["reason"]
+        assert {alloc[i]["wasm_threads"] for i in range(3)} == {wasm_threads(os.cpu_count() or 1, 2)}
+        inputs = sample_tokens(2, 5, seed=13)
+        res = await manager.run_inference_sharded(inputs)
+        assert "result" in res, res
+        np.testing.assert_allclose(res["result"]["hidden"], run_whole(model, inputs)["hidden"], rtol=0, atol=TOLERANCE)
+        comps = [res["metrics"]["component_results"][f"shard_{i}"] for i in range(3)]
+        assert [c["worker_id"] for c in comps] == workers
+        assert all(c["kernel_ms"] > 0 for c in comps)
+    finally:
+        await manager.close()

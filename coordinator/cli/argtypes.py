@@ -8,6 +8,13 @@ EXIT_FAILED = 1  # the run failed: browsers, broker, a request
 EXIT_USAGE = 2  # bad usage or bad input, reported before anything starts
 
 
+def shard_count(value: str) -> int | str:
+    """A shard count >= 1, or ``auto`` (sized to the pages' memory)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    return positive_int(value)
+
+
 def positive_int(value: str) -> int:
     try:
         n = int(value)

@@ -7,6 +7,7 @@
                     injected faults unless started with ``--allow-fault-injection`` (tests, fault-test)
     xshard broker   an embedded valkey-server in the foreground, for external workers
     xshard demo     all-MiniLM-L6-v2 sharded across Chromium and Firefox
+    xshard generate text from a causal LM sharded across browsers, streamed (``cli/generate.py``)
 
 Exit codes: 0 success, 1 the run failed (browsers, broker, a request), 2 bad usage or bad input.
 Bad input is reported before any browser starts or anything is enqueued.
@@ -29,10 +30,11 @@ from typing import Any, NoReturn
 import numpy as np
 
 from broker.kinds import PLATFORMS
-from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, positive_float, positive_int
+from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, positive_float, positive_int, shard_count
 from coordinator.cli.console import ProgressPrinter, fail, format_allocation, format_components, format_fields
 from coordinator.cli.embedded import add_broker_command, serve_broker
 from coordinator.cli.faults import add_fault_commands, run_fault_command
+from coordinator.cli.generate import add_generate_command, run_generate_command
 from coordinator.cli.history import add_history_commands, run_history_command
 from coordinator.cli.service import add_service_commands, run_service_command
 from coordinator.errors import ConversionError, XshardError
@@ -256,7 +258,9 @@ def add_run_parser(sub: Any, common: Parser) -> None:
         description="Run one request through a model sharded across headless browsers.",
     )
     p.add_argument("--model", required=True, help="an .onnx file, a Hugging Face directory or all-MiniLM-L6-v2")
-    p.add_argument("--shards", type=positive_int, default=2, help="number of shards (default 2)")
+    p.add_argument(
+        "--shards", type=shard_count, default=2, help="number of shards, or auto: the fewest the pages hold (default 2)"
+    )
     p.add_argument("--shard-type", choices=SHARD_TYPES, default="layer")
     p.add_argument("--model-type", choices=MODEL_TYPES, default="text")
     p.add_argument("--browsers", default=None, help="comma-separated, round-robin over shards, e.g. chromium,firefox")
@@ -293,6 +297,7 @@ def build_parser() -> Parser:
     add_fault_commands(sub, common)
     add_history_commands(sub, common)
     add_service_commands(sub, common)
+    add_generate_command(sub, common)
     return parser
 
 
@@ -311,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_broker(args)
         if args.command == "demo":
             return run_demo_command(args)
-        for handler in (run_fault_command, run_history_command, run_service_command):
+        for handler in (run_fault_command, run_history_command, run_service_command, run_generate_command):
             code = handler(args)
             if code is not None:
                 return code

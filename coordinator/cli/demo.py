@@ -18,6 +18,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from coordinator.cli.console import ProgressPrinter, fail, format_allocation, format_table
+from coordinator.cli.demo_generation import demonstrate_generation
 from coordinator.manager import ModelShardingManager
 from coordinator.settings import ManagerSettings
 
@@ -146,10 +147,11 @@ async def run_demo(browsers: Sequence[str], shards: int, platform: str, sentence
         progress=progress,
     )
     try:
-        return await demonstrate(manager, sentences, progress)
+        code = await demonstrate(manager, sentences, progress)
     finally:
         progress("closing browsers and broker")
         await manager.close()
+    return code or await demonstrate_generation(browsers, platform, progress)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ import onnx.inliner
 from onnx import numpy_helper
 
 from coordinator.errors import ConversionError
+from coordinator.model.external import save_checked
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +53,6 @@ DEFAULT_CASES: tuple[tuple[int, int], ...] = ((1, 7), (2, 16), (3, 33))
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_BY_KIND = {"encoder": "last_hidden_state", "causal-lm": "logits"}
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-_MAX_PROTO_BYTES = 2**31 - 1
 INSTALL_HINT = "pip install 'xshard[convert]'"
 
 Progress = Callable[[str], None]
@@ -111,7 +112,8 @@ def convert_hf_dir(hf_dir: Path, out_path: Path, progress: Progress | None = Non
     say(f"loading weights from {hf_dir / gguf_file if gguf_file else hf_dir} ({kind})")
     model = _load_model(hf_dir, kind, gguf_file)
     say(f"exporting to ONNX (opset {OPSET}) -> {out_path}")
-    proto = _export(model, out_path)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as scratch:  # past 2 GB: a file per weight
+        proto = _export(model, Path(scratch) / out_path.name)
     save_graph(proto, out_path)
     log.info("exported %s to %s: %d nodes", hf_dir, out_path, len(proto.graph.node))
     _verify_loaded(model, out_path, DEFAULT_CASES, say)
@@ -350,13 +352,9 @@ def _check_flat(proto: onnx.ModelProto) -> None:
 
 
 def save_graph(proto: onnx.ModelProto, out_path: Path) -> None:
-    """Check ``proto`` and write it as one file (weights embedded)."""
-    size_bytes = proto.ByteSize()
-    if size_bytes > _MAX_PROTO_BYTES:
-        raise ConversionError(f"exported model is {size_bytes} bytes; one-file ONNX is limited to 2 GiB")
+    """Check ``proto`` and write it: one file, or past protobuf's limit its weights beside it (``save_checked``)."""
     try:
-        onnx.checker.check_model(proto)
-        onnx.save_model(proto, str(out_path))
+        save_checked(proto, out_path)
     except onnx.checker.ValidationError as e:
         raise ConversionError(f"exported graph is not valid ONNX: {e}") from e
     except OSError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from coordinator.errors import ModelError, PlanError
+from coordinator.model.external import has_external_data, unit_sha256
 from coordinator.model.state import StatePair, find_state_pairs, state_names
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,10 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
 
 
 def load_model(path: Path) -> tuple[onnx.ModelProto, str]:
-    """Load an ONNX file with weights, with Constant nodes turned into initializers; also its sha256."""
+    """Load an ONNX file with weights, with Constant nodes turned into initializers; also its sha256.
+
+    Weights in external data files (a graph past 2 GB) stay there, unread; the digest covers them
+    (:func:`coordinator.model.external.unit_sha256`)."""
     try:
         data = Path(path).read_bytes()
         model = onnx.load_from_string(data)
@@ -105,6 +110,8 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, str]:
     if len(model.graph.node) == 0:
         raise ModelError(f"{path} is not an ONNX model (no graph nodes)")
     _constants_to_initializers(model)
+    if has_external_data(model):
+        return model, unit_sha256(Path(path), model)
     return model, hashlib.sha256(data).hexdigest()
 
 
@@ -158,8 +165,11 @@ def _sample_inputs(specs: Iterable[TensorSpec], empty: frozenset[str] = frozense
     return feeds
 
 
-def _measure(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the whole graph natively once at sample dims, returning every intermediate tensor."""
+def _measure(model: onnx.ModelProto, feeds: dict[str, np.ndarray], base_dir: Path | None) -> dict[str, np.ndarray]:
+    """Run the whole graph natively once at sample dims, returning every intermediate tensor.
+
+    A graph with external data is probed from a file beside its data (``base_dir``): onnxruntime reads
+    the weights itself, once, and Python never holds them."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -173,12 +183,22 @@ def _measure(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
+    probe_path = None
+    if has_external_data(probe):
+        if base_dir is None:
+            raise ModelError("a graph with external data is profiled with the directory of its data (base_dir)")
+        probe_path = base_dir / f".xshard-probe-{os.getpid()}-{id(probe)}.onnx"
+        probe_path.write_bytes(probe.SerializeToString())
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        source = str(probe_path) if probe_path else probe.SerializeToString()
+        session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         values = session.run(names, feeds)
     except Exception as e:  # onnxruntime raises its own untyped errors
         raise ModelError(f"onnxruntime cannot run the model at sample dims: {e}") from e
+    finally:
+        if probe_path is not None:
+            probe_path.unlink(missing_ok=True)
     return dict(zip(names, values, strict=True))
 
 
@@ -213,7 +233,8 @@ def _vocab_limits(model: onnx.ModelProto, input_names: set[str], inits: dict[str
     return limits
 
 
-def profile_graph(model: onnx.ModelProto, model_sha256: str) -> GraphProfile:
+def profile_graph(model: onnx.ModelProto, model_sha256: str, base_dir: Path | None = None) -> GraphProfile:
+    """Everything planning needs; ``base_dir`` is where a graph's external data files are (else unused)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     inputs = tuple(_spec(i) for i in g.input if i.name not in inits)
@@ -244,7 +265,7 @@ def profile_graph(model: onnx.ModelProto, model_sha256: str) -> GraphProfile:
     pairs = find_state_pairs(model, _ONNX_TO_NUMPY)
     stateful = state_names(pairs)
     feeds = _sample_inputs(inputs, frozenset(p.input_name for p in pairs))
-    values = _measure(model, feeds)
+    values = _measure(model, feeds, base_dir)
     values.update(feeds)
     shapes = {k: tuple(v.shape) for k, v in values.items()}
     shapes.update({k: tuple(int(d) for d in t.dims) for k, t in inits.items()})
@@ -311,7 +332,23 @@ def extract_shard(
     dtypes: dict[str, str],
     ranks: dict[str, int],
 ) -> bytes:
-    """Serialize nodes ``[start, end)`` as a standalone ONNX model with the given inputs and outputs.
+    """Serialize nodes ``[start, end)`` as a standalone ONNX model (see :func:`shard_model`)."""
+    return shard_model(model, start, end, input_names, output_names, dtypes, ranks).SerializeToString()
+
+
+def shard_model(
+    model: onnx.ModelProto,
+    start: int,
+    end: int,
+    input_names: Iterable[str],
+    output_names: Iterable[str],
+    dtypes: dict[str, str],
+    ranks: dict[str, int],
+) -> onnx.ModelProto:
+    """Nodes ``[start, end)`` as a standalone ONNX model with the given inputs and outputs.
+
+    Initializers in external data stay references into the whole graph's data files
+    (:func:`coordinator.model.external.store_external_shard` copies them into the shard's own).
 
     Scalar (rank-0) inputs are declared with shape ``[1]`` and squeezed inside the shard:
     onnxruntime-web 1.30 turns a rank-0 feed into ``[1]`` (an Unsqueeze then yields rank 2), so
@@ -350,4 +387,4 @@ def extract_shard(
     shard = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="xshard")
     shard.ir_version = model.ir_version
     shard.functions.extend(model.functions)
-    return shard.SerializeToString()
+    return shard

@@ -100,7 +100,9 @@ def convert_modality(hf_dir: Path, kind: str, out_path: Path, progress: Progress
     return _verify(module, kind, signature, out_path, DEFAULT_CASES, say)
 
 
-def verify_modality(hf_dir: Path, kind: str, onnx_path: Path, cases: Sequence[tuple[int, int]] = DEFAULT_CASES) -> float:
+def verify_modality(
+    hf_dir: Path, kind: str, onnx_path: Path, cases: Sequence[tuple[int, int]] = DEFAULT_CASES
+) -> float:
     """Run transformers and onnxruntime on random inputs; the max abs diff, ConversionError past tolerance."""
     module, signature = _load(hf_dir, kind)
     return _verify(module, kind, signature, onnx_path, cases, reporter(None))
@@ -244,7 +246,8 @@ def _verify(
             allowed = allowed_logit_diff(want_np) if name.startswith("logits") else TOLERANCE
             if not diff <= allowed:
                 raise ConversionError(
-                    f"ONNX {name} differs from transformers by {diff:.3g} (> {allowed:.3g}) at batch {batch} ({onnx_path})"
+                    f"ONNX {name} differs from transformers by {diff:.3g} (> {allowed:.3g}) "
+                    f"at batch {batch} ({onnx_path})"
                 )
             worst = max(worst, diff)
     log.info("verified %s against transformers: max abs diff %.3g", onnx_path, worst)

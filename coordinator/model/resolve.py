@@ -207,12 +207,15 @@ def _convert_atomically(
         else:
             convert_hf_dir(weights.directory, temp_path, progress, weights.gguf_file)
         temp_path.chmod(0o644)  # mkstemp makes it private; a cached model is as readable as its source
+        if (data := Path(f"{temp_path}.data")).is_file():  # a graph past 2 GB: its weights (external data)
+            data.chmod(0o644)
         os.replace(temp_path, onnx_path)
     except OSError as e:
         temp_path.unlink(missing_ok=True)
         raise ModelError(f"cannot move the converted model into {onnx_path}: {e}") from e
     except BaseException:
         temp_path.unlink(missing_ok=True)
+        Path(f"{temp_path}.data").unlink(missing_ok=True)  # the weights of a graph past 2 GB (external data)
         raise
 
 

@@ -71,7 +71,10 @@ def validate_inputs(inputs: Any, specs: Sequence[TensorSpec], vocab_limits: Mapp
             raise InputError(f"input {name!r} is empty (shape {arr.shape}); the batch needs at least one example")
         for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
             if isinstance(want, int) and want > 0 and want != got:
-                raise InputError(f"input {name!r} axis {axis} must be {want}, got shape {arr.shape}")
+                raise InputError(
+                    f"input {name!r} axis {axis}{_axis_label(spec, axis)} must be {want} "
+                    f"(shape {_fmt(spec.shape)}), got shape {arr.shape}"
+                )
         out[name] = _cast(spec, arr)
     missing = [s for s in specs if s.name not in out]
     for spec in missing:
@@ -102,6 +105,16 @@ def _check_dims(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -
                         f"inputs {other!r} and {spec.name!r} disagree on dimension {dim!r}: {size} vs {arr.shape[axis]}"
                     )
                 seen.setdefault(dim, (spec.name, arr.shape[axis]))
+
+
+def _axis_label(spec: TensorSpec, axis: int) -> str:
+    """What a fixed axis of a float image (batch, channels, height, width) or audio input
+    (batch, mel bins, frames) means, for the error message."""
+    if not spec.dtype.startswith("float"):
+        return ""
+    labels = {4: ("batch", "channels", "height", "width"), 3: ("batch", "mel bins", "frames")}
+    names = labels.get(len(spec.shape))
+    return f" ({names[axis]})" if names else ""
 
 
 def _fmt(shape: Sequence[int | str | None]) -> str:

@@ -2,6 +2,9 @@
 
 Order of precedence: ``custom_browser_allocation`` for the shards it names, then an explicit
 ``browsers`` list (round-robin), then the guide's static table by model type and component role.
+A stage that says what it holds (``Stage.kind``: ``attention``, ``feedforward``, a component ``text``,
+``vision``, ``audio``, ``fusion``) asks for that role; other stages get theirs from their position.
+Rows of model type ``*`` hold for every model type.
 A browser that is not installed falls back to Chromium (Edge is Chromium-based) and the reason says so.
 """
 
@@ -27,7 +30,14 @@ GUIDE_TABLE: dict[tuple[str, str], tuple[str, str]] = {
     ("multimodal", "text"): ("edge", "best for text components"),
     ("multimodal", "audio"): ("firefox", "best for audio components"),
     ("multimodal", "fusion"): ("chrome", "good for general computation"),
+    ("*", "attention"): ("firefox", "best performance for attention components"),
+    ("*", "feedforward"): ("chrome", "best performance for feedforward components"),
 }
+
+
+def guide_row(model_type: str, role: str) -> tuple[str, str] | None:
+    """The table's (browser, why) for this model type and role, or for any model type."""
+    return GUIDE_TABLE.get((model_type, role)) or GUIDE_TABLE.get(("*", role))
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +77,13 @@ def component_role(model_type: str, model_kind: str, shard_index: int, num_shard
     raise AllocationError(f"model_type must be text, vision, audio or multimodal, got {model_type!r}")
 
 
+def _role(model_type: str, model_kind: str, index: int, num_shards: int, stage_kinds: Sequence[str]) -> str:
+    """The stage's own kind where it has one, else the role its position gives (validating model_type)."""
+    positional = component_role(model_type, model_kind, index, num_shards)
+    kind = stage_kinds[index] if index < len(stage_kinds) else ""
+    return kind or positional
+
+
 def allocate(
     num_shards: int,
     *,
@@ -76,13 +93,15 @@ def allocate(
     platform: str = "auto",
     browsers: Sequence[str] | None = None,
     custom: Mapping[int, Mapping[str, Any]] | None = None,
+    stage_kinds: Sequence[str] = (),
 ) -> dict[int, Slot]:
+    """Each shard's slot; ``stage_kinds[i]``, where given and not empty, is shard ``i``'s role."""
     if platform not in PLATFORMS:
         raise AllocationError(f"platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
     wanted = [normalize_browser(b) for b in browsers] if browsers else []
     slots: dict[int, Slot] = {}
     for i in range(num_shards):
-        role = component_role(model_type, model_kind, i, num_shards)
+        role = _role(model_type, model_kind, i, num_shards, stage_kinds)
         if custom and i in custom:
             c = custom[i]
             browser = normalize_browser(str(c.get("browser", "chromium")))
@@ -93,7 +112,10 @@ def allocate(
             browser, plat, spec = wanted[i % len(wanted)], platform, role
             reason = f"requested browsers {','.join(wanted)} (round-robin)"
         else:
-            table_browser, why = GUIDE_TABLE[(model_type, role)]
+            row = guide_row(model_type, role)
+            if row is None:  # a stage kind the table has no row for under this model type
+                row = guide_row(model_type, component_role(model_type, model_kind, i, num_shards)) or ("chromium", "")
+            table_browser, why = row
             browser, plat, spec = normalize_browser(table_browser), platform, role
             reason = f"guide table: {model_type} {role} -> {table_browser} ({why})"
         if plat not in PLATFORMS:

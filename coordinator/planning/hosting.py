@@ -5,7 +5,8 @@ how many onnxruntime-web threads each page gets. Pure: the caller hands in the c
 ``max_connections``): the shards are cut into that many runs of consecutive shards, as even as the
 count allows, and one browser runs each run, so the worker runs them in one page op with no stream
 hop between them (``shard_worker.chain``). A run takes the browser and platform its first shard asks
-for; a shard that asked for another browser says so in its slot's reason.
+for (each shard keeps its own platform: one page runs sessions on several); a shard that asked for
+another browser says so in its slot's reason.
 
 ``wasm_threads(cores, browsers, configured)``: ``configured`` if set; otherwise the cores shared out
 between the browsers of this machine, at least 1 and at most ``MAX_WASM_THREADS``. Measured here
@@ -48,7 +49,7 @@ def host_groups(slots: Mapping[int, Slot], max_browsers: int) -> tuple[tuple[Hos
         for i in run[1:]:
             s = slots[i]
             why = f"{s.reason}; shares shard {run[0]}'s {head.browser} (max_connections={max_browsers})"
-            hosted[i] = Slot(head.browser, head.platform, s.specialization, why)
+            hosted[i] = Slot(head.browser, s.platform, s.specialization, why)
     return tuple(groups), hosted
 
 

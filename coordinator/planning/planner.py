@@ -49,8 +49,9 @@ class Stage:
     """Nodes ``[start, end)`` of the graph, run as one shard.
 
     ``input_names`` are the shard's feeds and ``output_names`` what it returns, state included;
-    ``carry_names`` what travels on after it (never state). ``state_pairs`` are the state inputs this
-    stage reads and the outputs that replace them at the next call, e.g. its layers' past/present K/V.
+    ``carry_names`` what travels on after it (never state); ``kind`` what it holds. ``state_pairs`` are
+    the state inputs this stage reads and the outputs that replace them at the next call, e.g. its
+    layers' past/present K/V.
     """
 
     index: int
@@ -65,6 +66,7 @@ class Stage:
     weight_bytes: int
     crossing_bytes_out: int
     state_pairs: tuple[StatePair, ...] = ()
+    kind: str = ""  # what it holds: "attention"/"feedforward", a component ("text", "vision", "fusion"), or ""
 
     @property
     def state_input_names(self) -> tuple[str, ...]:
@@ -152,12 +154,14 @@ def _signature(profile: GraphProfile, start: int, end: int) -> tuple[tuple[int, 
     return tuple(sorted(s for i in range(start, end) for s in profile.node_weight_shapes[i]))
 
 
-def layer_boundaries(profile: GraphProfile) -> tuple[list[int], str]:
-    """Positions between layers, and how they were found ("layer", "residual" or "node")."""
-    points = residual_points(profile)
+def layer_boundaries(profile: GraphProfile, start: int = 0, end: int | None = None) -> tuple[list[int], str]:
+    """Positions between layers within nodes ``[start, end)`` (the whole graph by default), and how they
+    were found ("layer", "residual" or "node")."""
+    end = profile.node_count if end is None else end
+    points = [p for p in residual_points(profile) if start < p < end]
     if not points:
-        return list(range(1, profile.node_count)), "node"
-    edges = [*points, profile.node_count]
+        return list(range(start + 1, end)), "node"
+    edges = [*points, end]
     sigs = [_signature(profile, a, b) for a, b in itertools.pairwise(edges)]
     best: tuple[int, int, int] | None = None  # (span, start, period)
     for q in range(1, min(MAX_PERIOD, len(sigs) // 2) + 1):
@@ -177,7 +181,7 @@ def layer_boundaries(profile: GraphProfile) -> tuple[list[int], str]:
     span, a, q = best
     layers = span // q
     bounds = [edges[a + k * q] for k in range(layers + 1)]
-    return [p for p in bounds if 0 < p < profile.node_count], "layer"
+    return [p for p in bounds if start < p < end], "layer"
 
 
 def state_spans(profile: GraphProfile) -> list[tuple[int, int]]:
@@ -221,10 +225,15 @@ def choose_cuts(profile: GraphProfile, num_shards: int, weight_share: float = 0.
             f"and {len(candidates) + 1} pieces between residual points"
         )
     cum = [0.0, *itertools.accumulate(node_costs(profile, weight_share))]
-    points = [0, *candidates, n]
+    return balanced_cuts(cum, [0, *candidates, n], num_shards), kind
+
+
+def balanced_cuts(cum: list[float], points: list[int], num_shards: int) -> list[int]:
+    """The ``num_shards - 1`` inner ``points`` that split ``[points[0], points[-1])`` minimizing the costliest
+    piece, where ``cum[i]`` is the cost of nodes before ``i``."""
     m = len(points)
     inf = float("inf")
-    # best[k][j]: minimal max-shard cost covering nodes [0, points[j]) with k shards; prev for the path.
+    # best[k][j]: minimal max-shard cost covering nodes [points[0], points[j]) with k shards; prev for the path.
     best = [[inf] * m for _ in range(num_shards + 1)]
     prev = [[-1] * m for _ in range(num_shards + 1)]
     best[0][0] = 0.0
@@ -242,27 +251,52 @@ def choose_cuts(profile: GraphProfile, num_shards: int, weight_share: float = 0.
     for k in range(num_shards, 0, -1):
         j = prev[k][j]
         cuts.append(points[j])
-    return sorted(cuts)[1:], kind
+    return sorted(cuts)[1:]
 
 
 def plan_shards(profile: GraphProfile, num_shards: int, shard_type: str = "layer", weight_share: float = 0.5) -> Plan:
+    """Cut ``profile`` by ``shard_type``: "layer" here, the others in :mod:`coordinator.planning.strategies`."""
     if shard_type not in SHARD_TYPES:
         raise PlanError(f"shard_type must be one of {', '.join(SHARD_TYPES)}, got {shard_type!r}")
     if shard_type != "layer":
-        raise PlanError(f"shard_type {shard_type!r} is not implemented yet; use 'layer'")
+        from coordinator.planning.strategies import plan_by_strategy
+
+        return plan_by_strategy(profile, num_shards, shard_type, weight_share)
     cuts, kind = choose_cuts(profile, num_shards, weight_share)
     bounds = list(zip([0, *cuts], [*cuts, profile.node_count], strict=True))
+    return Plan(profile.model_sha256, shard_type, build_stages(profile, bounds, weight_share), kind)
+
+
+def build_stages(
+    profile: GraphProfile,
+    bounds: list[tuple[int, int]],
+    weight_share: float,
+    kinds: tuple[str, ...] = (),
+    dag: bool = False,
+) -> tuple[Stage, ...]:
+    """One stage per ``[start, end)`` of ``bounds``, kind ``kinds[i]`` (or none).
+
+    In a chain each stage's upstream is the one before it and it carries all that crosses its end; in a
+    ``dag`` a stage's upstream are the stages that produce what it reads, and it carries what it produces
+    for later stages or the result.
+    """
     costs = node_costs(profile, weight_share)
     total_cost = sum(costs) or 1.0
     total_flops = sum(profile.node_flops) or 1.0
     state = profile.state_names
+    owner = [i for i, (a, b) in enumerate(bounds) for _ in range(a, b)]
     stages = []
     for index, (start, end) in enumerate(bounds):
         inputs = tuple(
             x for x in profile.crossing[start] if any(start <= i < end for i in profile.consumers.get(x, ()))
         )
         outputs = tuple(x for x in profile.crossing[end] if start <= profile.producers.get(x, -1) < end)
-        carry = tuple(x for x in profile.crossing[end] if x not in state)
+        if dag:
+            upstream = tuple(sorted({owner[profile.producers[x]] for x in inputs if x in profile.producers}))
+            carry = _dag_carry(profile, bounds, index, outputs)
+        else:
+            upstream = (index - 1,) if index else ()
+            carry = tuple(x for x in profile.crossing[end] if x not in state)
         stages.append(
             Stage(
                 index=index,
@@ -271,15 +305,32 @@ def plan_shards(profile: GraphProfile, num_shards: int, shard_type: str = "layer
                 input_names=inputs,
                 output_names=outputs,
                 carry_names=carry,
-                upstream=(index - 1,) if index else (),
+                upstream=upstream,
                 cost_share=sum(costs[start:end]) / total_cost,
                 flops_share=sum(profile.node_flops[start:end]) / total_flops,
                 weight_bytes=sum(profile.node_weight_bytes[start:end]),
                 crossing_bytes_out=profile.crossing_bytes[end] if end < profile.node_count else 0,
                 state_pairs=_stage_state(profile, index, inputs, outputs),
+                kind=kinds[index] if kinds else "",
             )
         )
-    return Plan(profile.model_sha256, shard_type, tuple(stages), kind)
+    return tuple(stages)
+
+
+def _dag_carry(
+    profile: GraphProfile, bounds: list[tuple[int, int]], index: int, outputs: tuple[str, ...]
+) -> tuple[str, ...]:
+    """What a DAG stage sends on: what it produces, and, when the next stage reads only from this one
+    (it continues this component), the graph inputs it reads too."""
+    start, end = bounds[index]
+    carried = [x for x in outputs if x not in profile.state_names]
+    if index + 1 < len(bounds):
+        a, b = bounds[index + 1]
+        reads = [x for x in profile.crossing[a] if any(a <= i < b for i in profile.consumers.get(x, ()))]
+        produced = [profile.producers[x] for x in reads if x in profile.producers]
+        if produced and all(start <= i < end for i in produced):  # the next stage's only upstream is this one
+            carried += [x for x in reads if x not in carried and x not in profile.state_names]
+    return tuple(carried)
 
 
 def _stage_state(

@@ -109,7 +109,8 @@ def guide_choices(model_type: str, specializations: Collection[str] = ()) -> dic
     """The guide table's browsers for this model type (and these roles, if given): browser -> row text."""
     out: dict[str, str] = {}
     for (mtype, role), (browser, why) in GUIDE_TABLE.items():
-        if mtype == model_type and (not specializations or role in specializations):
+        wanted = role in specializations
+        if (mtype == model_type and (not specializations or wanted)) or (mtype == "*" and wanted):
             out.setdefault(normalize_browser(browser), f"{mtype} {role} -> {browser} ({why})")
     return out
 

@@ -1,5 +1,8 @@
 """A model cut into shard files: plan + content-addressed ONNX files in the shared cache.
 
+By component, the graph's nodes are first reordered so each tower is contiguous (the profile, plan and
+shards all see that order; ``plan.model_sha256`` is still the file's).
+
 ``cache_dir/shards/<sha256>.onnx`` is what workers on this machine serve to their pages.
 """
 
@@ -12,7 +15,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.model.graph import GraphProfile, extract_shard, load_model, profile_graph
+import onnx
+
+from coordinator.model.components import order_by_component
+from coordinator.model.external import has_external_data, store_external_shard
+from coordinator.model.graph import GraphProfile, load_model, profile_graph, shard_model
 from coordinator.planning.planner import Plan, plan_shards
 
 log = logging.getLogger(__name__)
@@ -46,12 +53,23 @@ def build_shard_set(
     model_path: Path, num_shards: int, shard_type: str, cache_dir: Path, weight_share: float = 0.5
 ) -> ShardSet:
     model, sha = load_model(model_path)
-    profile = profile_graph(model, sha)
+    if shard_type == "component":  # each tower's nodes contiguous, so a tower is a node range
+        model = order_by_component(model)
+    profile = profile_graph(model, sha, Path(model_path).parent)
     plan = plan_shards(profile, num_shards, shard_type, weight_share)
     shard_dir = cache_dir / "shards"
+    digests = write_shards(model, profile, plan, shard_dir, Path(model_path).parent)
+    return ShardSet(plan, profile, digests, shard_dir)
+
+
+def write_shards(
+    model: onnx.ModelProto, profile: GraphProfile, plan: Plan, shard_dir: Path, base_dir: Path
+) -> tuple[str, ...]:
+    """Store each stage of ``plan`` as a content-addressed shard; one with external data keeps it outside
+    (:mod:`coordinator.model.external`, ``base_dir`` holds the graph's data files)."""
     digests = []
     for stage in plan.stages:
-        data = extract_shard(
+        shard = shard_model(
             model,
             stage.start,
             stage.end,
@@ -60,7 +78,10 @@ def build_shard_set(
             profile.dtypes,
             profile.tensor_ranks,
         )
-        digests.append(store(shard_dir, data))
+        if has_external_data(shard):
+            digests.append(store_external_shard(shard, base_dir, shard_dir))
+        else:
+            digests.append(store(shard_dir, shard.SerializeToString()))
         log.info(
             "plan %s shard %d: nodes [%d, %d), %d weight bytes, cost share %.2f -> %s",
             plan.plan_id,
@@ -71,4 +92,4 @@ def build_shard_set(
             stage.cost_share,
             digests[-1][:12],
         )
-    return ShardSet(plan, profile, tuple(digests), shard_dir)
+    return tuple(digests)

@@ -6,6 +6,8 @@
 - ``failures``: what a failure is and what its kind allows (``Failure``, ``may_restart``, ``counts_against_worker``).
 - ``decisions``: what the policy sees besides the failure and what it answers (``Options``, ``StageHistory``,
   ``Retry`` ... ``DeadLetter``).
+- ``memory``: where a stage goes after its page ran out of memory (``larger_page``: a larger page, never one
+  as small).
 - ``policy``: the decision itself (``Policy.decide(failure, history, options, rng) -> Decision``).
 - ``RestartBudget`` (from ``broker.restarts``, so the worker applies it too): how many browser restarts a
   worker may make within a window before it stops (``decide(recent_restart_times_s, now_s) -> RestartVerdict``).

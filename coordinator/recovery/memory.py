@@ -39,4 +39,3 @@ def larger_page(failure: Failure, history: StageHistory, options: Options) -> Re
     if spares := bigger(options.spare_workers):
         return Redistribute(spares[0])
     return f"no untried page holds more than {gb(floor)}" if floor else "no untried page with a known larger budget"
-

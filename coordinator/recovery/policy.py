@@ -55,7 +55,6 @@ from .decisions import (
 )
 from .errors import UnknownSetting
 from .failures import POISON_KINDS, Failure, may_restart
-from .memory import larger_page
 from .ladder import (
     DEFAULT_ATTEMPTS_PER_RUNG,
     DEFAULT_TOTAL_ATTEMPTS,
@@ -68,6 +67,7 @@ from .ladder import (
     retries_in_place,
     runs_in_parallel,
 )
+from .memory import larger_page
 
 _ERROR_CHARS = 500
 

@@ -21,7 +21,9 @@ import numpy as np
 
 from broker.errors import BrokerError
 from broker.messages import DeadLetter, RequestEvent, ShardJob, ShardResult
+from coordinator.planning.shardset import ShardSet
 from coordinator.runtime import results
+from coordinator.runtime.dag import run_dag
 from coordinator.runtime.deployment import Deployment
 from coordinator.runtime.metrics import LiveMetrics
 
@@ -41,8 +43,17 @@ class RequestLabels:
 class RequestClient:
     """Requests through a started deployment; each call returns the guide's result or error dict."""
 
-    def __init__(self, deployment: Deployment, metrics: LiveMetrics, labels: RequestLabels, timeout_s: float) -> None:
+    def __init__(
+        self,
+        deployment: Deployment,
+        metrics: LiveMetrics,
+        labels: RequestLabels,
+        timeout_s: float,
+        shards: ShardSet | None = None,
+    ) -> None:
         self._rt = deployment.runtime
+        self._dag = shards if shards is not None and not shards.plan.is_chain else None
+        self.dag_parallel = True  # a DAG's independent segments at once; False: one after another (benchmarks)
         self._spawn = deployment.spawn
         self.metrics = metrics
         self.labels = labels
@@ -50,6 +61,8 @@ class RequestClient:
 
     async def run(self, arrays: dict[str, np.ndarray], max_retries: int) -> dict[str, Any]:
         """Submit checked inputs as a new request and wait for its outcome."""
+        if self._dag is not None:
+            return await self._run_dag(self._dag, arrays, max_retries)
         rt = self._rt
         request_id = uuid.uuid4().hex
         job = ShardJob(
@@ -68,6 +81,34 @@ class RequestClient:
         except BrokerError as e:
             return results.failure(f"request not accepted: {e}", "unavailable", request_id)
         return await self._outcome(request_id, fut, started)
+
+    async def _run_dag(self, shards: ShardSet, arrays: dict[str, np.ndarray], max_retries: int) -> dict[str, Any]:
+        """A DAG plan's request: each segment a sub-request (:mod:`coordinator.runtime.dag`)."""
+        rt = self._rt
+        request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+
+        async def submit(
+            sub_id: str, tensors: dict[str, np.ndarray], first: int, route: tuple[str, ...]
+        ) -> ShardResult | DeadLetter:
+            job = ShardJob(
+                request_id=sub_id,
+                plan_id=rt.plan_id,
+                stage_index=first,
+                route=route,
+                reply_stream=rt.dispatcher.reply_stream,
+                tensors=tensors,
+                enqueued_ms=time.time() * 1000.0,
+            )
+            rt.recoverer.max_attempts[sub_id] = max(0, max_retries) + 1
+            return await self._wait(sub_id, await rt.tracker.submit(job))
+
+        outputs = [o.name for o in shards.profile.outputs]
+        try:
+            outcome = await run_dag(shards.plan, rt.route, request_id, arrays, outputs, submit, self.dag_parallel)
+        except BrokerError as e:
+            return results.failure(f"request not accepted: {e}", "unavailable", request_id)
+        return self._finish(request_id, outcome, started)
 
     async def resume(self) -> list[str]:
         """Requests this coordinator id accepted before a restart and has not finished; ``wait_for`` each."""
@@ -116,11 +157,18 @@ class RequestClient:
     # -- outcomes --------------------------------------------------------------------------------
 
     async def _outcome(self, request_id: str, fut: asyncio.Future[Any], started: float) -> dict[str, Any]:
+        return self._finish(request_id, await self._wait(request_id, fut), started)
+
+    async def _wait(self, request_id: str, fut: asyncio.Future[Any]) -> ShardResult | DeadLetter:
+        """The result or dead letter; a request past ``timeout_s`` is buried."""
         try:
-            outcome = await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+            outcome: ShardResult | DeadLetter = await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
             self._rt.tracker.forget(request_id)
             outcome = await self._bury_timed_out(request_id)
+        return outcome
+
+    def _finish(self, request_id: str, outcome: ShardResult | DeadLetter, started: float) -> dict[str, Any]:
         if isinstance(outcome, ShardResult):
             return self._success(request_id, outcome, started, max((t.attempt for t in outcome.trace), default=1))
         latency_ms = (time.perf_counter() - started) * 1000.0
@@ -137,8 +185,8 @@ class RequestClient:
         dead = DeadLetter(
             request_id=request_id,
             plan_id=rt.plan_id,
-            stage_index=0,
-            route=rt.route,
+            stage_index=job.stage_index if job else 0,
+            route=job.route if job else rt.route,
             reply_stream=rt.dispatcher.reply_stream,
             tensors=job.tensors if job else {},
             reason=reason,

@@ -1,10 +1,10 @@
 """A deployment: one plan running on a broker and its workers, started in order and closed in one path.
 
 It owns the broker connection (an embedded valkey-server when no ``redis_url`` is given, with one local
-worker process per shard), the worker fleet, the placement of stages on workers, and the lifecycles of
-the reply reader (dispatcher), the recoverer, the liveness monitor and the history writer. Clients (the
-request client today; generation sessions later) work through ``runtime`` and ``spawn``; the deployment
-knows nothing of what they send.
+worker process per shard, or per run of consecutive shards under ``max_browsers``), the worker fleet,
+the placement of stages on workers, and the lifecycles of the reply reader (dispatcher), the recoverer,
+the liveness monitor and the history writer. Clients (the request client today; generation sessions
+later) work through ``runtime`` and ``spawn``; the deployment knows nothing of what they send.
 
 Everything started is entered on one ``AsyncExitStack`` as it starts, so ``close`` undoes exactly what
 started, in reverse: the monitor, background appends, recovery events, waiting callers, the history
@@ -17,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from broker.address import redact
+from broker.artifact_server import Holding, serving_address
 from broker.browsers import find_executable, install_hint
 from broker.embedded import EmbeddedValkey
 from broker.errors import BrokerError
@@ -33,11 +36,13 @@ from coordinator.errors import AllocationError, XshardError
 from coordinator.history.store import HistoryError
 from coordinator.history.writer import HistoryWriter
 from coordinator.planning.allocation import Slot
+from coordinator.planning.hosting import host_groups, wasm_threads
 from coordinator.planning.shardset import ShardSet
 from coordinator.recovery import Policy
 from coordinator.runtime.dispatch import Dispatcher, Entry
 from coordinator.runtime.fleet import Fleet
 from coordinator.runtime.launcher import LocalWorkers
+from coordinator.runtime.liveness import Liveness
 from coordinator.runtime.metrics import LiveMetrics
 from coordinator.runtime.monitor import Monitor
 from coordinator.runtime.placement import Match, Placement, Target, match_browsers
@@ -66,6 +71,7 @@ class DeploymentConfig:
     shard_type: str
     redis_url: str | None = None  # None: an embedded valkey-server and one local worker per shard
     db_path: str | None = None  # a history writer consumes the events into this DuckDB file
+    max_browsers: int = 0  # local workers (one browser each) at most; consecutive shards share one (0: no cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +143,14 @@ class Deployment:
             raise XshardError("a deployment starts once; make a new one")
         self._started = True
         broker = await self._connect()
+        await self._serve_shard_files(broker, shards)
         rt = self._wire(broker, shards)
         await self._start_readers(rt)
         match = await (self._launch_local(broker, slots) if self.config.redis_url is None else self._find(slots))
         target = Target(self.config.model_name, self.config.shard_type, shards, rt.route)
         self.placement = Placement(target, match.slots, rt.dispatcher, self.fleet)
         self._progress(f"loading {sum(map(len, match.workers.values()))} shard sessions in the browsers")
+        self.fleet.update(await broker.live_workers(now_ms(), self.config.settings.heartbeat_max_age_ms))  # budgets
         await self.placement.load(match.workers, self.config.settings.assign_timeout_s)
         self.fleet.update(await broker.live_workers(now_ms(), self.config.settings.heartbeat_max_age_ms))
         self._start_monitor(rt)
@@ -154,7 +162,7 @@ class Deployment:
             self._progress("starting the embedded valkey broker")
             self.embedded = await stack.enter_async_context(EmbeddedValkey())
             url = self.embedded.url
-        self.broker = broker = Broker(url, s.namespace)
+        self.broker = broker = Broker(url, s.namespace, ca_file=s.redis_ca_file or None)
         stack.push_async_callback(broker.close)
         stack.push_async_callback(self._forget_reply_stream, broker)
         await broker.ping()
@@ -166,6 +174,13 @@ class Deployment:
         else:
             stack.push_async_callback(self._release_stages, broker)
         return broker
+
+    async def _serve_shard_files(self, broker: Broker, shards: ShardSet) -> None:
+        """Workers of other hosts fetch shard files by hash from any holder; this coordinator is the first
+        (local workers read them from the cache they share with it)."""
+        if self.config.redis_url is not None:
+            where = serving_address(broker.url, self.config.settings.artifact_url)
+            await self._stack.enter_async_context(Holding(broker, self.config.coordinator_id, shards.shard_dir, where))
 
     def _wire(self, broker: Broker, shards: ShardSet) -> Runtime:
         c = self.config
@@ -202,17 +217,21 @@ class Deployment:
         stack.push_async_callback(self._bounded, "pending event appends", self._drain_background)
 
     async def _launch_local(self, broker: Broker, slots: Mapping[int, Slot]) -> Match:
+        """One local worker per run of consecutive shards (``hosting.host_groups``: one per shard unless
+        ``max_browsers`` caps them), each page with its share of the cores (``hosting.wasm_threads``)."""
         assert self.local is not None
-        for slot in slots.values():
-            if find_executable(slot.browser) is None:
-                raise AllocationError(install_hint(slot.browser))
         s = self.config.settings
-        chosen = {i: self.local.spawn(slot.browser, slot.platform).worker_id for i, slot in slots.items()}
-        names = ", ".join(slot.browser for slot in slots.values())
-        self._progress(f"launching {len(chosen)} headless browsers ({names})")
+        groups, hosted = host_groups(slots, self.config.max_browsers or len(slots))
+        for g in groups:
+            if find_executable(g.browser) is None:
+                raise AllocationError(install_hint(g.browser))
+        threads = wasm_threads(os.cpu_count() or 1, len(groups), s.wasm_threads)
+        chosen = {g: self.local.spawn(g.browser, g.platform, threads).worker_id for g in groups}
+        names = ", ".join(g.browser for g in groups)
+        self._progress(f"launching {len(chosen)} headless browsers ({names}), {threads} wasm thread(s) each")
         ids = list(chosen.values())
         await self.local.wait_registered(broker, ids, s.worker_wait_s, s.heartbeat_max_age_ms, stop=self._stop)
-        return Match({i: [wid] for i, wid in chosen.items()}, dict(slots))
+        return Match({i: [wid] for g, wid in chosen.items() for i in g.shards}, hosted)
 
     async def _find(self, slots: Mapping[int, Slot]) -> Match:
         """Map shards to registered workers: a matching browser first; extra workers scale out.
@@ -224,7 +243,7 @@ class Deployment:
         s, n = self.config.settings, len(slots)
         deadline = time.monotonic() + s.worker_wait_s
         enough_since: float | None = None
-        self._progress(f"waiting for {n} workers on {self.config.redis_url}")
+        self._progress(f"waiting for {n} workers on {redact(self.config.redis_url)}")
         async for _ in poll(WORKER_POLL_S, self._stop):
             live = await self.broker.live_workers(now_ms(), s.heartbeat_max_age_ms)
             if len(live) >= n:
@@ -237,7 +256,7 @@ class Deployment:
                 have = ", ".join(f"{w.worker_id} ({w.browser})" for w in live) or "none"
                 raise AllocationError(
                     f"{n} shards need {n} workers; {len(live)} registered on "
-                    f"{self.config.redis_url} (namespace {s.namespace}) within {s.worker_wait_s}s: {have}"
+                    f"{redact(self.config.redis_url)} (namespace {s.namespace}) within {s.worker_wait_s}s: {have}"
                 )
         raise AllocationError("the deployment was closed while waiting for workers")
 
@@ -252,6 +271,7 @@ class Deployment:
             s.monitor_interval_s,
             s.sweep_interval_s,
             s.min_idle_ms,
+            liveness=Liveness(rt.broker, self.local.exited if self.local else None),
         )
         task = asyncio.get_running_loop().create_task(monitor.run_until_stopped())
         self._stack.push_async_callback(self._stop_monitor, monitor, task)

@@ -57,8 +57,10 @@ def worker_command(
     heartbeat_s: float,
     *,
     allow_fault_injection: bool = False,
+    wasm_threads: int = 0,
 ) -> list[str]:
     flags = ["--allow-fault-injection"] if allow_fault_injection else []
+    flags += ["--wasm-threads", str(wasm_threads)] if wasm_threads > 0 else []
     return [
         sys.executable,
         "-m",
@@ -95,7 +97,8 @@ class LocalWorkers:
         self.workers: dict[str, LocalWorker] = {}
         self.log_dir = cache_dir / "logs"
 
-    def spawn(self, browser: str, platform: str) -> LocalWorker:
+    def spawn(self, browser: str, platform: str, wasm_threads: int = 0) -> LocalWorker:
+        """Start one worker process (its page gets ``wasm_threads`` onnxruntime-web threads; 0: its default)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         worker_id = f"{browser}-local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         log_path = self.log_dir / f"{worker_id}.log"
@@ -108,6 +111,7 @@ class LocalWorkers:
             worker_id,
             self.heartbeat_s,
             allow_fault_injection=self.allow_fault_injection,
+            wasm_threads=wasm_threads,
         )
         env = {k: v for k, v in os.environ.items() if k != FAULT_INJECTION_ENV}
         root = str(Path(__file__).resolve().parent.parent)
@@ -148,6 +152,10 @@ class LocalWorkers:
                 tails = "\n".join(f"--- {wid}:\n{self.workers[wid].tail()}" for wid in sorted(pending))
                 raise AllocationError(f"{len(pending)} local worker(s) did not register within {timeout_s}s\n{tails}")
         raise AllocationError(f"stopped while waiting for {len(pending)} local worker(s) to register")
+
+    def exited(self) -> list[str]:
+        """Ids of the workers started here whose process has exited (a killed worker is known at once)."""
+        return sorted(wid for wid, w in self.workers.items() if w.process.poll() is not None)
 
     async def stop_all(self) -> None:
         for w in self.workers.values():

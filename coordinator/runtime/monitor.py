@@ -1,4 +1,5 @@
-"""Liveness: a worker whose heartbeat lapses is dead to the coordinator. Its jobs are claimed at once
+"""Liveness: a worker whose heartbeat lapses, or that ``Liveness`` finds gone sooner (its process exited,
+its named connections to the broker closed), is dead to the coordinator. Its jobs are claimed at once
 (XCLAIM into the recovery consumer) and recovered; a stage left with no live worker is loaded onto a
 healthy one (the pure ``decide_orphan`` says which). A periodic sweep (XAUTOCLAIM, ``min_idle_ms``)
 catches jobs stuck with a live worker.
@@ -23,6 +24,7 @@ from broker.retry import Stopped, poll, retrying
 from broker.streams import Broker
 from coordinator.recovery import Rung, decide_orphan
 from coordinator.runtime.fleet import Fleet
+from coordinator.runtime.liveness import Liveness
 from coordinator.runtime.recoverer import Recoverer
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class Monitor:
         interval_s: float,
         sweep_interval_s: float,
         min_idle_ms: int,
+        *,
+        liveness: Liveness | None = None,
     ) -> None:
         self.broker = broker
         self.fleet = fleet
@@ -50,6 +54,8 @@ class Monitor:
         self.interval_s = interval_s
         self.sweep_interval_s = sweep_interval_s
         self.min_idle_ms = min_idle_ms
+        self.liveness = liveness
+        self._why: dict[str, str] = {}  # worker id -> why it was found dead before its heartbeat lapsed
         self._last_sweep = time.monotonic()
         self._stop = asyncio.Event()
 
@@ -72,6 +78,9 @@ class Monitor:
     async def tick(self) -> None:
         now_ms = int(time.time() * 1000)
         live = await self.broker.live_workers(now_ms, self.fleet.heartbeat_timeout_ms)
+        if self.liveness is not None:
+            self._why = await self.liveness.gone(live)
+            live = [w for w in live if w.worker_id not in self._why]
         died, revived = self.fleet.update(live)
         for wid in revived:
             log.warning("worker %s is alive again", wid)
@@ -87,9 +96,8 @@ class Monitor:
         return [self.route[i] for i in self.fleet.stages_of(worker_id)] + [self.broker.keys.direct(worker_id)]
 
     async def _reclaim(self, worker_id: str, kind: str) -> None:
-        log.warning(
-            "worker %s: heartbeat lapsed (> %d ms); reclaiming its jobs", worker_id, self.fleet.heartbeat_timeout_ms
-        )
+        why = self._why.get(worker_id) or f"heartbeat lapsed (> {self.fleet.heartbeat_timeout_ms} ms)"
+        log.warning("worker %s: %s; reclaiming its jobs", worker_id, why)
         for stream in self._streams_of(worker_id):
             for d, deliveries in await self.broker.claim_from(stream, STAGE_GROUP, worker_id, self.recoverer.claimer):
                 if isinstance(d.message, ShardJob):

@@ -21,6 +21,7 @@ from broker.registry import WorkerInfo
 from coordinator.errors import AllocationError
 from coordinator.planning.allocation import Slot
 from coordinator.planning.shardset import ShardSet
+from coordinator.planning.sizing import gb, pages_that_fit, shard_need_bytes
 from coordinator.runtime.dispatch import Dispatcher
 from coordinator.runtime.fleet import Fleet
 
@@ -121,14 +122,28 @@ class Placement:
             "requested_platform": slot.platform,
             "platform": reply.execution_provider,
             "platform_note": reply.note,
+            "wasm_threads": reply.wasm_threads,
         }
         if index in self.allocation:
             self.allocation[index].setdefault("replicas", []).append(entry)
         else:
             self.allocation[index] = entry
 
+    def misfit(self, index: int, worker_id: str) -> str | None:
+        """Why shard ``index`` must not go to ``worker_id``'s page (it needs more than the registered budget),
+        or None; a worker that registered no budget is taken to fit (``sizing.pages_that_fit``)."""
+        info = self.fleet.live.get(worker_id)
+        need = shard_need_bytes(self.target.shards.profile, self.target.shards.plan.stages[index])
+        if info is None or pages_that_fit(need, [info]):
+            return None
+        return f"shard {index} needs {gb(need)}; the page of {worker_id} holds {gb(info.page_budget_bytes)}"
+
     async def load(self, workers: Mapping[int, Sequence[str]], timeout_s: float) -> None:
-        """Assign every stage to its workers and wait until all loaded their shard; AllocationError if not."""
+        """Assign every stage to its workers and wait until all loaded their shard; AllocationError if not
+        (before anything is sent, when a shard does not fit its worker's page)."""
+        misfits = [m for i, ids in workers.items() for w in ids if (m := self.misfit(i, w))]
+        if misfits:
+            raise AllocationError("shards do not fit their pages: " + "; ".join(misfits))
         futures: dict[tuple[int, str], asyncio.Future[AssignmentReply]] = {}
         for stage in self.target.shards.plan.stages:
             for wid in workers[stage.index]:
@@ -149,6 +164,9 @@ class Placement:
         """Redistribute: load stage ``index``'s shard onto ``worker_id`` and make it consume the stage."""
         if worker_id in self.fleet.serving.get(index, []):
             return True
+        if why := self.misfit(index, worker_id):
+            log.warning("not redistributing onto %s: %s", worker_id, why)
+            return False
         a, fut = await self._send(index, worker_id)
         try:
             reply = await asyncio.wait_for(fut, timeout_s)

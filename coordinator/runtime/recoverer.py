@@ -239,6 +239,9 @@ class Recoverer:
             spare_workers=self.fleet.spares(stage, worker_id),
             alternative_platforms=tuple(alternatives),
             restartable=alive,  # whether the failure calls for a restart is the policy's rule (may_restart)
+            page_budgets_bytes=tuple(
+                (w, i.page_budget_bytes) for w, i in self.fleet.live.items() if i.page_budget_bytes
+            ),
         )
 
     async def _bury(

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from broker.messages import DeadLetter, ShardResult, StageTrace
+from coordinator.model.modality import cosine_similarity
 
 
 def component_id(shard_index: int) -> str:
@@ -48,6 +49,8 @@ def component_results(trace: Sequence[StageTrace]) -> dict[str, dict[str, Any]]:
             "bytes_in": t.bytes_in,
             "bytes_out": t.bytes_out,
             "attempt": t.attempt,
+            "read_ms": t.read_ms,  # epoch ms on the worker's clock: the job was read, and handed on
+            "handoff_ms": t.handoff_ms,
         }
         for t in trace
     }
@@ -60,8 +63,11 @@ def kernel_ms(trace: Sequence[StageTrace]) -> float:
 def success(request_id: str, reply: ShardResult, latency_ms: float, attempts: int, num_shards: int) -> dict[str, Any]:
     components = component_results(reply.trace)
     kernel = kernel_ms(reply.trace)
+    result = {name: np.array(arr) for name, arr in reply.tensors.items()}
+    if "text_embeds" in result and "image_embeds" in result:  # the guide's CLIP similarity, [texts, images]
+        result["similarity"] = cosine_similarity(result["text_embeds"], result["image_embeds"])
     return {
-        "result": {name: np.array(arr) for name, arr in reply.tensors.items()},
+        "result": result,
         "metrics": {
             "request_id": request_id,
             "inference_time_ms": round(latency_ms, 3),

@@ -76,7 +76,7 @@ async function main() {
       const msg = JSON.parse(event.data);
       try {
         let result = null;
-        if (msg.op === 'load') result = await runner.load(msg.key, msg.url, msg.platform);
+        if (msg.op === 'load') result = await runner.load(msg.key, msg.url, msg.platform, msg.external);
         else if (msg.op === 'release') result = await runner.release(msg.key);
         else if (msg.op === 'end_session') result = kvcache.end(msg.session);
         else if (msg.op === 'sessions') result = kvcache.count();
@@ -91,6 +91,7 @@ async function main() {
     }
     const recvMs = runner.nowMs();
     const { header, tensors } = decodeFrame(event.data);
+    if (header.op === 'echo') { ws.send(event.data); return; } // the floor a page round trip is compared with
     const steps = header.steps || [{ key: header.key, carry: null, fail: header.fail }];
     try {
       const r = header.session ? await kvcache.runSteps(steps, tensors, header.session) : await runner.runSteps(steps, tensors);

@@ -23,6 +23,29 @@ let capabilities = null;
 let webgpuAdapter = null;
 const sessions = new Map();   // key -> {session, provider, adapter}
 
+// The page's memory budget: the most WebAssembly memory the runtime it loaded can grow to (its 32-bit
+// build: 65536 pages of 64 KiB, 4 GiB, or less where the browser refuses to declare that much), lowered
+// by the browser's own limit where it exposes one (navigator.deviceMemory, Chromium only). The worker
+// registers budget_bytes, capped by its --page-budget-bytes (shard_worker/memory.py).
+const WASM_PAGE_BYTES = 65536;
+function probeMemory() {
+  const memory = { wasm_max_bytes: 0, device_memory_bytes: null, js_heap_limit_bytes: null, budget_bytes: 0 };
+  for (const pages of [65536, 49152, 32768, 16384, 8192]) {
+    try {
+      new WebAssembly.Memory({ initial: 1, maximum: pages });  // declaring a maximum reserves nothing
+      memory.wasm_max_bytes = pages * WASM_PAGE_BYTES;
+      break;
+    } catch (e) { /* too large here: try a smaller maximum */ }
+  }
+  if (typeof navigator.deviceMemory === 'number') memory.device_memory_bytes = navigator.deviceMemory * 2 ** 30;
+  if (performance.memory && performance.memory.jsHeapSizeLimit) {
+    memory.js_heap_limit_bytes = performance.memory.jsHeapSizeLimit;
+  }
+  const limits = [memory.wasm_max_bytes, memory.device_memory_bytes].filter((x) => x);
+  memory.budget_bytes = limits.length ? Math.min(...limits) : 0;
+  return memory;
+}
+
 function describeAdapter(info, fallback) {
   const parts = [info.vendor, info.architecture, info.device, info.description].filter((x) => x);
   if (parts.length) return parts.join(' / ');
@@ -38,6 +61,7 @@ export async function detect(threads) {
     webnn: { available: false, error: null },
     webgpu: { available: false, error: null, adapter: null, software: false, fallback: false },
     wasm: { available: typeof WebAssembly === 'object', threads: 1 },
+    memory: probeMemory(),
   };
   if (!('ml' in navigator)) {
     caps.webnn.error = 'navigator.ml is missing';
@@ -105,17 +129,18 @@ function providerOptions(provider) {
   return ['wasm'];
 }
 
-export async function load(key, url, platform) {
+// `external`: the shard's external data files ([{path, url}], broker/shardfiles.py), for a shard past 2 GB;
+// onnxruntime-web fetches them itself into the session.
+export async function load(key, url, platform, external = []) {
   const pick = choose(platform);
   if (pick.provider === 'webgpu' && webgpuAdapter) ort.env.webgpu.adapter = webgpuAdapter;
   const t0 = performance.now();
   const response = await fetch(url);
   if (!response.ok) throw new Error(`fetch ${url}: HTTP ${response.status}`);
   const bytes = new Uint8Array(await response.arrayBuffer());
-  const session = await ort.InferenceSession.create(bytes, {
-    executionProviders: providerOptions(pick.provider),
-    graphOptimizationLevel: 'all',
-  });
+  const options = { executionProviders: providerOptions(pick.provider), graphOptimizationLevel: 'all' };
+  if (external && external.length) options.externalData = external.map((e) => ({ path: e.path, data: e.url }));
+  const session = await ort.InferenceSession.create(bytes, options);
   sessions.set(key, { session, provider: pick.provider, adapter: pick.adapter, url, onDevice: [] });
   return {
     provider: pick.provider, adapter: pick.adapter, note: pick.note,

@@ -1,0 +1,194 @@
+"""SmolLM2-135M-Instruct generation: time to first token and decode tokens/s, measured in one run.
+
+``python -m benchmarks.generation [--prompt-tokens 32] [--new-tokens 64] [--json OUT]``
+
+- native: onnxruntime ``CPUExecutionProvider`` on the whole KV-cache model, prefill then one token per
+  call (the bound on this machine);
+- one browser unsharded (``num_shards=1``) on Chromium and on Firefox;
+- 4 shards across Chromium and Firefox; aggregate tokens/s with 1, 2 and 4 concurrent sessions;
+- the extra time a browser kill mid-generation costs (the kill run's total minus an undisturbed one's).
+
+Targets: 4-shard decode >= 0.7x the unsharded single-browser tokens/s of the same browser; 4 concurrent
+sessions >= 1.5x the aggregate tokens/s of one; a kill costs <= 2 s. Prompts are random token ids;
+greedy decoding with EOS off (``max_new_tokens`` tokens each). Nothing is simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks.report import fmt, machine, markdown_table, write_json
+from coordinator.manager import ModelShardingManager
+from coordinator.model.causal import positions
+from coordinator.model.resolve import resolve_model
+from coordinator.settings import ManagerSettings
+
+MODEL = "SmolLM2-135M-Instruct"
+TARGET_SHARDED_RATIO = 0.7
+TARGET_CONCURRENCY_GAIN = 1.5
+TARGET_KILL_S = 2.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__.splitlines()[0])
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--browsers", default="chromium,firefox")
+    p.add_argument("--concurrency", default="1,2,4")
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def prompt_ids(n: int, seed: int, vocab: int = 49152) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(100, vocab - 1, size=n)]
+
+
+def run_native(onnx_path: Path, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    past = {
+        i.name: np.zeros([d if isinstance(d, int) else (1 if k == 0 else 0) for k, d in enumerate(i.shape)], np.float32)
+        for i in sess.get_inputs()[3:]
+    }
+    outputs = [o.name for o in sess.get_outputs()]
+    ids, mask = np.asarray([prompt], np.int64), np.ones((1, len(prompt)), np.int64)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
+    started = time.perf_counter()
+    first_ms = 0.0
+    for _ in range(new_tokens):
+        out = dict(zip(outputs, sess.run(outputs, {**feeds, **past}), strict=True))
+        first_ms = first_ms or (time.perf_counter() - started) * 1000.0
+        token = int(out["logits"][0, -1].argmax())
+        past = {name.replace("present", "past"): v for name, v in out.items() if name.startswith("present")}
+        mask = np.ones((1, mask.shape[1] + 1), np.int64)
+        feeds = {"input_ids": np.asarray([[token]]), "attention_mask": mask, "position_ids": positions(mask)[:, -1:]}
+    total_s = time.perf_counter() - started
+    return {"time_to_first_token_ms": first_ms, "tokens_per_s": (new_tokens - 1) / (total_s - first_ms / 1000.0)}
+
+
+def manager(shards: int, browsers: list[str]) -> ModelShardingManager:
+    return ModelShardingManager(MODEL, shards, browsers=browsers, generation=True, settings=ManagerSettings.from_env())
+
+
+async def one_session(m: ModelShardingManager, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    result = await m.generate(prompt, new_tokens)
+    return dict(result["metrics"])
+
+
+def started(m: ModelShardingManager) -> ModelShardingManager:
+    """EOS off (the tokenizer's EOS id forgotten), so every run is ``new_tokens`` long."""
+    m._generator().tokenizer.eos_token_id = None
+    return m
+
+
+async def run_browsers(shards: int, browsers: list[str], prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    async with manager(shards, browsers) as m:
+        started(m)
+        await one_session(m, prompt, 4)  # warm-up
+        return await one_session(m, prompt, new_tokens)
+
+
+async def run_concurrency(args: argparse.Namespace, browsers: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    async with manager(args.shards, browsers) as m:
+        started(m)
+        await one_session(m, prompt_ids(args.prompt_tokens, 0), 4)
+        for n in [int(x) for x in args.concurrency.split(",")]:
+            prompts = [prompt_ids(args.prompt_tokens, 10 + i) for i in range(n)]
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one_session(m, p, args.new_tokens) for p in prompts))
+            elapsed = time.perf_counter() - t0
+            rows.append({"sessions": n, "aggregate_tokens_per_s": n * args.new_tokens / elapsed})
+    return rows
+
+
+async def run_kill(args: argparse.Namespace, browsers: list[str]) -> dict[str, Any]:
+    prompt = prompt_ids(args.prompt_tokens, 1)
+    async with manager(args.shards, browsers) as m:
+        started(m)
+        await one_session(m, prompt, 4)
+        calm = await one_session(m, prompt, args.new_tokens)
+        stage = args.shards - 1
+        dep = m._deployment
+        assert dep is not None and dep.broker is not None
+        info = await dep.broker.worker_info(m.allocation[stage]["worker_id"])
+        assert info is not None
+
+        async def kill_soon() -> None:
+            await asyncio.sleep(calm["total_ms"] / 2000.0)
+            os.kill(info.browser_pid, signal.SIGKILL)
+
+        killer = asyncio.ensure_future(kill_soon())
+        hit = await one_session(m, prompt, args.new_tokens)
+        await killer
+    return {
+        "undisturbed_ms": calm["total_ms"],
+        "with_kill_ms": hit["total_ms"],
+        "kill_cost_s": (hit["total_ms"] - calm["total_ms"]) / 1000.0,
+        "recovery_events": hit["recovery_events"],
+    }
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    browsers = [b for b in args.browsers.split(",") if b]
+    resolved = resolve_model(MODEL, ManagerSettings.from_env().cache_dir, kv_cache=True)
+    prompt = prompt_ids(args.prompt_tokens, 0)
+    out: dict[str, Any] = {"machine": machine(), "model": MODEL, "prompt_tokens": args.prompt_tokens}
+    out["native"] = run_native(resolved.onnx_path, prompt, args.new_tokens)
+    out["unsharded"] = {b: await run_browsers(1, [b], prompt, args.new_tokens) for b in browsers}
+    out["sharded"] = await run_browsers(args.shards, browsers, prompt, args.new_tokens)
+    out["concurrency"] = await run_concurrency(args, browsers)
+    out["kill"] = await run_kill(args, browsers)
+    return out
+
+
+def report(out: dict[str, Any]) -> str:
+    rows = [
+        [
+            "native onnxruntime (KV cache)",
+            fmt(out["native"]["time_to_first_token_ms"]),
+            fmt(out["native"]["tokens_per_s"]),
+        ]
+    ]
+    for b, r in out["unsharded"].items():
+        rows.append([f"{b}, unsharded", fmt(r["time_to_first_token_ms"]), fmt(r["tokens_per_s"])])
+    s = out["sharded"]
+    rows.append(["4 shards, chromium+firefox", fmt(s["time_to_first_token_ms"]), fmt(s["tokens_per_s"])])
+    best = max(r["tokens_per_s"] for r in out["unsharded"].values())
+    lines = [markdown_table(["run", "time to first token ms", "decode tokens/s"], rows)]
+    lines.append(f"\n4-shard decode / unsharded: {fmt(s['tokens_per_s'] / best)}x (target >= {TARGET_SHARDED_RATIO}x)")
+    conc = out["concurrency"]
+    lines.append(
+        markdown_table(
+            ["sessions", "aggregate tokens/s"], [[c["sessions"], fmt(c["aggregate_tokens_per_s"])] for c in conc]
+        )
+    )
+    gain = conc[-1]["aggregate_tokens_per_s"] / conc[0]["aggregate_tokens_per_s"]
+    lines.append(f"\n{conc[-1]['sessions']} sessions / 1: {fmt(gain)}x (target >= {TARGET_CONCURRENCY_GAIN}x)")
+    lines.append(f"browser kill mid-generation costs {fmt(out['kill']['kill_cost_s'])} s (target <= {TARGET_KILL_S} s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = asyncio.run(amain(args))
+    print(report(out))
+    if args.json:
+        write_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

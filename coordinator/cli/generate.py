@@ -1,0 +1,122 @@
+"""``xshard generate``: text generation across browser shards, the text streamed to stdout as it comes.
+
+::
+
+    xshard generate --model M --shards N --browsers chromium,firefox --prompt TEXT [--max-new-tokens K]
+                    [--temperature T --top-k K --top-p P --seed S] [--chat] [--redis URL] [--json OUT]
+
+Bad input (an empty prompt, ``--max-new-tokens`` < 1 or past the context, a prompt longer than the context,
+a model that is not a causal LM) exits 2 with one line, before any browser starts or any job is enqueued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from broker.errors import BrokerError
+from broker.kinds import PLATFORMS
+from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, non_negative_float, positive_int
+from coordinator.cli.console import fail, format_allocation
+from coordinator.errors import InputError, ModelError, XshardError
+from coordinator.manager import ModelShardingManager
+from coordinator.settings import ManagerSettings
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+
+
+def add_generate_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="generate text with a causal LM sharded across browsers",
+        description="Generate text with a causal LM sharded across headless browsers, KV caches kept in the pages.",
+    )
+    p.add_argument("--model", required=True, help="SmolLM2-135M-Instruct, a .gguf file or a causal-LM directory")
+    p.add_argument("--shards", type=positive_int, default=2)
+    p.add_argument("--browsers", default="chromium,firefox", help="comma-separated, round-robin over shards")
+    p.add_argument("--platform", choices=PLATFORMS, default="auto")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=_int, default=32)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=_int, default=0)
+    p.add_argument("--top-p", type=non_negative_float, default=1.0)
+    p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("--redis", default=None, help="use workers registered on this broker (default: embedded + local)")
+    p.add_argument("--namespace", default=None)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the result and metrics to OUT")
+
+
+def run_generate_command(args: argparse.Namespace) -> int | None:
+    if args.command != "generate":
+        return None
+    return asyncio.run(generate(args))
+
+
+def _manager(args: argparse.Namespace) -> ModelShardingManager:
+    overrides: dict[str, Any] = {}
+    if args.cache_dir is not None:
+        overrides["cache_dir"] = args.cache_dir
+    if args.namespace is not None:
+        overrides["namespace"] = args.namespace
+    settings = ManagerSettings.from_env(**overrides) if overrides else ManagerSettings.from_env()
+    browsers = [b.strip() for b in args.browsers.split(",") if b.strip()]
+    return ModelShardingManager(
+        args.model,
+        args.shards,
+        browsers=browsers,
+        platform=args.platform,
+        redis_url=args.redis,
+        settings=settings,
+        generation=True,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+
+
+async def generate(args: argparse.Namespace) -> int:
+    if args.top_k < 0 or not 0 < args.top_p <= 1:
+        fail("--top-k must be >= 0 and --top-p in (0, 1]")
+        return EXIT_USAGE
+    manager = _manager(args)
+    try:
+        await manager.prepare()
+        manager.check_generation(args.prompt, args.max_new_tokens, args.chat)
+    except (InputError, ModelError) as e:
+        fail(str(e))
+        return EXIT_USAGE
+    try:
+        if not await manager.initialize_sharding():
+            fail(manager.last_error or "initialize_sharding failed")
+            return EXIT_FAILED
+        print(format_allocation(manager.allocation), file=sys.stderr, flush=True)
+        options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+        result: dict[str, Any] = {}
+        async for token in manager.stream(args.prompt, args.max_new_tokens, chat=args.chat, result=result, **options):
+            sys.stdout.write(token.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        m = result["metrics"]
+        print(
+            f"{len(result['token_ids'])} tokens, {m['tokens_per_s']} tokens/s, "
+            f"first token {m['time_to_first_token_ms']:.0f} ms, finish: {result['finish_reason']}",
+            file=sys.stderr,
+        )
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=2, default=str))
+        return 0
+    except (XshardError, BrokerError) as e:
+        fail(str(e))
+        return EXIT_FAILED
+    finally:
+        await manager.close()

@@ -1,0 +1,1 @@
+"""Text generation across KV-cache shards: the token choice (``sampling``) and the session driver (``session``)."""

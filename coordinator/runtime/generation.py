@@ -1,0 +1,252 @@
+"""The generation client, beside the request client: text in, tokens out, through a started deployment of a
+causal LM converted with a KV cache.
+
+Each call is one session (``coordinator.generation.session``) pinned to the workers the placement loaded
+each shard on; several sessions run at once and pipeline through the shards. A holder that lost the
+session's cache (its browser restarted, the worker stopped heartbeating: then another worker serving the
+stage takes it) is rebuilt by a replay of the token history, recorded like any other recovery (the
+result's ``recovery_events``, ``get_performance_history()``, the events stream and so DuckDB).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from broker.messages import RecoveryEvent
+from coordinator.errors import InputError
+from coordinator.generation.sampling import Sampling
+from coordinator.generation.session import GenerationSession, Replay, SessionRoute, slots_of
+from coordinator.model.resolve import ResolvedModel
+from coordinator.planning.shardset import ShardSet
+from coordinator.runtime.deployment import Deployment
+from coordinator.runtime.metrics import LiveMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedToken:
+    """One new token and the text it adds (empty while a multi-byte character is incomplete)."""
+
+    token_id: int
+    text: str
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+class Tokenizer:
+    """The model's transformers tokenizer (as its ``AutoTokenizer`` loads it), and its context length."""
+
+    def __init__(self, model: ResolvedModel) -> None:
+        self.model = model
+        self._tok: Any = None
+        if model.tokenizer_path is not None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(str(model.tokenizer_path.parent))
+        self.context_length, self.eos_token_id = self._config()
+
+    def _config(self) -> tuple[int, int | None]:
+        config: dict[str, Any] = {}
+        hf = self.model.hf_dir
+        if hf is not None and (hf / "config.json").is_file() and self.model.gguf_file is None:
+            config = json.loads((hf / "config.json").read_text())
+        elif hf is not None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(hf), gguf_file=self.model.gguf_file).to_dict()
+        length = int(config.get("max_position_embeddings") or config.get("n_positions") or 2048)
+        eos = self._tok.eos_token_id if self._tok is not None else config.get("eos_token_id")
+        return length, eos if isinstance(eos, int) else None
+
+    def encode(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if self._tok is None:
+            raise InputError(f"{self.model.source} has no tokenizer: give the prompt as token ids")
+        if chat:
+            ids = self._tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return [int(t) for t in ids]
+        return [int(t) for t in self._tok(prompt)["input_ids"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=True)) if self._tok is not None else ""
+
+
+def check_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], max_new_tokens: int, chat: bool) -> list[int]:
+    """The prompt's token ids, or InputError (empty, too long, ``max_new_tokens`` out of range)."""
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if isinstance(prompt, str) and not prompt.strip():
+        raise InputError("the prompt is empty")
+    ids = tokenizer.encode(prompt, chat)
+    limit = tokenizer.context_length
+    if not ids:
+        raise InputError("the prompt is empty")
+    if len(ids) >= limit:
+        raise InputError(f"the prompt has {len(ids)} tokens; the context holds {limit}")
+    if len(ids) + max_new_tokens > limit:
+        raise InputError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the context {limit}")
+    return ids
+
+
+class GenerationClient:
+    """Sessions through a started deployment; ``generate`` returns the result dict, ``stream`` tokens."""
+
+    def __init__(
+        self,
+        deployment: Deployment,
+        shards: ShardSet,
+        model: ResolvedModel,
+        metrics: LiveMetrics,
+        timeout_s: float,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.deployment = deployment
+        self.shards = shards
+        self.model = model
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+        self.tokenizer = tokenizer or Tokenizer(model)
+
+    def check(self, prompt: str | Sequence[int], max_new_tokens: int, chat: bool) -> list[int]:
+        return check_prompt(self.tokenizer, prompt, max_new_tokens, chat)
+
+    def _route(self) -> SessionRoute:
+        dep = self.deployment
+        assert dep.placement is not None and dep.broker is not None
+        workers = tuple(dep.placement.allocation[st.index]["worker_id"] for st in self.shards.plan.stages)
+        holders = tuple(dep.broker.keys.direct(w) for w in workers)
+        return SessionRoute(
+            self.shards.plan.plan_id, dep.route, holders, slots_of(self.shards.plan.stages), "logits", workers
+        )
+
+    async def _alive(self, worker_ids: Sequence[str]) -> set[str]:
+        dep = self.deployment
+        assert dep.broker is not None
+        live = await dep.broker.live_workers(int(now_ms()), dep.config.settings.heartbeat_max_age_ms)
+        return {w.worker_id for w in live} & set(worker_ids)
+
+    async def _reroute(self, route: SessionRoute, stage: int) -> SessionRoute:
+        """A live worker serving ``stage`` instead of a lost holder (the same one while it is alive); with
+        none, a live worker is assigned the stage (redistribution) first."""
+        dep = self.deployment
+        assert dep.broker is not None
+        if route.workers[stage] in await self._alive(route.workers[stage : stage + 1]):
+            return route
+        live = await self._alive(dep.fleet.serving.get(stage, []))
+        if not live:
+            known = await dep.broker.live_workers(int(now_ms()), dep.config.settings.heartbeat_max_age_ms)
+            for spare in sorted(w.worker_id for w in known if w.worker_id not in route.workers):
+                if await dep.assign_stage(stage, spare):
+                    live = {spare}
+                    break
+        if not live:
+            return route
+        new = sorted(live)[0]
+        workers = tuple(new if i == stage else w for i, w in enumerate(route.workers))
+        holders = tuple(dep.broker.keys.direct(w) for w in workers)
+        return SessionRoute(route.plan_id, route.stages, holders, route.slots, route.logits_name, workers)
+
+    async def stream(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, result: dict[str, Any] | None = None
+    ) -> AsyncIterator[GeneratedToken]:
+        """Checked prompt ids in, each new token as it is chosen; once done ``result`` (when given) holds
+        the result."""
+        dep = self.deployment
+        assert dep.broker is not None
+        session = GenerationSession(
+            dep.broker, self._route(), uuid.uuid4().hex, self.timeout_s, reroute=self._reroute, alive=self._alive
+        )
+        started, first_ms, new, text = time.perf_counter(), 0.0, [], ""
+        try:
+            async for token in session.tokens(prompt_ids, max_new_tokens, self.tokenizer.eos_token_id, sampling):
+                first_ms = first_ms or (time.perf_counter() - started) * 1000.0
+                new.append(token)
+                now = self.tokenizer.decode(new)
+                yield GeneratedToken(token, now[len(text) :])
+                text = now
+        finally:
+            await session.close()
+        total_s = time.perf_counter() - started
+        events = [await self._record(session.session_id, r) for r in session.log.replays]
+        finish = "eos" if new and new[-1] == self.tokenizer.eos_token_id else "length"
+        out = {
+            "text": text,
+            "token_ids": new,
+            "prompt_token_ids": list(prompt_ids),
+            "finish_reason": finish,
+            "metrics": self._metrics(session, len(new), first_ms, total_s, events),
+        }
+        if result is not None:
+            result.update(out)
+
+    def _metrics(
+        self, session: GenerationSession, n: int, first_ms: float, total_s: float, events: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        decode_s = total_s - first_ms / 1000.0
+        components = [
+            {
+                "shard_index": t.shard_index,
+                "worker_id": t.worker_id,
+                "browser": t.browser,
+                "user_agent": t.user_agent,
+                "execution_provider": t.execution_provider,
+                "adapter": t.adapter,
+                "kernel_ms": round(session.log.kernel_ms.get(t.shard_index, 0.0), 3),
+            }
+            for t in session.log.traces
+        ]
+        return {
+            "session_id": session.session_id,
+            "tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else 0.0,
+            "time_to_first_token_ms": round(first_ms, 3),
+            "total_ms": round(total_s * 1000.0, 3),
+            "steps": session.log.steps,
+            "component_results": components,
+            "recovery_events": events,
+        }
+
+    async def _record(self, session_id: str, r: Replay) -> dict[str, Any]:
+        """A replay as a recovery event: in the live metrics and on the events stream (so in DuckDB)."""
+        dep = self.deployment
+        assert dep.broker is not None
+        browser = dep.fleet.browser(r.worker_id) if r.worker_id else ""
+        event = RecoveryEvent(
+            event_id=uuid.uuid4().hex,
+            ts_ms=now_ms(),
+            request_id=f"{session_id}#{r.step}",
+            plan_id=self.shards.plan.plan_id,
+            model_name=dep.config.model_name,
+            shard_index=r.stage,
+            worker_id=r.worker_id,
+            browser=browser,
+            platform="",
+            failure=r.failure,
+            action="replay",
+            success=True,
+            duration_ms=r.duration_ms,
+            error=r.error[:1000],
+        )
+        await dep.broker.emit(event)
+        entry = {
+            "timestamp": event.ts_ms / 1000.0,
+            "event_id": event.event_id,
+            "request_id": event.request_id,
+            "plan_id": event.plan_id,
+            "shard_index": r.stage,
+            "worker_id": r.worker_id,
+            "browser": browser,
+            "failure": r.failure,
+            "action": "replay",
+            "success": True,
+            "duration_ms": round(r.duration_ms, 3),
+            "error": r.error[:300],
+        }
+        self.metrics.recovery_events.append(entry)
+        return entry

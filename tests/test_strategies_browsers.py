@@ -1,0 +1,184 @@
+"""Vision, audio and attention/feed-forward shards in real headless Chromium and Firefox.
+
+Tiny random ViT, Whisper and RoBERTa models (see :mod:`tests.modality_models`) are converted through
+the manager's cache, sharded, run in onnxruntime-web across both browsers and compared with transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.manager import ModelShardingManager
+from coordinator.model.convert import padded_batch
+from coordinator.settings import ManagerSettings
+from tests import modality_models as mm
+from tests.conftest import require_browsers
+from tests.faults_support import broker_of
+
+pytestmark = pytest.mark.browser
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+async def _run(hf_dir: Path, cache: Path, inputs: dict[str, np.ndarray], **kwargs: Any) -> dict[str, Any]:
+    manager = ModelShardingManager(str(hf_dir), platform="wasm", settings=ManagerSettings(cache_dir=cache), **kwargs)
+    try:
+        if not await manager.initialize_sharding():
+            pytest.fail(f"initialize_sharding failed: {manager.last_error}")
+        res = await manager.run_inference_sharded(inputs)
+        res["allocation"] = manager.get_metrics().get("allocation", {})
+        return res
+    finally:
+        await manager.close()
+
+
+def _components(res: dict[str, Any]) -> list[dict[str, Any]]:
+    comps = res["metrics"]["component_results"]
+    return [comps[f"shard_{i}"] for i in range(len(comps))]
+
+
+async def test_roberta_by_attention_feedforward_runs_attention_on_firefox_and_feedforward_on_chromium(
+    tmp_path: Path,
+) -> None:
+    require_browsers("chromium", "firefox")
+    hf_dir = mm.save_tiny_roberta(tmp_path / "roberta", layers=1)
+    ids, mask = padded_batch(2, 9, mm.VOCAB, seed=5)
+    res = await _run(
+        hf_dir,
+        tmp_path / "c",
+        {"input_ids": ids, "attention_mask": mask},
+        num_shards=2,
+        shard_type="attention_feedforward",
+    )
+    assert "error" not in res, res.get("error")
+    model = transformers.AutoModel.from_pretrained(str(hf_dir), local_files_only=True).eval()
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+    got = res["result"]["last_hidden_state"]
+    unmasked = mask.astype(bool)
+    assert float(np.max(np.abs(got[unmasked] - want[unmasked]))) <= 1e-4
+    assert [c["browser"] for c in _components(res)] == ["firefox", "chromium"]
+
+
+async def test_vit_by_layer_across_chromium_and_firefox_matches_transformers(tmp_path: Path) -> None:
+    require_browsers("chromium", "firefox")
+    hf_dir = mm.save_tiny_vit(tmp_path / "vit")
+    pixels = np.random.default_rng(3).standard_normal((2, mm.CHANNELS, mm.IMAGE_SIZE, mm.IMAGE_SIZE)).astype(np.float32)
+    res = await _run(hf_dir, tmp_path / "c", {"pixel_values": pixels}, num_shards=2, model_type="vision")
+    assert "error" not in res, res.get("error")
+    model = transformers.AutoModelForImageClassification.from_pretrained(str(hf_dir), local_files_only=True).eval()
+    with torch.no_grad():
+        want = model(pixel_values=torch.from_numpy(pixels)).logits.numpy()
+    assert float(np.max(np.abs(res["result"]["logits"] - want))) <= 1e-4
+    assert [c["browser"] for c in _components(res)] == ["chromium", "firefox"]
+
+
+async def test_whisper_encoder_by_layer_across_firefox_and_chromium_matches_transformers(tmp_path: Path) -> None:
+    require_browsers("chromium", "firefox")
+    hf_dir = mm.save_tiny_whisper(tmp_path / "whisper")
+    features = np.random.default_rng(4).standard_normal((2, mm.MEL_BINS, 2 * mm.AUDIO_POSITIONS)).astype(np.float32)
+    res = await _run(
+        hf_dir,
+        tmp_path / "c",
+        {"input_features": features},
+        num_shards=2,
+        model_type="audio",
+        browsers=["firefox", "chromium"],
+    )
+    assert "error" not in res, res.get("error")
+    model = transformers.AutoModelForSpeechSeq2Seq.from_pretrained(str(hf_dir), local_files_only=True).eval()
+    with torch.no_grad():
+        want = model.get_encoder()(input_features=torch.from_numpy(features)).last_hidden_state.numpy()
+    assert float(np.max(np.abs(res["result"]["last_hidden_state"] - want))) <= 1e-4
+    assert [c["browser"] for c in _components(res)] == ["firefox", "chromium"]
+
+
+def _clip_reference(hf_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    model = transformers.AutoModel.from_pretrained(str(hf_dir), local_files_only=True).eval()
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, return_dict=True)
+    keys = ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds")
+    return {k: getattr(out, k).numpy() for k in keys}
+
+
+def _clip_inputs() -> dict[str, np.ndarray]:
+    ids, mask = padded_batch(2, 7, mm.VOCAB, seed=6)
+    pixels = np.random.default_rng(6).standard_normal((3, mm.CHANNELS, mm.IMAGE_SIZE, mm.IMAGE_SIZE))
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.astype(np.float32)}
+
+
+def _assert_clip_matches(res: dict[str, Any], want: dict[str, np.ndarray]) -> None:
+    assert "error" not in res, res.get("error")
+    for key, value in want.items():
+        assert float(np.max(np.abs(res["result"][key] - value))) <= 1e-4, key
+    similarity = res["result"]["similarity"]  # cosine of each text with each image: logits / logit scale
+    assert similarity.shape == (2, 3) and float(np.max(np.abs(similarity))) <= 1.0 + 1e-6
+    scale = float(want["logits_per_text"][0, 0] / similarity[0, 0])
+    assert np.allclose(similarity * scale, want["logits_per_text"], atol=1e-4)
+
+
+@pytest.mark.parametrize("num_shards", [3, 4])
+async def test_clip_by_component_runs_its_towers_side_by_side_and_matches_transformers(
+    tmp_path: Path, num_shards: int
+) -> None:
+    require_browsers("chromium", "firefox")
+    hf_dir = mm.save_tiny_clip(tmp_path / "clip")
+    inputs = _clip_inputs()
+    res = await _run(
+        hf_dir,
+        tmp_path / "c",
+        inputs,
+        num_shards=num_shards,
+        shard_type="component",
+        model_type="multimodal",
+        browsers=["chromium", "firefox"],
+    )
+    _assert_clip_matches(res, _clip_reference(hf_dir, inputs))
+    comps = _components(res)
+    assert len(comps) == num_shards and len({c["worker_id"] for c in comps}) == num_shards
+    assert {c["browser"] for c in comps} == {"chromium", "firefox"}
+    towers, fusion = comps[:-1], comps[-1]
+    # the fusion (the join) read its job only after every tower had handed its outputs on
+    assert all(0 < c["handoff_ms"] <= fusion["read_ms"] for c in towers if c["handoff_ms"])
+    heads = [comps[0], comps[-2]]  # the text tower's first stage and the vision tower
+    assert heads[0]["worker_id"] != heads[1]["worker_id"]
+
+
+async def test_clip_request_whose_vision_tower_browser_is_killed_still_gets_the_right_answer(tmp_path: Path) -> None:
+    require_browsers("chromium", "firefox")
+    hf_dir = mm.save_tiny_clip(tmp_path / "clip")
+    inputs = _clip_inputs()
+    want = _clip_reference(hf_dir, inputs)
+    settings = ManagerSettings(cache_dir=tmp_path / "c")
+    manager = ModelShardingManager(
+        str(hf_dir),
+        num_shards=3,
+        shard_type="component",
+        model_type="multimodal",
+        browsers=["chromium", "firefox"],
+        platform="wasm",
+        settings=settings,
+    )
+    try:
+        if not await manager.initialize_sharding():
+            pytest.fail(f"initialize_sharding failed: {manager.last_error}")
+        assert manager.shards is not None
+        vision = next(s.index for s in manager.shards.plan.stages if s.kind == "vision")
+        _assert_clip_matches(await manager.run_inference_sharded(inputs), want)  # warm: every page loaded
+        async with broker_of(manager) as broker:
+            live = await broker.live_workers(int(time.time() * 1000), 60_000)
+            target = next(w for w in live if vision in manager.fleet.stages_of(w.worker_id))
+            os.kill(target.browser_pid, signal.SIGKILL)  # the vision tower's next job meets a dead browser
+            res = await manager.run_inference_sharded(inputs)
+        _assert_clip_matches(res, want)
+        by_shard = res["metrics"]["component_results"]
+        assert by_shard[f"shard_{vision}"]["attempt"] >= 2  # the vision tower's job was recovered
+    finally:
+        await manager.close()
