@@ -1,23 +1,19 @@
 """Message types that travel on the streams.
 
-Each message is a frozen dataclass with a type tag ``TYPE`` and a schema version ``VERSION``.
-``encode`` writes ``{"t": TYPE, "v": VERSION, **fields}`` with ``codec.pack``; ``decode`` ignores
-unknown fields, rejects missing required ones with ``SchemaError`` and never unpickles.
-Tensors are ``dict[str, np.ndarray]`` and travel as the codec's tensor ext type.
+Each message is a frozen dataclass with a type tag ``TYPE``, registered with ``wire`` (the wire form, the schema
+version, decoding that ignores unknown fields, rejects missing ones and never unpickles). Tensors are
+``dict[str, np.ndarray]`` and travel as the codec's tensor ext type.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
-from .codec import DEFAULT_LIMITS, Limits, pack, unpack
-from .errors import SchemaError
-
-SCHEMA_VERSION = 1
+from .codec import DEFAULT_LIMITS, Limits
+from .wire import SCHEMA_VERSION, decode_any, decode_as, encode, from_dict, register, register_nested, to_dict
 
 Tensors = dict[str, np.ndarray]
 
@@ -121,6 +117,7 @@ class Assignment:
     reply_stream: str
     model_name: str = ""
     shard_type: str = "layer"
+    kind: str = ""  # what the shard holds (the plan stage's kind: "attention", "vision", ...), copied into its events
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +226,7 @@ class ExecutionEvent:
     attempt: int
     outcome: str  # "success" | "error"
     error: str = ""
+    kind: str = ""  # the assignment's kind: history groups by it besides shard_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,88 +290,27 @@ Message = (
 )
 M = TypeVar("M", bound=Message)
 
-_TYPES: dict[str, type] = {
-    cls.TYPE: cls
-    for cls in (
-        ShardJob,
-        ShardResult,
-        ShardFailure,
-        Assignment,
-        Release,
-        AssignmentReply,
-        StageTrace,
-        Restart,
-        Inject,
-        InjectReply,
-        DeadLetter,
-        ExecutionEvent,
-        RequestEvent,
-        RecoveryEvent,
-    )
-}
-
-
-def _fields_of(msg: Message) -> dict[str, Any]:
-    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
-
-
-def to_dict(msg: Message) -> dict[str, Any]:
-    body = _fields_of(msg)
-    if "trace" in body and not isinstance(msg, StageTrace):
-        body["trace"] = [_fields_of(t) for t in body["trace"]]
-    body["t"] = msg.TYPE
-    body["v"] = SCHEMA_VERSION
-    return body
-
-
-def _build(cls: type, tag: str, body: dict[str, Any]) -> Any:
-    """An instance of ``cls`` from ``body``: unknown fields ignored, missing required ones refused."""
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in body:
-            value = body[f.name]
-            if f.name == "trace" and cls is not StageTrace:
-                value = tuple(_trace(t, tag) for t in value or ())
-            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SchemaError(f"{tag} message lacks required field {f.name!r}")
-    return cls(**kwargs)
-
-
-def _trace(t: Any, tag: str) -> StageTrace:
-    if isinstance(t, StageTrace):
-        return t
-    if not isinstance(t, dict):
-        raise SchemaError(f"{tag} message: a trace entry must be a map, got {type(t).__name__}")
-    return _build(StageTrace, f"{tag} trace", t)  # type: ignore[no-any-return]
-
-
-def from_dict(body: Any) -> Message:
-    if not isinstance(body, dict):
-        raise SchemaError(f"message must be a map, got {type(body).__name__}")
-    tag = body.get("t")
-    cls = _TYPES.get(tag) if isinstance(tag, str) else None
-    if cls is None:
-        raise SchemaError(f"unknown message type {tag!r}")
-    version = body.get("v")
-    if version != SCHEMA_VERSION:
-        raise SchemaError(f"{tag} message has schema version {version!r}, expected {SCHEMA_VERSION}")
-    return _build(cls, str(tag), body)  # type: ignore[no-any-return]
-
-
-def encode(msg: Message) -> bytes:
-    return pack(to_dict(msg))
+register(
+    ShardJob,
+    ShardResult,
+    ShardFailure,
+    Assignment,
+    Release,
+    AssignmentReply,
+    StageTrace,
+    Restart,
+    Inject,
+    InjectReply,
+    DeadLetter,
+    ExecutionEvent,
+    RequestEvent,
+    RecoveryEvent,
+)
+register_nested("trace", StageTrace)
 
 
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
-    return from_dict(unpack(data, limits))
-
-
-def decode_as(data: bytes, cls: type[M], limits: Limits = DEFAULT_LIMITS) -> M:
-    msg = decode(data, limits)
-    if not isinstance(msg, cls):
-        raise SchemaError(f"expected a {cls.TYPE} message, got {msg.TYPE}")
-    return msg
+    return decode_any(data, limits)  # type: ignore[no-any-return]
 
 
 __all__ = [
@@ -398,4 +335,6 @@ __all__ = [
     "decode",
     "decode_as",
     "encode",
+    "from_dict",
+    "to_dict",
 ]

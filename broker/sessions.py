@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, ClassVar
 
-from . import messages
 from .messages import StageTrace, Tensors
+from .wire import register
 
 if TYPE_CHECKING:
     from .streams import Broker
@@ -167,7 +167,7 @@ async def load_history(broker: Broker, session_id: str) -> SessionHistory | None
 
 SessionMessage = SessionStep | SessionResult | SessionFailure | SessionEnd
 
-messages._TYPES.update({cls.TYPE: cls for cls in (SessionStep, SessionResult, SessionFailure, SessionEnd)})
+register(SessionStep, SessionResult, SessionFailure, SessionEnd)
 
 __all__ = [
     "SessionEnd",

@@ -195,6 +195,7 @@ class ModelShardingManager:
         if await self._history.read(shards.plan.plan_id):
             self._steer_by_history()
         self._slots = with_reason(self._slots, sizing.reason)
+        self.metrics.stage_kinds = {stage.index: stage.kind for stage in shards.plan.stages}
         self.shards = shards
         return shards
 

@@ -97,7 +97,7 @@ class ControlReader:
         except SettingError as e:
             return self._refused(a, f"loading shard {a.shard_index} failed: {e}")
         fields = (a.input_names, a.carry_names, platform, a.model_name, a.shard_type)
-        stage = Stage(a.stage_stream, a.shard_index, a.onnx_sha256, *fields)
+        stage = Stage(a.stage_stream, a.shard_index, a.onnx_sha256, *fields, kind=a.kind)
         try:
             info: dict[str, Any] = await h.page.load(stage.session_key(platform), a.onnx_sha256, platform)
             await h.broker.ensure_group(a.stage_stream, STAGE_GROUP)

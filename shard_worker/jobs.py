@@ -332,6 +332,7 @@ class JobRunner:
             model_name=stage.model_name if stage else "",
             shard_index=stage_index,
             shard_type=stage.shard_type if stage else "",
+            kind=stage.kind if stage else "",
             worker_id=h.id,
             browser=h.settings.browser,
             platform=platform or t.execution_provider,

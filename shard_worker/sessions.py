@@ -277,6 +277,7 @@ class SessionRunner:
             model_name=stage.model_name if stage else "",
             shard_index=t.shard_index,
             shard_type=stage.shard_type if stage else "",
+            kind=stage.kind if stage else "",
             worker_id=h.id,
             browser=h.settings.browser,
             platform=t.execution_provider,

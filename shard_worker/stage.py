@@ -20,6 +20,7 @@ class Stage:
     model_name: str
     shard_type: str
     provider: str = ""  # what the page picked for ``platform``
+    kind: str = ""  # what the shard holds ("attention", "vision", ...), as assigned
 
     def session_key(self, platform: str) -> str:
         """The page's session name for this stage on ``platform`` (a stage may run on several)."""

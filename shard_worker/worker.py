@@ -222,6 +222,8 @@ class ShardWorker:
     async def _heartbeat_until_stopped(self) -> None:
         async for _ in poll(self.settings.heartbeat_s, self._stop):
             await self.broker.heartbeat(self.id, int(now_ms()), self.stages, self.state)
+            if self._spare is not None and self.state is WorkerState.READY:
+                self._spare.sync(list(self.stages.values()))
 
     async def _control_until_stopped(self) -> None:
         await self._control.read_until_stopped(self._stop)
@@ -313,16 +315,28 @@ class ShardWorker:
         old, self._page = self._page, None
         if self._server is None:
             raise WorkerError("page server not started")
+        started = time.perf_counter()
         closing = asyncio.ensure_future(old.close()) if old is not None else None
         try:
             self._page_started_ms = now_ms()
             spare = await self._spare.take() if self._spare is not None else None
             self._page = spare or await Page(self.settings, self._server).launch()
+            up = time.perf_counter()
         finally:
             if closing is not None:
                 await closing
+        closed = time.perf_counter()
         self._page_replaced.set()
         for stage in list(self.stages.values()):
-            await self.page.load(stage.session_key(stage.platform), stage.onnx_sha256, stage.platform)
+            if stage.session_key(stage.platform) not in self.page.loaded:  # the spare holds them already
+                await self.page.load(stage.session_key(stage.platform), stage.onnx_sha256, stage.platform)
+        log.info(
+            "worker %s: %s up in %.0f ms, the old one closed in %.0f ms, shards loaded in %.0f ms",
+            self.id,
+            "the warm spare" if spare else "a new browser",
+            (up - started) * 1000,
+            (closed - started) * 1000,
+            (time.perf_counter() - closed) * 1000,
+        )
         if self._spare is not None:
             self._spare.refill()

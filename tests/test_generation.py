@@ -351,3 +351,21 @@ async def test_four_concurrent_sessions_pipeline_through_the_shards_each_with_it
         assert list(got) == wants
         for s in sessions:
             await s.close()
+
+
+def test_generate_cli_refuses_bad_input_with_exit_2_before_any_browser_starts(
+    tiny: dict[str, ResolvedModel], cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coordinator.cli.commands import main
+
+    hf = str(tiny["llama"].hf_dir)
+    cache = ["--cache-dir", str(tiny["llama"].onnx_path.parent.parent)]
+    for argv, message in (
+        (["--prompt", ""], "the prompt is empty"),
+        (["--prompt", "hi"], "has no tokenizer"),  # the tiny model has none: text cannot be tokenized
+        (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+        (["--prompt", "hi", "--top-p", "0"], "--top-p"),
+    ):
+        assert main(["generate", "--model", hf, *cache, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and err[-1].startswith("xshard: error:"), err

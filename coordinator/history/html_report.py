@@ -49,6 +49,7 @@ def _model_tables(m: ModelData) -> str:
         f'<p class="meta">{q["total"]} requests ({q["ok"]} ok), end-to-end p50 {q["p50"]:.1f} ms, p95 '
         f"{q['p95']:.1f} ms; {when(m.summary['first_ms'])} .. {when(m.summary['last_ms'])} UTC</p>",
         _browser_table(m),
+        *(["<h3>Per kind of shard</h3>", _kind_table(m)] if m.kinds else []),
         _shard_table(m),
         "<h3>Recovery events</h3>",
         _recovery_table(m),
@@ -83,12 +84,32 @@ def _browser_table(m: ModelData) -> str:
     )
 
 
+def _kind_table(m: ModelData) -> str:
+    return table(
+        ("kind", "shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
+        [
+            (
+                s.kind,
+                s.shard_type,
+                s.browser,
+                s.platform,
+                s.runs,
+                pct(s.success_rate),
+                round(s.p50_kernel_ms, 2),
+                round(s.p95_kernel_ms, 2),
+            )
+            for s in m.kinds
+        ],
+    )
+
+
 def _shard_table(m: ModelData) -> str:
     return table(
-        ("shard", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
+        ("shard", "kind", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
         [
             (
                 s.shard_index,
+                s.kind,
                 s.browser,
                 s.platform,
                 s.runs,

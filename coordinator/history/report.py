@@ -48,15 +48,20 @@ def print_history(db_path: str | Path, model: str | None = None, recent: int = R
 
 def _model_text(m: ModelData, recent: int) -> str:
     q = m.requests
-    share = f", {pct(q['ok'] / q['total'])}), latency p50 {q['p50']:.1f} ms, p95 {q['p95']:.1f} ms end to end"
+    share = (
+        f", {pct(q['ok'] / q['total'])}), latency p50 {q['p50']:.1f} ms, p95 {q['p95']:.1f} ms end to end"
+        if q["total"]
+        else ""
+    )
     lines = [
         f"model {m.name}",
-        f"  requests  {q['total']} ({q['ok']} ok, {q['total'] - q['ok']} failed" + (share if q["total"] else ")"),
+        f"  requests  {q['total']} ({q['ok']} ok, {q['total'] - q['ok']} failed" + (share or ")"),
         f"  span      {when(m.summary['first_ms'])} .. {when(m.summary['last_ms'])} UTC",
         "",
         "per browser and platform (kernel latency of successful shard executions)",
         _browser_table(m),
         "",
+        *(["per kind of shard", _kind_table(m), ""] if m.kinds else []),
         "per shard",
         _shard_table(m),
         "",
@@ -93,13 +98,33 @@ def _browser_table(m: ModelData) -> str:
     )
 
 
+def _kind_table(m: ModelData) -> str:
+    return format_table(
+        ("kind", "shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
+        [
+            (
+                s.kind,
+                s.shard_type,
+                s.browser,
+                s.platform,
+                s.runs,
+                pct(s.success_rate),
+                f"{s.p50_kernel_ms:.2f}",
+                f"{s.p95_kernel_ms:.2f}",
+            )
+            for s in m.kinds
+        ],
+    )
+
+
 def _shard_table(m: ModelData) -> str:
     return format_table(
-        ("shard", "shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
+        ("shard", "shard type", "kind", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
         [
             (
                 s.shard_index,
                 s.shard_type,
+                s.kind,
                 s.browser,
                 s.platform,
                 s.runs,

@@ -8,7 +8,7 @@ recent requests and the points the plots draw. The text report (``report``) and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,11 @@ class ModelData:
     recent_requests: list[dict[str, Any]]
     executions: list[dict[str, Any]]
     timeline: list[dict[str, Any]]
+    kinds: list[BrowserStat] = field(default_factory=list)  # per kind of shard (attention, vision, ...)
 
     @property
     def stats(self) -> list[BrowserStat]:
+        """Per shard type (the metrics table), then per kind of shard."""
         return [
             BrowserStat(
                 b["browser"],
@@ -53,7 +55,7 @@ class ModelData:
                 b["shard_type"],
             )
             for b in self.browsers
-        ]
+        ] + self.kinds
 
 
 def short(model: str) -> str:
@@ -87,12 +89,13 @@ def _load_model(r: Reader, summary: dict[str, Any], recent: int) -> ModelData:
                coalesce(quantile_cont(kernel_ms, 0.5) FILTER (outcome = 'success'), 0) AS p50_kernel_ms,
                coalesce(quantile_cont(kernel_ms, 0.95) FILTER (outcome = 'success'), 0) AS p95_kernel_ms,
                coalesce(avg(kernel_ms) FILTER (outcome = 'success'), 0) AS avg_kernel_ms,
-               model_name, shard_type, shard_index
+               model_name, shard_type, shard_index, kind
         FROM model_sharding_components WHERE model_name = ?
         GROUP BY ALL ORDER BY shard_type, shard_index, browser, platform""",
             [name],
         )
     ]
+    kinds = _kind_stats(r, name)
     recoveries = r.rows(
         """
         SELECT epoch_ms(ts) AS ms, request_id, shard_index, worker_id, browser, platform, failure, action,
@@ -120,7 +123,25 @@ def _load_model(r: Reader, summary: dict[str, Any], recent: int) -> ModelData:
         ORDER BY ms""",
         [name, MAX_POINTS],
     )
-    return ModelData(name, summary, requests, browsers, shards, recoveries, recent_requests, executions, timeline)
+    return ModelData(
+        name, summary, requests, browsers, shards, recoveries, recent_requests, executions, timeline, kinds
+    )
+
+
+def _kind_stats(r: Reader, name: str) -> list[BrowserStat]:
+    """Per kind of shard (attention, vision, ...) and browser+platform; shards without a kind left out."""
+    rows = r.rows(
+        """
+        SELECT browser, platform, count(*) AS runs, count(*) FILTER (outcome = 'success') AS successes,
+               coalesce(quantile_cont(kernel_ms, 0.5) FILTER (outcome = 'success'), 0) AS p50_kernel_ms,
+               coalesce(quantile_cont(kernel_ms, 0.95) FILTER (outcome = 'success'), 0) AS p95_kernel_ms,
+               coalesce(avg(kernel_ms) FILTER (outcome = 'success'), 0) AS avg_kernel_ms,
+               model_name, shard_type, NULL AS shard_index, kind
+        FROM model_sharding_components WHERE model_name = ? AND kind <> ''
+        GROUP BY ALL ORDER BY shard_type, kind, browser, platform""",
+        [name],
+    )
+    return [BrowserStat(**row) for row in rows]
 
 
 def load(db_path: str | Path, model: str | None = None, recent: int = RECENT) -> list[ModelData]:

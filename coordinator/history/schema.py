@@ -3,7 +3,8 @@
 Tables (``ts`` is when the event happened, UTC; ``recorded_at`` when it was written)::
 
     model_sharding_history            one row per request      PK request_id, UNIQUE event_id
-    model_sharding_components         one row per shard run    PK event_id
+    model_sharding_components         one row per shard run    PK event_id; ``kind`` is what the shard
+                                      holds ("attention", "vision", ...; "" for layer shards)
     model_sharding_recovery_events    one row per recovery     PK event_id
     model_sharding_browser_metrics    per (model_name, shard_type, browser, platform), recomputed from
                                       the components of the models each batch touched (``REFRESH_METRICS``)
@@ -58,6 +59,7 @@ COMPONENT_COLUMNS = (
     ("outcome", "VARCHAR"),
     ("error", "VARCHAR"),
     ("recorded_at", "TIMESTAMP"),
+    ("kind", "VARCHAR"),  # last: where ``MIGRATIONS`` adds it to a database from before it
 )
 RECOVERY_COLUMNS = (
     ("event_id", "VARCHAR"),
@@ -82,6 +84,8 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "model_sharding_recovery_events": RECOVERY_COLUMNS,
 }
 METRICS_TABLE = "model_sharding_browser_metrics"
+# Columns added after a table was first released; ``SCHEMA`` runs them on every open for writing.
+MIGRATIONS = ("ALTER TABLE model_sharding_components ADD COLUMN IF NOT EXISTS kind VARCHAR DEFAULT ''",)
 SCHEMA = [
     *(
         f"CREATE TABLE IF NOT EXISTS {name} ("
@@ -98,6 +102,7 @@ SCHEMA = [
         total_latency_ms DOUBLE, avg_kernel_ms DOUBLE, p50_kernel_ms DOUBLE, p95_kernel_ms DOUBLE,
         avg_queue_ms DOUBLE, avg_transfer_ms DOUBLE, first_ts TIMESTAMP, last_ts TIMESTAMP, updated_at TIMESTAMP,
         PRIMARY KEY (model_name, shard_type, browser, platform))""",
+    *MIGRATIONS,
 ]
 REFRESH_METRICS = f"""
     INSERT INTO {METRICS_TABLE}
@@ -173,6 +178,7 @@ def _execution_row(e: Any, recorded_at: datetime) -> tuple[Any, ...]:
         str(e.outcome),
         str(e.error),
         recorded_at,
+        str(e.kind),
     )
 
 

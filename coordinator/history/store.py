@@ -83,6 +83,12 @@ def _is_lock_conflict(e: duckdb.Error) -> bool:
     return "lock" in text.lower() or "different configuration" in text
 
 
+def _lacks_columns(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether a table misses a column of ``TABLES`` (a file written by an earlier version)."""
+    have = {(t, c) for t, c in con.execute("SELECT table_name, column_name FROM information_schema.columns").fetchall()}
+    return any((table, c) not in have for table, cols in TABLES.items() for c, _ in cols)
+
+
 _FILE_LOCKS: dict[Path, threading.RLock] = {}
 _FILE_LOCKS_GUARD = threading.Lock()
 
@@ -200,9 +206,15 @@ class HistoryStore:
         if not self.exists:
             yield Reader(None)
             return
-        with self._connect(read_only=True) as con:
-            have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-            yield Reader(con if {*TABLES, METRICS_TABLE} <= have else None)
+        for first in (True, False):
+            with self._connect(read_only=True) as con:
+                have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+                ready = {*TABLES, METRICS_TABLE} <= have
+                if not (ready and first and _lacks_columns(con)):
+                    yield Reader(con if ready else None)
+                    return
+            log.info("history: adding the columns of this version to %s", self.db_path)
+            self.create()  # runs MIGRATIONS: a file from an earlier version gains its new columns
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Rows as dicts, read-only; ``[]`` if the database or its tables do not exist yet."""
@@ -215,11 +227,31 @@ class HistoryStore:
         return self.query(MODELS_SQL)
 
     def browser_stats(
-        self, model_name: str, shard_type: str | None = None, *, by_shard: bool = False, plan_id: str | None = None
+        self,
+        model_name: str,
+        shard_type: str | None = None,
+        *,
+        by_shard: bool = False,
+        plan_id: str | None = None,
+        by_kind: bool = False,
     ) -> list[BrowserStat]:
         """Per shard type and browser+platform (from the metrics table); with ``by_shard``, per shard index
-        too (from the components, of ``plan_id`` if given)."""
-        if not by_shard:
+        too (from the components, of ``plan_id`` if given); with ``by_kind``, per kind of shard over all
+        shards (``kind`` set, ``shard_index`` None; shards without a kind are left out)."""
+        if by_kind:
+            rows = self.query(
+                """
+                SELECT browser, platform, count(*) AS runs, count(*) FILTER (outcome = 'success') AS successes,
+                       coalesce(quantile_cont(kernel_ms, 0.5) FILTER (outcome = 'success'), 0) AS p50_kernel_ms,
+                       coalesce(quantile_cont(kernel_ms, 0.95) FILTER (outcome = 'success'), 0) AS p95_kernel_ms,
+                       coalesce(avg(kernel_ms) FILTER (outcome = 'success'), 0) AS avg_kernel_ms,
+                       model_name, shard_type, NULL AS shard_index, kind
+                FROM model_sharding_components
+                WHERE model_name = ? AND (?::VARCHAR IS NULL OR shard_type = ?) AND kind <> ''
+                GROUP BY ALL ORDER BY shard_type, kind, browser, platform""",
+                [model_name, shard_type, shard_type],
+            )
+        elif not by_shard:
             rows = self.query(
                 f"""
                 SELECT browser, platform, execution_count AS runs, success_count AS successes,

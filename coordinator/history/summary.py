@@ -35,7 +35,7 @@ _GROUPED = (
     ("browser_metrics", "browser"),
     ("platform_metrics", "platform"),
     ("browser_platform_metrics", "browser || '/' || platform"),
-    ("shard_types", "shard_type"),
+    ("shard_types", "coalesce(nullif(kind, ''), shard_type)"),  # by kind (attention, vision, ...) where shards have one
 )
 
 
@@ -67,7 +67,7 @@ def _components(r: Rows, model_name: str, plan_id: str | None) -> dict[str, Any]
     comps = r.rows(
         f"""
         SELECT shard_index, {_EXECUTION_COUNTERS}, arg_max(browser, ts) AS browser,
-               arg_max(platform, ts) AS platform, arg_max(shard_type, ts) AS shard_type
+               arg_max(platform, ts) AS platform, arg_max(shard_type, ts) AS shard_type, arg_max(kind, ts) AS kind
         FROM model_sharding_components WHERE model_name = ? AND (?::VARCHAR IS NULL OR plan_id = ?)
         GROUP BY shard_index ORDER BY shard_index""",
         [model_name, plan_id, plan_id],

@@ -40,6 +40,7 @@ class BrowserStat:
     model_name: str = ""
     shard_type: str = ""
     shard_index: int | None = None
+    kind: str = ""  # over the shards of this kind ("attention", "vision", ...) only; "" for all kinds
 
     @property
     def errors(self) -> int:
@@ -169,10 +170,13 @@ def recommend(
 ) -> dict[str, Any]:
     """The guide's recommendations shape, from measurements only; ``{}`` when nothing was measured.
 
-    ``stats``: rows per (shard type, browser, platform) over all shards (``shard_index`` None).
+    ``stats``: rows per (shard type, browser, platform) over all shards (``shard_index`` None), and per
+    (kind, browser, platform) for shards that hold a kind (``kind`` set): each kind gets its own entry,
+    ``browser_allocation["attention"]``, ``["vision"]``..., judged against the guide table's row for it.
     ``allocation``: shard index -> ``{"browser", "platform", "specialization"?}`` in use now (may be empty).
     """
-    stats = [s for s in stats if s.shard_index is None and s.runs > 0]
+    by_kind = [s for s in stats if s.shard_index is None and s.runs > 0 and s.kind]
+    stats = [s for s in stats if s.shard_index is None and s.runs > 0 and not s.kind]
     overall_pool = combine(stats)
     pick = _pick(overall_pool, min_runs, min_success_rate)
     if pick is None:
@@ -186,6 +190,11 @@ def recommend(
         top = _pick(pool, min_runs, min_success_rate)
         if top is not None:
             browser_allocation[shard_type] = _entry(top, pool, guide)
+    for kind in sorted({s.kind for s in by_kind} - set(browser_allocation)):
+        pool = combine([s for s in by_kind if s.kind == kind])
+        top = _pick(pool, min_runs, min_success_rate)
+        if top is not None:
+            browser_allocation[kind] = _entry(top, pool, guide_choices(model_type, {kind}) or guide)
     return {
         "browser_allocation": browser_allocation,
         "optimization_suggestions": suggestions(best, overall_pool, allocation, guide, min_runs, min_success_rate),
@@ -254,7 +263,7 @@ def _candidates(
     ranked = qualified(same, min_runs, min_success_rate)
     if len(ranked) >= 2:
         return ranked, same, f"on shard {shard_index}"
-    pool = combine([s for s in stats if s.shard_index is None])
+    pool = combine([s for s in stats if s.shard_index is None and not s.kind])
     return qualified(pool, min_runs, min_success_rate), pool, "over all shards"
 
 

@@ -32,7 +32,7 @@ class HistoryView:
         if store is None:
             return False
         try:
-            stats = await asyncio.to_thread(store.browser_stats, self.model_name, self.shard_type)
+            stats = await asyncio.to_thread(self._overall_stats, store)
             stats += await asyncio.to_thread(
                 store.browser_stats, self.model_name, self.shard_type, by_shard=True, plan_id=plan_id
             )
@@ -48,9 +48,14 @@ class HistoryView:
         if self.store is None:
             return
         try:
-            self.stats = await asyncio.to_thread(self.store.browser_stats, self.model_name, self.shard_type)
+            self.stats = await asyncio.to_thread(self._overall_stats, self.store)
         except HistoryError as e:
             log.info("history stats not refreshed: %s", e)
+
+    def _overall_stats(self, store: HistoryStore) -> list[BrowserStat]:
+        """Over all shards, then per kind of shard (attention, vision, ...)."""
+        overall = store.browser_stats(self.model_name, self.shard_type)
+        return overall + store.browser_stats(self.model_name, self.shard_type, by_kind=True)
 
     def merged(self, live: dict[str, Any]) -> dict[str, Any]:
         """``live`` counters merged with what the database held (``live`` itself without a database)."""

@@ -42,6 +42,7 @@ class Counter:
 class LiveMetrics:
     def __init__(self, shard_type: str) -> None:
         self.shard_type = shard_type
+        self.stage_kinds: dict[int, str] = {}  # shard index -> what it holds ("attention", ...); set once planned
         self.requests = Counter()
         self.components: dict[str, Counter] = {}
         self.component_info: dict[str, dict[str, Any]] = {}
@@ -52,11 +53,13 @@ class LiveMetrics:
         self.recovery_events: list[dict[str, Any]] = []
 
     def record_component(self, component_id: str, info: dict[str, Any], ok: bool, kernel_ms: float | None) -> None:
+        kind = self.stage_kinds.get(info.get("shard_index", -1), "")
         self.components.setdefault(component_id, Counter()).add(ok, kernel_ms)
-        self.component_info[component_id] = info
+        self.component_info[component_id] = {**info, "kind": kind}
         self.browsers.setdefault(info["browser"], Counter()).add(ok, kernel_ms)
         self.platforms.setdefault(info["platform"], Counter()).add(ok, kernel_ms)
-        self.shard_types.setdefault(self.shard_type, Counter()).add(ok, kernel_ms)
+        # by kind where shards hold one, as the history database groups them
+        self.shard_types.setdefault(kind or self.shard_type, Counter()).add(ok, kernel_ms)
 
     def record_request(self, request_id: str, ok: bool, latency_ms: float, error: str | None = None) -> None:
         self.requests.add(ok, latency_ms)

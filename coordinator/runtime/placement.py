@@ -101,6 +101,7 @@ class Placement:
             reply_stream=self.dispatcher.reply_stream,
             model_name=self.target.model_name,
             shard_type=self.target.shard_type,
+            kind=stage.kind,
         )
 
     async def _send(self, index: int, worker_id: str) -> tuple[Assignment, asyncio.Future[AssignmentReply]]:
