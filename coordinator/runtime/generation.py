@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,8 @@ class Tokenizer:
             raise InputError(f"{self.model.source} has no tokenizer: give the prompt as token ids")
         if chat:
             ids = self._tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
             return [int(t) for t in ids]
         return [int(t) for t in self._tok(prompt)["input_ids"]]
 
