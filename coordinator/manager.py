@@ -1,18 +1,11 @@
 """``ModelShardingManager``: the public API, as the guide shows it, on real browsers and Redis Streams.
 
-Without ``redis_url`` (and no ``REDIS_URL`` in the environment) the manager starts an embedded
-valkey-server and one local worker process (one browser) per shard, at most ``max_connections`` of them:
-past that, runs of consecutive shards share a browser, which runs them in one page op with no stream hop
-between them. With ``redis_url``, it uses the workers registered there.
-
-The manager is a façade over named parts:
-
-- ``prepare`` resolves and cuts the model and chooses a browser per shard (``planning.allocation``),
-  steered by what the history database knows (``runtime.history_view``);
-- a ``runtime.deployment.Deployment`` owns the broker, the workers, the fleet, the placement of stages
-  on workers (``runtime.placement``) and the readers and watchers, and closes them in one path;
-- a ``runtime.client.RequestClient`` submits requests, awaits and formats their outcomes, resumes and
-  replays them.
+Without ``redis_url`` it starts an embedded valkey-server and one local browser per shard, at most
+``max_connections`` (consecutive shards then share a browser, run in one page op); with it, it uses the
+workers registered there. A façade over named parts: ``prepare`` cuts the model and chooses browsers
+(``planning``, steered by ``runtime.history_view``); a ``runtime.deployment.Deployment`` owns the broker,
+workers, fleet, placement and watchers and closes them in one path; ``runtime.client.RequestClient`` and
+``runtime.generation`` run requests and generation sessions.
 """
 
 from __future__ import annotations
@@ -44,7 +37,6 @@ from coordinator.recovery import Policy
 from coordinator.recovery.ladder import FAULT_TOLERANCE_LEVELS, RECOVERY_STRATEGIES
 from coordinator.runtime.client import RequestClient, RequestLabels
 from coordinator.runtime.deployment import Deployment, DeploymentConfig
-from coordinator.runtime.dispatch import Dispatcher
 from coordinator.runtime.fleet import Fleet
 from coordinator.runtime.generation import GeneratedToken, GenerationClient, Tokenizer, check_prompt
 from coordinator.runtime.history_view import HistoryView
@@ -139,6 +131,17 @@ class ModelShardingManager:
     def route(self) -> tuple[str, ...]:
         """Stage stream names of this manager's plan, in order."""
         return self._deployment.route if self._deployment else ()
+
+    @property
+    def reply_stream(self) -> str | None:
+        """This coordinator's reply stream (results, failures), once initialized."""
+        rt = self._deployment.runtime_or_none if self._deployment else None
+        return rt.dispatcher.reply_stream if rt else None
+
+    @property
+    def planned_slots(self) -> dict[int, Slot]:
+        """What ``prepare`` chose for each shard (browser, platform, specialization, reason)."""
+        return dict(self._slots)
 
     @property
     def allocation(self) -> dict[int, dict[str, Any]]:
@@ -385,11 +388,6 @@ class ModelShardingManager:
         return self._history.merged(self.metrics.history())
 
     # -- kept for callers that reach inside (tests, benchmarks, the fault lab) -------------------
-
-    @property
-    def _dispatcher(self) -> Dispatcher | None:
-        rt = self._deployment.runtime_or_none if self._deployment else None
-        return rt.dispatcher if rt else None
 
     @property
     def _tracker(self) -> RequestTracker | None:

@@ -173,7 +173,7 @@ async def test_the_manager_sizes_auto_shards_to_the_page_budget_and_says_why(tmp
     shards = await manager.prepare()
     assert manager.num_shards == len(shards.plan.stages) > 1 and manager.sizing is not None
     assert all(f.need_bytes <= budget for f in manager.sizing.fits)
-    assert all(manager.sizing.reason in slot.reason for slot in manager._slots.values())
+    assert all(manager.sizing.reason in slot.reason for slot in manager.planned_slots.values())
     assert f"pages hold {gb(budget)} each" in manager.sizing.reason
     await manager.close()
 

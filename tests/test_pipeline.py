@@ -137,7 +137,8 @@ async def test_bad_input_is_refused_before_anything_is_enqueued(
     minilm: ModelShardingManager, inputs: dict[str, Any], message: str
 ) -> None:
     assert minilm.broker_url is not None
-    streams = [*minilm.route, minilm._dispatcher.reply_stream]  # type: ignore[union-attr]
+    assert minilm.reply_stream is not None
+    streams = [*minilm.route, minilm.reply_stream]
     before = await stream_state(minilm.broker_url, streams)
     res = await minilm.run_inference_sharded(inputs)
     assert message in res.get("error", ""), res
