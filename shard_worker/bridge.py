@@ -17,7 +17,6 @@ import logging
 import math
 import secrets
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -28,6 +27,8 @@ import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+
+from broker.clock import now_ms
 
 from .errors import BridgeClosed, BridgeTimeout, PageError, StepFailed
 
@@ -142,10 +143,6 @@ class RunResult:
     @property
     def adapter(self) -> str:
         return self.steps[-1].adapter if self.steps else ""
-
-
-def now_ms() -> float:
-    return time.time() * 1000.0
 
 
 class Bridge:

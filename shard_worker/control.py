@@ -19,13 +19,12 @@ from broker.errors import SettingError
 from broker.keys import STAGE_GROUP
 from broker.kinds import Platform
 from broker.messages import Assignment, AssignmentReply, Inject, Release, Restart
-from broker.streams import Broker, Delivery
+from broker.streams import Delivery
 
 from .artifacts import WorkerArtifacts
 from .errors import ArtifactUnavailable, BridgeClosed, BridgeTimeout, PageError
+from .host import WorkerHost
 from .injection import FaultInjection
-from .page import Page
-from .settings import WorkerSettings
 from .stage import Stage
 
 log = logging.getLogger(__name__)
@@ -33,17 +32,9 @@ log = logging.getLogger(__name__)
 CONTROL_BLOCK_MS = 1000
 
 
-class ControlHost(Protocol):
-    """What the control stream needs from its worker."""
+class ControlHost(WorkerHost, Protocol):
+    """What the control stream needs from its worker: it also adds and removes the stages served."""
 
-    @property
-    def id(self) -> str: ...
-    @property
-    def settings(self) -> WorkerSettings: ...
-    @property
-    def broker(self) -> Broker: ...
-    @property
-    def page(self) -> Page: ...
     @property
     def stages(self) -> MutableMapping[str, Stage]: ...
     @property

@@ -16,25 +16,25 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import numpy as np
 
+from broker.clock import now_ms
 from broker.keys import STAGE_GROUP
 from broker.kinds import FailureKind
 from broker.messages import ExecutionEvent, Message, ShardFailure, ShardJob, ShardResult, StageTrace
 from broker.retry import retrying
-from broker.streams import Broker, Delivery
+from broker.streams import Delivery
 
 from .bridge import RunResult
 from .chain import Link, WorkerMarks, chain_of, page_inputs, steps_of, traces
 from .errors import BridgeClosed, BridgeTimeout, PageError, StepFailed, WorkerError
+from .host import RunningHost
 from .injection import FaultInjection
 from .memory import is_out_of_memory
-from .page import Page
-from .settings import WorkerSettings
 from .stage import Stage
 
 log = logging.getLogger(__name__)
@@ -43,27 +43,11 @@ T = TypeVar("T")
 Tensors = dict[str, np.ndarray]
 
 
-def now_ms() -> float:
-    return time.time() * 1000.0
-
-
-class JobHost(Protocol):
+class JobHost(RunningHost, Protocol):
     """What the job path needs from its worker."""
 
     @property
-    def id(self) -> str: ...
-    @property
-    def settings(self) -> WorkerSettings: ...
-    @property
-    def broker(self) -> Broker: ...
-    @property
-    def page(self) -> Page: ...
-    @property
-    def stages(self) -> Mapping[str, Stage]: ...
-    @property
     def faults(self) -> FaultInjection: ...
-    async def wait_ready(self) -> None: ...
-    def restart_soon(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

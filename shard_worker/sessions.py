@@ -21,22 +21,22 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from broker.clock import now_ms
 from broker.keys import STAGE_GROUP
 from broker.kinds import FailureKind
 from broker.messages import ExecutionEvent, Message, StageTrace
 from broker.retry import retrying
 from broker.sessions import SessionEnd, SessionFailure, SessionRefusal, SessionResult, SessionStep, state_entry
-from broker.streams import Broker, Delivery
+from broker.streams import Delivery
 
 from .bridge import RunResult, Step
 from .chain import Link, WorkerMarks, traces
 from .errors import BridgeClosed, BridgeTimeout, PageError, StepFailed, WorkerError
-from .page import Page
-from .settings import WorkerSettings
+from .host import RunningHost
 from .stage import Stage
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,6 @@ LIMIT_PREFIX = "session-limit:"  # web/kvcache.js LIMIT
 MISSING_PREFIX = "session-missing:"  # web/kvcache.js MISSING
 MAX_SESSIONS = 8
 SESSION_TTL_S = 600.0
-
-
-def now_ms() -> float:
-    return time.time() * 1000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,21 +64,7 @@ class SessionSettings:
         )
 
 
-class SessionHost(Protocol):
-    """What the session path needs from its worker."""
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def settings(self) -> WorkerSettings: ...
-    @property
-    def broker(self) -> Broker: ...
-    @property
-    def page(self) -> Page: ...
-    @property
-    def stages(self) -> Mapping[str, Stage]: ...
-    async def wait_ready(self) -> None: ...
-    def restart_soon(self, reason: str) -> None: ...
+SessionHost = RunningHost  # what the session path needs from its worker
 
 
 def is_session_entry(d: Delivery) -> bool:

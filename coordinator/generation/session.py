@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from broker.clock import now_ms
 from broker.kinds import FailureKind
 from broker.messages import Message, StageTrace
 from broker.sessions import (
@@ -98,10 +99,6 @@ class SessionLog:
     traces: list[StageTrace] = field(default_factory=list)
     kernel_ms: dict[int, float] = field(default_factory=dict)  # per shard, all steps
     steps: int = 0
-
-
-def now_ms() -> float:
-    return time.time() * 1000.0
 
 
 class GenerationSession:

@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.history.plots import PALETTE, bar_plot, e, latency_plot, recovery_plot
-from coordinator.history.report_data import ModelData, load, pct, short, when
+from coordinator.history.report_data import (
+    BROWSER_HEADERS,
+    KIND_HEADERS,
+    ModelData,
+    browser_rows,
+    kind_rows,
+    load,
+    pct,
+    short,
+    when,
+)
 from coordinator.planning.recommendations import recommend
 
 CSS = """
@@ -65,42 +75,15 @@ def _model_tables(m: ModelData) -> str:
 
 
 def _browser_table(m: ModelData) -> str:
-    return table(
-        ("shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms", "avg ms", "errors"),
-        [
-            (
-                b["shard_type"],
-                b["browser"],
-                b["platform"],
-                b["execution_count"],
-                pct(b["success_rate"]),
-                round(b["p50_kernel_ms"], 2),
-                round(b["p95_kernel_ms"], 2),
-                round(b["avg_kernel_ms"], 2),
-                b["error_count"],
-            )
-            for b in m.browsers
-        ],
-    )
+    return table(BROWSER_HEADERS, browser_rows(m, _ms))
 
 
 def _kind_table(m: ModelData) -> str:
-    return table(
-        ("kind", "shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
-        [
-            (
-                s.kind,
-                s.shard_type,
-                s.browser,
-                s.platform,
-                s.runs,
-                pct(s.success_rate),
-                round(s.p50_kernel_ms, 2),
-                round(s.p95_kernel_ms, 2),
-            )
-            for s in m.kinds
-        ],
-    )
+    return table(KIND_HEADERS, kind_rows(m, _ms))
+
+
+def _ms(x: float) -> float:
+    return round(x, 2)
 
 
 def _shard_table(m: ModelData) -> str:

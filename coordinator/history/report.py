@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.history.html_report import render_html, write_html_report
-from coordinator.history.report_data import RECENT, ModelData, NoHistory, load, pct, when
+from coordinator.history.report_data import (
+    BROWSER_HEADERS,
+    KIND_HEADERS,
+    RECENT,
+    ModelData,
+    NoHistory,
+    browser_rows,
+    kind_rows,
+    load,
+    pct,
+    when,
+)
 from coordinator.planning.recommendations import recommend
 
 
@@ -79,42 +90,15 @@ def _model_text(m: ModelData, recent: int) -> str:
 
 
 def _browser_table(m: ModelData) -> str:
-    return format_table(
-        ("shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms", "avg ms", "errors"),
-        [
-            (
-                b["shard_type"],
-                b["browser"],
-                b["platform"],
-                b["execution_count"],
-                pct(b["success_rate"]),
-                f"{b['p50_kernel_ms']:.2f}",
-                f"{b['p95_kernel_ms']:.2f}",
-                f"{b['avg_kernel_ms']:.2f}",
-                b["error_count"],
-            )
-            for b in m.browsers
-        ],
-    )
+    return format_table(BROWSER_HEADERS, browser_rows(m, _ms))
 
 
 def _kind_table(m: ModelData) -> str:
-    return format_table(
-        ("kind", "shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms"),
-        [
-            (
-                s.kind,
-                s.shard_type,
-                s.browser,
-                s.platform,
-                s.runs,
-                pct(s.success_rate),
-                f"{s.p50_kernel_ms:.2f}",
-                f"{s.p95_kernel_ms:.2f}",
-            )
-            for s in m.kinds
-        ],
-    )
+    return format_table(KIND_HEADERS, kind_rows(m, _ms))
+
+
+def _ms(x: float) -> str:
+    return f"{x:.2f}"
 
 
 def _shard_table(m: ModelData) -> str:

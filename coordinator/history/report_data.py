@@ -8,6 +8,7 @@ recent requests and the points the plots draw. The text report (``report``) and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -161,3 +162,42 @@ def load(db_path: str | Path, model: str | None = None, recent: int = RECENT) ->
 
 def pct(x: float) -> str:
     return f"{x:.1%}"
+
+
+BROWSER_HEADERS = ("shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms", "avg ms", "errors")
+KIND_HEADERS = ("kind", "shard type", "browser", "platform", "runs", "success", "p50 ms", "p95 ms")
+
+
+def browser_rows(m: ModelData, ms: Callable[[float], Any]) -> list[tuple[Any, ...]]:
+    """The per-browser-and-platform table's rows, milliseconds written by ``ms`` (text or HTML)."""
+    return [
+        (
+            b["shard_type"],
+            b["browser"],
+            b["platform"],
+            b["execution_count"],
+            pct(b["success_rate"]),
+            ms(b["p50_kernel_ms"]),
+            ms(b["p95_kernel_ms"]),
+            ms(b["avg_kernel_ms"]),
+            b["error_count"],
+        )
+        for b in m.browsers
+    ]
+
+
+def kind_rows(m: ModelData, ms: Callable[[float], Any]) -> list[tuple[Any, ...]]:
+    """The per-kind table's rows (what each shard holds), milliseconds written by ``ms``."""
+    return [
+        (
+            s.kind,
+            s.shard_type,
+            s.browser,
+            s.platform,
+            s.runs,
+            pct(s.success_rate),
+            ms(s.p50_kernel_ms),
+            ms(s.p95_kernel_ms),
+        )
+        for s in m.kinds
+    ]

@@ -26,10 +26,12 @@ from typing import Any
 from broker.address import redact
 from broker.artifact_server import Holding, serving_address
 from broker.browsers import find_executable, install_hint
+from broker.clock import now_ms
 from broker.embedded import EmbeddedValkey
 from broker.errors import BrokerError
 from broker.ledger import Ledger
 from broker.messages import Release, ShardResult
+from broker.registry import WorkerInfo
 from broker.retry import poll
 from broker.streams import Broker
 from coordinator.errors import AllocationError, XshardError
@@ -55,10 +57,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 CLOSE_STEP_TIMEOUT_S = 10.0
 WORKER_POLL_S = 0.2  # how often the registry is read while waiting for external workers
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +116,12 @@ class Deployment:
         self.route: tuple[str, ...] = ()
         self._runtime: Runtime | None = None
 
+    async def live_workers(self) -> list[WorkerInfo]:
+        """Workers whose heartbeat is fresh (``heartbeat_max_age_ms``) on this deployment's broker."""
+        if self.broker is None:
+            raise XshardError("the deployment is not started")
+        return await self.broker.live_workers(int(now_ms()), self.config.settings.heartbeat_max_age_ms)
+
     @property
     def url(self) -> str | None:
         """The broker in use, while connected."""
@@ -150,9 +154,9 @@ class Deployment:
         target = Target(self.config.model_name, self.config.shard_type, shards, rt.route)
         self.placement = Placement(target, match.slots, rt.dispatcher, self.fleet)
         self._progress(f"loading {sum(map(len, match.workers.values()))} shard sessions in the browsers")
-        self.fleet.update(await broker.live_workers(now_ms(), self.config.settings.heartbeat_max_age_ms))  # budgets
+        self.fleet.update(await self.live_workers())  # their page budgets, before placing
         await self.placement.load(match.workers, self.config.settings.assign_timeout_s)
-        self.fleet.update(await broker.live_workers(now_ms(), self.config.settings.heartbeat_max_age_ms))
+        self.fleet.update(await self.live_workers())
         self._start_monitor(rt)
 
     async def _connect(self) -> Broker:
@@ -245,7 +249,7 @@ class Deployment:
         enough_since: float | None = None
         self._progress(f"waiting for {n} workers on {redact(self.config.redis_url)}")
         async for _ in poll(WORKER_POLL_S, self._stop):
-            live = await self.broker.live_workers(now_ms(), s.heartbeat_max_age_ms)
+            live = await self.live_workers()
             if len(live) >= n:
                 enough_since = enough_since or time.monotonic()
                 substitute = time.monotonic() - enough_since > s.browser_match_wait_s

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from broker.clock import now_ms
 from broker.messages import RecoveryEvent
 from coordinator.errors import InputError
 from coordinator.generation.sampling import Sampling
@@ -33,10 +34,6 @@ class GeneratedToken:
 
     token_id: int
     text: str
-
-
-def now_ms() -> float:
-    return time.time() * 1000.0
 
 
 class Tokenizer:
@@ -129,9 +126,7 @@ class GenerationClient:
         )
 
     async def _alive(self, worker_ids: Sequence[str]) -> set[str]:
-        dep = self.deployment
-        assert dep.broker is not None
-        live = await dep.broker.live_workers(int(now_ms()), dep.config.settings.heartbeat_max_age_ms)
+        live = await self.deployment.live_workers()
         return {w.worker_id for w in live} & set(worker_ids)
 
     async def _reroute(self, route: SessionRoute, stage: int) -> SessionRoute:
@@ -143,7 +138,7 @@ class GenerationClient:
             return route
         live = await self._alive(dep.fleet.serving.get(stage, []))
         if not live:
-            known = await dep.broker.live_workers(int(now_ms()), dep.config.settings.heartbeat_max_age_ms)
+            known = await dep.live_workers()
             for spare in sorted(w.worker_id for w in known if w.worker_id not in route.workers):
                 if await dep.assign_stage(stage, spare):
                     live = {spare}

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.clock import now_ms
 from broker.process import die_with_parent
 from broker.retry import poll
 from broker.streams import Broker
@@ -145,7 +146,7 @@ class LocalWorkers:
                     raise AllocationError(
                         f"local {w.browser} worker exited with {w.process.returncode} before registering:\n{w.tail()}"
                     )
-            pending -= {w.worker_id for w in await broker.live_workers(int(time.time() * 1000), max_age_ms)}
+            pending -= {w.worker_id for w in await broker.live_workers(int(now_ms()), max_age_ms)}
             if not pending:
                 return
             if time.monotonic() > deadline:
