@@ -182,10 +182,11 @@ class ModelShardingManager:
             s.weight_share,
             s.page_budget_bytes,
         )
-        self.num_shards = len(shards.plan.stages)
+        groups = shards.plan.shard_groups  # the shards asked for; each holds one stage or more
+        self.num_shards = len(groups)
         self.sizing = sizing
         self._progress(f"sizing: {sizing.reason}")
-        self._slots = allocate(
+        by_shard = allocate(
             self.num_shards,
             model_type=self.model_type,
             model_kind=self.model.kind,
@@ -193,16 +194,17 @@ class ModelShardingManager:
             platform=self.platform,
             browsers=self.browsers,
             custom=self.custom_browser_allocation,
-            stage_kinds=tuple(stage.kind for stage in shards.plan.stages),
+            stage_kinds=tuple(shards.plan.stages[g[0]].kind for g in groups),
         )
+        self._slots = {i: by_shard[g] for g, members in enumerate(groups) for i in members}
         if await self._history.read(shards.plan.plan_id):
-            self._steer_by_history()
+            self._steer_by_history(groups)
         self._slots = with_reason(self._slots, sizing.reason)
         self.metrics.stage_kinds = {stage.index: stage.kind for stage in shards.plan.stages}
         self.shards = shards
         return shards
 
-    def _steer_by_history(self) -> None:
+    def _steer_by_history(self, groups: Sequence[Sequence[int]]) -> None:
         """Measured history of this model steers the allocation (unless the user fixed it)."""
         stats = self._history.stats
         if self.browsers or not stats:
@@ -211,7 +213,7 @@ class ModelShardingManager:
             self._slots,
             stats,
             platform=self.platform,
-            fixed=set(self.custom_browser_allocation),
+            fixed={i for g in self.custom_browser_allocation if g < len(groups) for i in groups[g]},
             installed=_installed if self.redis_url is None else (lambda b: True),
         )
 

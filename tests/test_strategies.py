@@ -40,6 +40,7 @@ BUILDERS: dict[str, Any] = {
     "roberta2": lambda d: mm.save_tiny_roberta(d, layers=2),
     "bert1": lambda d: mm.save_tiny_bert(d, layers=1),
     "bert2": lambda d: mm.save_tiny_bert(d, layers=2),
+    "bert3": lambda d: mm.save_tiny_bert(d, layers=3),
 }
 
 
@@ -117,9 +118,13 @@ CASES = [
     ("vit", 2, "layer"),
     ("whisper", 2, "layer"),
     ("roberta1", 2, "attention_feedforward"),
+    ("roberta2", 2, "attention_feedforward"),
     ("roberta2", 4, "attention_feedforward"),
     ("bert1", 2, "attention_feedforward"),
+    ("bert2", 2, "attention_feedforward"),
     ("bert2", 4, "attention_feedforward"),
+    ("bert3", 4, "attention_feedforward"),
+    ("bert3", 6, "attention_feedforward"),
 ]
 
 
@@ -129,7 +134,7 @@ def test_sharded_model_matches_transformers(
 ) -> None:
     hf_dir, resolved = models[name]
     shards = build_shard_set(resolved.onnx_path, num_shards, shard_type, cache)
-    assert len(shards.plan.stages) == num_shards
+    assert len(shards.plan.shard_groups) == num_shards
     feeds = validate_inputs(_feeds(name), shards.profile.inputs, shards.profile.vocab_limits)
     got = _run_plan(shards, feeds)
     for key, want in _expected(name, hf_dir, feeds).items():
@@ -162,7 +167,33 @@ def test_clip_components_form_a_dag_with_two_independent_towers(models: dict[str
 def test_attention_feedforward_stages_alternate_kinds(models: dict[str, Any], cache: Path) -> None:
     plan = build_shard_set(models["bert2"][1].onnx_path, 4, "attention_feedforward", cache).plan
     assert [s.kind for s in plan.stages] == ["attention", "feedforward", "attention", "feedforward"]
+    assert plan.shard_groups == ((0,), (1,), (2,), (3,))
     assert plan.is_chain
+
+
+@pytest.mark.parametrize(("num_shards", "sizes"), [(2, [3]), (4, [1, 2]), (6, [1, 1, 1])])
+def test_attention_feedforward_shards_hold_ranges_of_layers_one_kind_each(
+    models: dict[str, Any], cache: Path, num_shards: int, sizes: list[int]
+) -> None:
+    """Fewer shards than blocks (the guide's T5-Large: 24 layers in 6 shards): each range of layers is an
+    attention shard and a feed-forward shard, and a request alternates between them, layer after layer."""
+    plan = build_shard_set(models["bert3"][1].onnx_path, num_shards, "attention_feedforward", cache).plan
+    assert len(plan.stages) == 6 and len(plan.shard_groups) == num_shards
+    assert sorted(i for g in plan.shard_groups for i in g) == list(range(6))
+    for g, members in enumerate(plan.shard_groups):
+        kinds = {plan.stages[i].kind for i in members}
+        assert kinds == {"attention" if g % 2 == 0 else "feedforward"}, (g, members)
+        assert all(plan.group_of(i) == g for i in members)
+    attention_shards = plan.shard_groups[0::2]
+    assert sorted(len(g) for g in attention_shards) == sorted(sizes)
+    layers = [[i // 2 for i in g] for g in attention_shards]  # consecutive ranges, in order
+    assert [x for r in layers for x in r] == [0, 1, 2]
+    assert [[i // 2 for i in g] for g in plan.shard_groups[1::2]] == layers
+
+
+def test_attention_feedforward_with_more_shards_than_blocks_is_refused(models: dict[str, Any], cache: Path) -> None:
+    with pytest.raises(PlanError, match="at most 4 shards.*got 6"):
+        build_shard_set(models["bert2"][1].onnx_path, 6, "attention_feedforward", cache)
 
 
 def test_clip_similarity_is_the_cosine_of_each_text_with_each_image(models: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ that are not running (each page's pool spins and blocks in turn), slower than on
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from coordinator.planning.allocation import Slot
@@ -33,23 +33,36 @@ class HostGroup:
     platform: str
 
 
-def host_groups(slots: Mapping[int, Slot], max_browsers: int) -> tuple[tuple[HostGroup, ...], dict[int, Slot]]:
-    """Consecutive runs of shards, at most ``max_browsers`` of them (each shard its own when the cap
-    allows), and the slots as hosted (a shard in another shard's browser names it in its reason)."""
-    order = sorted(slots)
+def host_groups(
+    slots: Mapping[int, Slot], max_browsers: int, shards: Sequence[Sequence[int]] = ()
+) -> tuple[tuple[HostGroup, ...], dict[int, Slot]]:
+    """Runs of consecutive shards, at most ``max_browsers`` of them (each shard its own when the cap
+    allows), and the slots as hosted (a shard in another shard's browser names it in its reason).
+
+    ``shards`` are the stages of each shard (``Plan.shard_groups``; default: each slot its own shard):
+    the stages of one shard always share its first stage's browser."""
+    order = [tuple(g) for g in shards] or [(i,) for i in sorted(slots)]
     n = len(order)
     count = max(1, min(n, max_browsers)) if n else 0
     groups, hosted, start = [], dict(slots), 0
     for g in range(count):
         size = n // count + (1 if g < n % count else 0)
-        run = tuple(order[start : start + size])
+        run = order[start : start + size]
         start += size
-        head = slots[run[0]]
-        groups.append(HostGroup(run, head.browser, head.platform))
-        for i in run[1:]:
-            s = slots[i]
-            why = f"{s.reason}; shares shard {run[0]}'s {head.browser} (max_connections={max_browsers})"
-            hosted[i] = Slot(head.browser, s.platform, s.specialization, why)
+        first = run[0][0]
+        head = slots[first]
+        groups.append(HostGroup(tuple(sorted(i for members in run for i in members)), head.browser, head.platform))
+        for k, members in enumerate(run):
+            for i in members:
+                if i == first or (not k and slots[i].browser == head.browser):
+                    continue
+                s = slots[i]
+                why = (
+                    f"shares shard {first}'s {head.browser} (max_connections={max_browsers})"
+                    if k
+                    else f"with stage {first} in one shard"
+                )
+                hosted[i] = Slot(head.browser, s.platform, s.specialization, f"{s.reason}; {why}")
     return tuple(groups), hosted
 
 

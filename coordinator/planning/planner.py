@@ -81,15 +81,30 @@ class Stage:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """The stages and how they are cut; ``groups`` are the shards a user asked for when they are not one
+    stage each (attention/feed-forward: a shard holds the attention blocks of a range of layers, another
+    their feed-forward blocks; all stages of a group go to one worker). Empty: one stage per shard."""
+
     model_sha256: str
     shard_type: str
     stages: tuple[Stage, ...]
     boundary_kind: str
+    groups: tuple[tuple[int, ...], ...] = ()
 
     @property
     def plan_id(self) -> str:
         cuts = ",".join(f"{s.start}-{s.end}" for s in self.stages)
-        return hashlib.sha256(f"{self.model_sha256}|{self.shard_type}|{cuts}".encode()).hexdigest()[:16]
+        grouped = "|" + ";".join(",".join(map(str, g)) for g in self.groups) if self.groups else ""
+        return hashlib.sha256(f"{self.model_sha256}|{self.shard_type}|{cuts}{grouped}".encode()).hexdigest()[:16]
+
+    @property
+    def shard_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The stages of each shard, in shard order: ``groups``, or each stage alone."""
+        return self.groups or tuple((s.index,) for s in self.stages)
+
+    def group_of(self, stage_index: int) -> int:
+        """The shard that holds stage ``stage_index``."""
+        return next(g for g, members in enumerate(self.shard_groups) if stage_index in members)
 
     @property
     def is_chain(self) -> bool:

@@ -3,8 +3,11 @@
 *attention_feedforward*: the graph is cut at residual points (found as the layer planner finds them)
 around each attention block (weights and a rank-4 tensor: batch, heads, query, key) and the
 feed-forward block after it (weights, no rank-4 tensor). Stages alternate
-``attention``, ``feedforward``; the embedding rides with the first attention stage and the head with the
-last feed-forward stage. Each stage holds one block, so ``num_shards`` is twice the layer count.
+``attention``, ``feedforward``, one block each; the embedding rides with the first attention stage and the
+head with the last feed-forward stage. The ``num_shards`` shards group them: ``num_shards / 2`` ranges of
+consecutive layers balanced by cost, the attention blocks of a range in one shard and its feed-forward
+blocks in the next (``Plan.groups``), so a request alternates between an attention and a feed-forward
+shard, layer after layer.
 
 *component*: the graph's towers and fusion (:mod:`coordinator.model.components`), on a graph whose nodes
 :func:`~coordinator.model.components.order_by_component` made contiguous per tower. One stage per tower
@@ -72,7 +75,8 @@ def attention_layers(profile: GraphProfile) -> list[tuple[int, int]]:
 
 
 def plan_attention_feedforward(profile: GraphProfile, num_shards: int, weight_share: float) -> Plan:
-    """Alternating attention and feed-forward stages, one block each."""
+    """One stage per block, alternating attention and feed-forward; ``num_shards / 2`` balanced ranges of
+    layers, each range's attention blocks one shard and its feed-forward blocks another."""
     if num_shards < 2 or num_shards % 2:
         raise PlanError(
             "attention_feedforward needs an even num_shards (half attention, half feed-forward shards), "
@@ -84,16 +88,29 @@ def plan_attention_feedforward(profile: GraphProfile, num_shards: int, weight_sh
             "attention_feedforward needs a graph with attention blocks: no layer of this graph has a half that "
             "computes attention scores (batch x heads x query x key) followed by a feed-forward half"
         )
-    if num_shards != 2 * len(layers):
+    if num_shards > 2 * len(layers):
         raise PlanError(
-            f"attention_feedforward with this graph needs num_shards = {2 * len(layers)} "
-            f"(one attention and one feed-forward shard per each of its {len(layers)} layers), got {num_shards}"
+            f"attention_feedforward with this graph takes at most {2 * len(layers)} shards "
+            f"(an attention and a feed-forward shard for each of its {len(layers)} layers), got {num_shards}"
         )
     cuts = [p for i, (start, split) in enumerate(layers) for p in ((start,) if i else ()) + (split,)]
     bounds = list(zip([0, *cuts], [*cuts, profile.node_count], strict=True))
-    kinds = tuple(ATTENTION if i % 2 == 0 else FEEDFORWARD for i in range(num_shards))
+    kinds = tuple(ATTENTION if i % 2 == 0 else FEEDFORWARD for i in range(len(bounds)))
     stages = build_stages(profile, bounds, weight_share, kinds)
-    return Plan(profile.model_sha256, "attention_feedforward", stages, "attention_feedforward")
+    ranges = layer_ranges(profile, [start for start, _ in layers], num_shards // 2, weight_share)
+    groups = tuple(tuple(2 * i + half for i in r) for r in ranges for half in (0, 1))
+    log.info("attention_feedforward plan: %d blocks in %d shards, layers %s", len(stages), num_shards, ranges)
+    return Plan(profile.model_sha256, "attention_feedforward", stages, "attention_feedforward", groups)
+
+
+def layer_ranges(profile: GraphProfile, layer_starts: list[int], count: int, weight_share: float) -> list[range]:
+    """``count`` runs of consecutive layers (each starting at a node of ``layer_starts``, the first also
+    holding what comes before it), balanced by cost."""
+    cum = [0.0, *itertools.accumulate(node_costs(profile, weight_share))]
+    points = [0, *layer_starts[1:], profile.node_count]
+    inner = balanced_cuts(cum, points, count) if count > 1 else []
+    firsts = [0, *(points.index(c) for c in inner), len(layer_starts)]
+    return [range(a, b) for a, b in itertools.pairwise(firsts)]
 
 
 def plan_components(profile: GraphProfile, num_shards: int, weight_share: float) -> Plan:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +150,10 @@ class Deployment:
         await self._serve_shard_files(broker, shards)
         rt = self._wire(broker, shards)
         await self._start_readers(rt)
-        match = await (self._launch_local(broker, slots) if self.config.redis_url is None else self._find(slots))
+        groups = shards.plan.shard_groups
+        match = await (
+            self._launch_local(broker, slots, groups) if self.config.redis_url is None else self._find(slots, groups)
+        )
         target = Target(self.config.model_name, self.config.shard_type, shards, rt.route)
         self.placement = Placement(target, match.slots, rt.dispatcher, self.fleet)
         self._progress(f"loading {sum(map(len, match.workers.values()))} shard sessions in the browsers")
@@ -220,12 +223,12 @@ class Deployment:
         stack.push_async_callback(self._bounded, "recovery event appends", rt.recoverer.drain)
         stack.push_async_callback(self._bounded, "pending event appends", self._drain_background)
 
-    async def _launch_local(self, broker: Broker, slots: Mapping[int, Slot]) -> Match:
+    async def _launch_local(self, broker: Broker, slots: Mapping[int, Slot], shards: Sequence[Sequence[int]]) -> Match:
         """One local worker per run of consecutive shards (``hosting.host_groups``: one per shard unless
         ``max_browsers`` caps them), each page with its share of the cores (``hosting.wasm_threads``)."""
         assert self.local is not None
         s = self.config.settings
-        groups, hosted = host_groups(slots, self.config.max_browsers or len(slots))
+        groups, hosted = host_groups(slots, self.config.max_browsers or len(shards), shards)
         for g in groups:
             if find_executable(g.browser) is None:
                 raise AllocationError(install_hint(g.browser))
@@ -237,14 +240,14 @@ class Deployment:
         await self.local.wait_registered(broker, ids, s.worker_wait_s, s.heartbeat_max_age_ms, stop=self._stop)
         return Match({i: [wid] for g, wid in chosen.items() for i in g.shards}, hosted)
 
-    async def _find(self, slots: Mapping[int, Slot]) -> Match:
+    async def _find(self, slots: Mapping[int, Slot], shards: Sequence[Sequence[int]]) -> Match:
         """Map shards to registered workers: a matching browser first; extra workers scale out.
 
         Waits until every shard has a free worker of its browser, or (once there are enough workers
         of any browser) ``browser_match_wait_s`` more, then takes other browsers and says so.
         """
         assert self.broker is not None
-        s, n = self.config.settings, len(slots)
+        s, n = self.config.settings, len(shards)
         deadline = time.monotonic() + s.worker_wait_s
         enough_since: float | None = None
         self._progress(f"waiting for {n} workers on {redact(self.config.redis_url)}")
@@ -253,7 +256,7 @@ class Deployment:
             if len(live) >= n:
                 enough_since = enough_since or time.monotonic()
                 substitute = time.monotonic() - enough_since > s.browser_match_wait_s
-                match = match_browsers(slots, live, substitute=substitute)
+                match = match_browsers(slots, live, substitute=substitute, shards=shards)
                 if match is not None:
                     return match
             if time.monotonic() > deadline:

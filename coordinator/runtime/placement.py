@@ -39,28 +39,45 @@ class Match:
     slots: dict[int, Slot]
 
 
-def match_browsers(slots: Mapping[int, Slot], live: Sequence[WorkerInfo], *, substitute: bool) -> Match | None:
+def match_browsers(
+    slots: Mapping[int, Slot],
+    live: Sequence[WorkerInfo],
+    *,
+    substitute: bool,
+    shards: Sequence[Sequence[int]] = (),
+) -> Match | None:
     """Give each shard a distinct live worker of its slot's browser; extra workers are spread over the shards.
 
-    Where a shard's browser has no free worker: None, or with ``substitute`` the first free worker of any
-    browser (None all the same when no worker is left at all).
+    ``shards`` are the stages of each shard (``Plan.shard_groups``; default: each slot its own): all stages
+    of a shard go to the worker chosen for its first stage's slot. Where a shard's browser has no free
+    worker: None, or with ``substitute`` the first free worker of any browser (None all the same when no
+    worker is left at all).
     """
+    groups = [tuple(g) for g in shards] or [(i,) for i in slots]
     free = list(live)
     chosen: dict[int, list[str]] = {}
     out = dict(slots)
-    for i, slot in slots.items():
+    for members in groups:
+        slot = slots[members[0]]
         w = next((w for w in free if w.browser == slot.browser), None)
         if w is None:
             if not substitute or not free:
                 return None
             w = free[0]
-            why = f"{slot.reason}; no free {slot.browser} worker registered, used {w.browser}"
-            out[i] = Slot(w.browser, slot.platform, slot.specialization, why)
         free.remove(w)
-        chosen[i] = [w.worker_id]
-    shards = list(chosen)
+        for i in members:
+            asked = slots[i]
+            if w.browser != asked.browser:
+                why = (
+                    f"no free {asked.browser} worker registered, used {w.browser}"
+                    if asked.browser == slot.browser
+                    else f"with stage {members[0]} in one shard"
+                )
+                out[i] = Slot(w.browser, asked.platform, asked.specialization, f"{asked.reason}; {why}")
+            chosen[i] = [w.worker_id]
     for k, extra in enumerate(free):
-        chosen[shards[k % len(shards)]].append(extra.worker_id)
+        for i in groups[k % len(groups)]:
+            chosen[i].append(extra.worker_id)
     return Match(chosen, out)
 
 
@@ -125,6 +142,8 @@ class Placement:
             "platform_note": reply.note,
             "wasm_threads": reply.wasm_threads,
         }
+        if self.target.shards.plan.groups:  # several stages per shard: say which shard holds this one
+            entry["shard"] = self.target.shards.plan.group_of(index)
         if index in self.allocation:
             self.allocation[index].setdefault("replicas", []).append(entry)
         else:

@@ -1,0 +1,328 @@
+"""Export a speech seq2seq decoder (Whisper) with its caches: one flat ONNX graph, verified against transformers.
+
+The encoder is the "audio" export of :mod:`coordinator.model.modality` (``input_features ->
+last_hidden_state``). The decoder graph (flat, opset 17, node order = layer order, as every export)::
+
+    inputs   input_ids              int64  [batch, sequence]              the new tokens
+             attention_mask         int64  [batch, total_sequence]        past + new positions
+             position_ids           int64  [batch, sequence]              positions of the new tokens
+             encoder_hidden_states  float  [batch, encoder_sequence, d]   the encoder's output at the
+                                                                          prefill, length 0 afterwards
+             past.<i>.key / .value              [batch, heads, past_sequence, head_dim]   self-attention
+             past.<i>.cross_key / .cross_value  [batch, heads, past_encoder, head_dim]    cross-attention
+    outputs  logits                 float  [batch, sequence, vocab]
+             present.<i>.key / .value           Concat(past, new keys / values of the new tokens)
+             present.<i>.cross_key / .cross_value  Concat(past, projections of encoder_hidden_states)
+
+So the cross-attention keys and values are computed once, at the prefill, and afterwards are state like
+the self-attention cache: every present is a ``Concat`` of its past and what the layer adds, which is how
+:mod:`coordinator.model.state` finds all four pairs of a layer (never from the names above). A decode step
+feeds ``encoder_hidden_states`` of length 0, so its cross pairs add nothing.
+
+Verification runs a prefill with empty pasts and then a step fed the returned presents (and an empty
+``encoder_hidden_states``), against transformers' own forward with its own ``EncoderDecoderCache``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from coordinator.errors import ConversionError
+from coordinator.model.causal import KvCase
+from coordinator.model.convert import (
+    CONVERTER_VERSION,
+    INSTALL_HINT,
+    OPSET,
+    Progress,
+    allowed_logit_diff,
+    flatten_graph,
+    quiet_export_warnings,
+    reporter,
+    require_convert_extra,
+    save_graph,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+#: Part of the conversion cache key of the decoder export (the encoder export has ``CONVERTER_VERSION``).
+DECODER_CONVERTER_VERSION = f"{CONVERTER_VERSION}/seq2seq-decoder-1"
+INPUT_NAMES = ("input_ids", "attention_mask", "position_ids", "encoder_hidden_states")
+ENCODER_OUTPUT = "encoder_hidden_states"
+OUTPUT_NAME = "logits"
+_PARTS = ("key", "value", "cross_key", "cross_value")
+
+DEFAULT_DECODER_CASES: tuple[KvCase, ...] = (KvCase(1, 3, 1), KvCase(2, 4, 1), KvCase(1, 2, 3))
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderLayout:
+    """The decoder's caches: per layer self- and cross-attention keys and values, [batch, heads, seq, dim]."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    d_model: int
+    vocab_size: int
+    encoder_length: int  # positions of the encoder's output
+
+    def past_names(self) -> list[str]:
+        return [f"past.{i}.{part}" for i in range(self.layers) for part in _PARTS]
+
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{part}" for i in range(self.layers) for part in _PARTS]
+
+    def past(self, batch: int, length: int, encoder_length: int, seed: int | None = None) -> list[np.ndarray]:
+        """Past tensors of every layer: self pasts of ``length``, cross pasts of ``encoder_length``
+        (zeros, or seeded random values when ``seed`` is given)."""
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(self.layers):
+            for size in (length, length, encoder_length, encoder_length):
+                shape = (batch, self.heads, size, self.head_dim)
+                out.append(np.zeros(shape, np.float32) if seed is None else rng.standard_normal(shape, np.float32))
+        return out
+
+
+def convert_speech_decoder(hf_dir: Path, out_path: Path, progress: Progress | None = None) -> DecoderLayout:
+    """Export the decoder of the speech seq2seq model in ``hf_dir`` with its caches to ``out_path``; verify it.
+
+    Raises ConversionError if the model is no Whisper-like encoder-decoder, the export fails, or the
+    logits differ from transformers by more than :func:`~coordinator.model.convert.allowed_logit_diff`.
+    """
+    say = reporter(progress)
+    say(f"loading weights from {hf_dir} (speech decoder with self- and cross-attention caches)")
+    model = load_speech_model(hf_dir)
+    layout = decoder_layout(model)
+    say(f"exporting the decoder to ONNX with caches of {layout.layers} layers (opset {OPSET}) -> {out_path}")
+    proto = _export(model, layout, out_path)
+    save_graph(proto, out_path)
+    log.info("exported the decoder of %s to %s: %d nodes", hf_dir, out_path, len(proto.graph.node))
+    _verify_loaded(model, layout, out_path, DEFAULT_DECODER_CASES, say)
+    return layout
+
+
+def verify_speech_decoder(
+    hf_dir: Path, onnx_path: Path, cases: Sequence[KvCase] = DEFAULT_DECODER_CASES, progress: Progress | None = None
+) -> float:
+    """Compare the decoder graph with transformers on ``cases``; return the max abs diff of the logits."""
+    model = load_speech_model(hf_dir)
+    return _verify_loaded(model, decoder_layout(model), onnx_path, cases, reporter(progress))
+
+
+def load_speech_model(hf_dir: Path) -> Any:
+    """transformers' ``AutoModelForSpeechSeq2Seq`` of ``hf_dir``, in eval mode, eager attention."""
+    require_convert_extra()
+    import transformers
+
+    try:
+        model = transformers.AutoModelForSpeechSeq2Seq.from_pretrained(
+            str(hf_dir), local_files_only=True, attn_implementation="eager"
+        )
+    except ImportError as e:
+        raise ConversionError(f"transformers cannot load {hf_dir} ({e}); run: {INSTALL_HINT}") from e
+    except (OSError, ValueError, KeyError) as e:
+        raise ConversionError(f"transformers cannot load {hf_dir} as a speech seq2seq model: {e}") from e
+    return model.eval()
+
+
+def decoder_layout(model: Any) -> DecoderLayout:
+    """Layer count, heads and sizes of the decoder, from the model's config."""
+    c = model.config
+    if not getattr(c, "is_encoder_decoder", False) or not hasattr(model, "proj_out"):
+        raise ConversionError(f"{type(model).__name__} is no speech encoder-decoder with an output projection")
+    heads = int(c.decoder_attention_heads)
+    return DecoderLayout(
+        layers=int(c.decoder_layers),
+        heads=heads,
+        head_dim=int(c.d_model) // heads,
+        d_model=int(c.d_model),
+        vocab_size=int(c.vocab_size),
+        encoder_length=int(c.max_source_positions),
+    )
+
+
+def _wrap(model: Any, layout: DecoderLayout) -> torch.nn.Module:
+    """forward(input_ids, attention_mask, position_ids, encoder_hidden_states, *past) -> (logits, *present)."""
+    import copy
+
+    import torch
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = layout.layers  # Whisper's config maps it to the encoder's layers
+
+    def filled(pasts: Sequence[torch.Tensor]) -> DynamicCache:
+        cache = DynamicCache(config=config)
+        for layer, key, value in zip(cache.layers, pasts[0::2], pasts[1::2], strict=True):
+            layer.lazy_initialization(key, value)
+            layer.keys, layer.values = key, value
+        return cache
+
+    class FlatDecoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            position_ids: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            *past: torch.Tensor,
+        ) -> tuple[torch.Tensor, ...]:
+            own = [t for i in range(layout.layers) for t in past[4 * i : 4 * i + 2]]
+            cross = [t for i in range(layout.layers) for t in past[4 * i + 2 : 4 * i + 4]]
+            cache = EncoderDecoderCache(filled(own), filled(cross))
+            cache.is_updated = dict.fromkeys(range(layout.layers), False)  # project and append, always
+            out = self.model.model.decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                encoder_hidden_states=encoder_hidden_states,
+                cache=cache,
+                use_cache=True,
+                return_dict=True,
+            )
+            logits = self.model.proj_out(out.last_hidden_state)
+            self_layers, cross_layers = out.cache.self_attention_cache.layers, out.cache.cross_attention_cache.layers
+            present = [
+                t for s, x in zip(self_layers, cross_layers, strict=True) for t in (s.keys, s.values, x.keys, x.values)
+            ]
+            return (logits, *present)
+
+    return FlatDecoder().eval()
+
+
+def _export(model: Any, layout: DecoderLayout, out_path: Path) -> onnx.ModelProto:
+    import torch
+
+    batch, past_length, sequence = 2, 4, 3
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(1, layout.vocab_size, size=(batch, sequence), dtype=np.int64)
+    attention_mask = np.ones((batch, past_length + sequence), np.int64)
+    position_ids = np.broadcast_to(np.arange(past_length, past_length + sequence), (batch, sequence)).copy()
+    hidden = rng.standard_normal((batch, layout.encoder_length, layout.d_model), np.float32)
+    past = layout.past(batch, past_length, layout.encoder_length, seed=0)
+    pasts, presents = layout.past_names(), layout.present_names()
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        ENCODER_OUTPUT: {0: "batch", 1: "encoder_sequence"},
+        OUTPUT_NAME: {0: "batch", 1: "sequence"},
+    }
+    for name in pasts:
+        axes[name] = {0: "batch", 2: "past_encoder" if "cross" in name else "past_sequence"}
+    for name in presents:
+        axes[name] = {0: "batch", 2: "total_encoder" if "cross" in name else "total_sequence"}
+    args = tuple(torch.from_numpy(a) for a in (input_ids, attention_mask, position_ids, hidden, *past))
+    try:
+        with quiet_export_warnings(), torch.no_grad():
+            torch.onnx.export(
+                _wrap(model, layout),
+                args,
+                str(out_path),
+                dynamo=False,
+                input_names=[*INPUT_NAMES, *pasts],
+                output_names=[OUTPUT_NAME, *presents],
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                export_params=True,
+            )
+    except Exception as e:  # torch raises many unrelated types from deep inside tracing
+        raise ConversionError(f"torch.onnx.export of the speech decoder failed: {type(e).__name__}: {e}") from e
+    try:
+        proto = onnx.load(str(out_path))
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot read back the exported {out_path}: {e}") from e
+    return flatten_graph(proto)
+
+
+def _verify_loaded(model: Any, layout: DecoderLayout, onnx_path: Path, cases: Sequence[KvCase], say: Progress) -> float:
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped pybind errors
+        raise ConversionError(f"onnxruntime cannot load {onnx_path}: {e}") from e
+    worst = 0.0
+    for seed, case in enumerate(cases):
+        say(f"verifying the decoder: prefill {case.batch} x {case.prompt}, then a step of {case.step}")
+        *diffs, scale = _compare_case(model, layout, session, case, seed)
+        allowed = allowed_logit_diff(np.array([scale]))
+        for phase, diff in zip(("prefill", "step"), diffs, strict=True):
+            log.info("max abs diff of the decoder %s of %s: %.3g (allowed %.3g)", phase, case, diff, allowed)
+            if not diff <= allowed:
+                raise ConversionError(
+                    f"decoder logits differ from transformers by {diff:.3g} (> {allowed:.3g}) in the {phase} "
+                    f"of batch {case.batch}, prompt {case.prompt}, step {case.step} ({onnx_path})"
+                )
+        worst = max(worst, *diffs)
+    return worst
+
+
+def _compare_case(
+    model: Any, layout: DecoderLayout, session: Any, case: KvCase, seed: int
+) -> tuple[float, float, float]:
+    """Max abs logit diffs of a prefill and of the step after it, ONNX against transformers, and the largest
+    magnitude of transformers' logits."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, layout.vocab_size, size=(case.batch, case.prompt), dtype=np.int64)
+    step_ids = rng.integers(1, layout.vocab_size, size=(case.batch, case.step), dtype=np.int64)
+    hidden = rng.standard_normal((case.batch, layout.encoder_length, layout.d_model), np.float32)
+    total = case.prompt + case.step
+    pasts, presents = layout.past_names(), layout.present_names()
+    names = [OUTPUT_NAME, *presents]
+
+    feeds = dict(zip(pasts, layout.past(case.batch, 0, 0), strict=True))
+    feeds.update(step_feeds(ids, 0, hidden))
+    first = dict(zip(names, session.run(names, feeds), strict=True))
+    feeds = {past: first[present] for past, present in zip(pasts, presents, strict=True)}
+    feeds.update(step_feeds(step_ids, case.prompt, hidden[:, :0]))
+    second = dict(zip(names, session.run(names, feeds), strict=True))
+
+    encoder_outputs = (torch.from_numpy(hidden),)
+    with torch.no_grad():
+        ref_first = model(
+            encoder_outputs=encoder_outputs, decoder_input_ids=torch.from_numpy(ids), use_cache=True, return_dict=True
+        )
+        ref_second = model(
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=torch.from_numpy(step_ids),
+            decoder_attention_mask=torch.ones((case.batch, total), dtype=torch.int64),
+            cache=ref_first.cache,
+            use_cache=True,
+            return_dict=True,
+        )
+    want_first, want_second = ref_first.logits.numpy(), ref_second.logits.numpy()
+    prefill = float(np.max(np.abs(first[OUTPUT_NAME] - want_first)))
+    step = float(np.max(np.abs(second[OUTPUT_NAME] - want_second)))
+    scale = float(max(np.max(np.abs(want_first)), np.max(np.abs(want_second))))
+    return prefill, step, scale
+
+
+def step_feeds(new_ids: np.ndarray, past_length: int, hidden: np.ndarray) -> dict[str, np.ndarray]:
+    """The non-state feeds of one decoder call: ``new_ids`` after ``past_length`` positions, with the
+    encoder's output (length 0 after the prefill)."""
+    batch, sequence = new_ids.shape
+    total = past_length + sequence
+    return {
+        "input_ids": new_ids.astype(np.int64),
+        "attention_mask": np.ones((batch, total), np.int64),
+        "position_ids": np.broadcast_to(np.arange(past_length, total, dtype=np.int64), (batch, sequence)).copy(),
+        ENCODER_OUTPUT: hidden.astype(np.float32),
+    }
