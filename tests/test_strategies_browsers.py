@@ -103,9 +103,9 @@ def _clip_reference(hf_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, np
     return {k: getattr(out, k).numpy() for k in keys}
 
 
-def _clip_inputs() -> dict[str, np.ndarray]:
-    ids, mask = padded_batch(2, 7, mm.VOCAB, seed=6)
-    pixels = np.random.default_rng(6).standard_normal((3, mm.CHANNELS, mm.IMAGE_SIZE, mm.IMAGE_SIZE))
+def _clip_inputs(texts: int = 2, images: int = 3, tokens: int = 7) -> dict[str, np.ndarray]:
+    ids, mask = padded_batch(texts, tokens, mm.VOCAB, seed=6)
+    pixels = np.random.default_rng(6).standard_normal((images, mm.CHANNELS, mm.IMAGE_SIZE, mm.IMAGE_SIZE))
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.astype(np.float32)}
 
 
@@ -114,9 +114,14 @@ def _assert_clip_matches(res: dict[str, Any], want: dict[str, np.ndarray]) -> No
     for key, value in want.items():
         assert float(np.max(np.abs(res["result"][key] - value))) <= 1e-4, key
     similarity = res["result"]["similarity"]  # cosine of each text with each image: logits / logit scale
-    assert similarity.shape == (2, 3) and float(np.max(np.abs(similarity))) <= 1.0 + 1e-6
+    assert similarity.shape == want["logits_per_text"].shape and float(np.max(np.abs(similarity))) <= 1.0 + 1e-6
     scale = float(want["logits_per_text"][0, 0] / similarity[0, 0])
     assert np.allclose(similarity * scale, want["logits_per_text"], atol=1e-4)
+
+
+def _span(comps: list[dict[str, Any]]) -> tuple[float, float]:
+    """When a tower's worker(s) read its first job and handed its last result on (epoch ms)."""
+    return min(c["read_ms"] for c in comps), max(c["handoff_ms"] for c in comps)
 
 
 @pytest.mark.parametrize("num_shards", [3, 4])
@@ -125,25 +130,44 @@ async def test_clip_by_component_runs_its_towers_side_by_side_and_matches_transf
 ) -> None:
     require_browsers("chromium", "firefox")
     hf_dir = mm.save_tiny_clip(tmp_path / "clip")
-    inputs = _clip_inputs()
-    res = await _run(
-        hf_dir,
-        tmp_path / "c",
-        inputs,
+    manager = ModelShardingManager(
+        str(hf_dir),
         num_shards=num_shards,
         shard_type="component",
         model_type="multimodal",
         browsers=["chromium", "firefox"],
+        platform="wasm",
+        settings=ManagerSettings(cache_dir=tmp_path / "c"),
     )
-    _assert_clip_matches(res, _clip_reference(hf_dir, inputs))
-    comps = _components(res)
-    assert len(comps) == num_shards and len({c["worker_id"] for c in comps}) == num_shards
-    assert {c["browser"] for c in comps} == {"chromium", "firefox"}
-    towers, fusion = comps[:-1], comps[-1]
-    # the fusion (the join) read its job only after every tower had handed its outputs on
-    assert all(0 < c["handoff_ms"] <= fusion["read_ms"] for c in towers if c["handoff_ms"])
-    heads = [comps[0], comps[-2]]  # the text tower's first stage and the vision tower
-    assert heads[0]["worker_id"] != heads[1]["worker_id"]
+    try:
+        if not await manager.initialize_sharding():
+            pytest.fail(f"initialize_sharding failed: {manager.last_error}")
+        assert manager.shards is not None
+        kinds = [s.kind for s in manager.shards.plan.stages]
+        inputs = _clip_inputs()
+        res = await manager.run_inference_sharded(inputs)
+        _assert_clip_matches(res, _clip_reference(hf_dir, inputs))
+        comps = _components(res)
+        assert len(comps) == num_shards and len({c["worker_id"] for c in comps}) == num_shards
+        assert {c["browser"] for c in comps} == {"chromium", "firefox"}
+        towers = [c for c, k in zip(comps, kinds, strict=True) if k != "fusion"]
+        fusion = comps[kinds.index("fusion")]
+        # the fusion (the join) read its job only after every tower had handed its outputs on
+        assert all(0 < c["handoff_ms"] <= fusion["read_ms"] for c in towers)
+        # The towers ran at the same time on different workers: their spans (read to hand-off, as the
+        # workers report them) overlap. Larger batches make each span long against a worker's wake-up.
+        big = _clip_inputs(texts=16, images=16, tokens=32)
+        want, overlaps = _clip_reference(hf_dir, big), []
+        for _ in range(3):
+            res = await manager.run_inference_sharded(big)
+            _assert_clip_matches(res, want)
+            comps = _components(res)
+            text = _span([c for c, k in zip(comps, kinds, strict=True) if k == "text"])
+            vision = _span([c for c, k in zip(comps, kinds, strict=True) if k == "vision"])
+            overlaps.append(min(text[1], vision[1]) - max(text[0], vision[0]))
+        assert max(overlaps) > 0, f"the towers never ran at the same time: overlaps {overlaps} ms"
+    finally:
+        await manager.close()
 
 
 async def test_clip_request_whose_vision_tower_browser_is_killed_still_gets_the_right_answer(tmp_path: Path) -> None:
