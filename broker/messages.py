@@ -51,6 +51,8 @@ class StageTrace:
     result_ms: float = 0.0  # the result frame was read back and decoded by the worker
     handoff_ms: float = 0.0  # the hand-off script is being called
     fused: bool = False  # ran in the same page op as the stage before it, no stream hop between them
+    recovered: str = ""  # what its worker recovered from before it ran (a lost page whose cache it restored)
+    recovery_ms: float = 0.0  # how long that recovery took
 
 
 @dataclass(frozen=True, slots=True)

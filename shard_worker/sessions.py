@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from broker.clock import now_ms
 from broker.keys import STAGE_GROUP
 from broker.kinds import FailureKind
 from broker.messages import ExecutionEvent, Message, StageTrace
-from broker.retry import retrying
+from broker.retry import poll, retrying
 from broker.sessions import SessionEnd, SessionFailure, SessionRefusal, SessionResult, SessionStep, state_entry
 from broker.streams import Delivery
 
@@ -37,6 +37,8 @@ from .bridge import RunResult, Step
 from .chain import Link, WorkerMarks, traces
 from .errors import BridgeClosed, BridgeTimeout, PageError, StepFailed, WorkerError
 from .host import RunningHost
+from .mirror import Mirrors, MirrorSlot
+from .page import Page
 from .stage import Stage
 
 log = logging.getLogger(__name__)
@@ -46,22 +48,37 @@ LIMIT_PREFIX = "session-limit:"  # web/kvcache.js LIMIT
 MISSING_PREFIX = "session-missing:"  # web/kvcache.js MISSING
 MAX_SESSIONS = 8
 SESSION_TTL_S = 600.0
+RESTORE_WAIT_S = 60.0  # how long a step whose page was lost waits for the new one before it is handed back
+PAGE_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
-    """How many sessions one page holds at once, and how long an unused one is kept."""
+    """How many sessions one page holds at once, how long an unused one is kept, and whether the worker
+    keeps a copy of each session's cache to restore into a new page (``shard_worker.mirror``)."""
 
     max_sessions: int = MAX_SESSIONS
     session_ttl_s: float = SESSION_TTL_S
+    mirror: bool = True
+    restore_wait_s: float = RESTORE_WAIT_S
 
     @classmethod
     def from_env(cls) -> SessionSettings:
-        """``XSHARD_MAX_SESSIONS`` and ``XSHARD_SESSION_TTL_S``, else the defaults."""
+        """``XSHARD_MAX_SESSIONS``, ``XSHARD_SESSION_TTL_S`` and ``XSHARD_SESSION_MIRROR`` (0: off)."""
         return cls(
             int(os.environ.get("XSHARD_MAX_SESSIONS", MAX_SESSIONS)),
             float(os.environ.get("XSHARD_SESSION_TTL_S", SESSION_TTL_S)),
+            os.environ.get("XSHARD_SESSION_MIRROR", "1") != "0",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """A page run of a session step, and what it recovered from first (a lost page, restored), if anything."""
+
+    result: RunResult
+    recovered: str = ""
+    recovery_ms: float = 0.0
 
 
 SessionHost = RunningHost  # what the session path needs from its worker
@@ -86,13 +103,16 @@ class SessionRunner:
     def __init__(self, host: SessionHost, settings: SessionSettings | None = None) -> None:
         self.host = host
         self.settings = settings or SessionSettings.from_env()
+        self.mirrors = Mirrors(self.settings.session_ttl_s)
 
     async def process(self, d: Delivery, read_ms: float) -> None:
         h = self.host
         started = time.perf_counter()
         await h.wait_ready()
         msg = d.message
+        self.mirrors.sweep()
         if isinstance(msg, SessionEnd):
+            self.mirrors.drop(msg.session_id)
             with contextlib.suppress(WorkerError):
                 await h.page.end_session(msg.session_id)
             await asyncio.shield(self._retried("ack", lambda: h.broker.ack(d.stream, STAGE_GROUP, d.entry_id)))
@@ -103,9 +123,9 @@ class SessionRunner:
             error = f"worker {h.id} does not serve stage {msg.stage_index}"
             await self._fail(d, msg, msg.stage_index, FailureKind.UNAVAILABLE, error)
             return
-        result = await self._run(d, msg, links)
-        if result is not None:
-            await self._forward(d, msg, links, result, read_ms, started)
+        ran = await self._run(d, msg, links)
+        if ran is not None:
+            await self._forward(d, msg, links, ran, read_ms, started)
 
     def _links(self, msg: SessionStep) -> tuple[Link, ...]:
         """The step's own stage and the stages after it this worker holds for the session too."""
@@ -124,7 +144,7 @@ class SessionRunner:
     def _loaded(self) -> Mapping[str, Any]:
         return self.host.page.loaded
 
-    async def _run(self, d: Delivery, msg: SessionStep, links: tuple[Link, ...]) -> RunResult | None:
+    async def _run(self, d: Delivery, msg: SessionStep, links: tuple[Link, ...]) -> Ran | None:
         h, first = self.host, links[0]
         steps = [
             Step(k.key, k.stage.carry_names, None, tuple(state_entry(s) for s in msg.slots(k.stage_index)))
@@ -135,30 +155,104 @@ class SessionRunner:
             "fresh": msg.fresh,
             "limit": self.settings.max_sessions,
             "ttl_ms": self.settings.session_ttl_s * 1000.0,
+            "mirror": self.settings.mirror,
         }
         feeds = {n: a.reshape(1) if a.ndim == 0 else a for n, a in msg.tensors.items()}
+        slots = mirror_slots(msg, links)
+        page = h.page
         try:
-            if first.key not in self._loaded:
-                await h.page.load(first.key, first.stage.onnx_sha256, first.platform)
-            return await h.page.run_session(steps, feeds, session)
-        except StepFailed as e:
+            result = await self._page_run(first, steps, feeds, session)
+        except (StepFailed, PageError, BridgeTimeout, BridgeClosed, WorkerError) as e:
+            if (ran := await self._restore(msg, first, steps, feeds, session, slots, page, e)) is not None:
+                return ran
+            await self._failed(d, msg, links, e)
+            return None
+        self.mirrors.keep(msg.session_id, msg.step, msg.fresh, slots, result.outputs)
+        return Ran(result)
+
+    async def _page_run(
+        self, first: Link, steps: list[Step], feeds: dict[str, np.ndarray], session: dict[str, Any]
+    ) -> RunResult:
+        page = self.host.page
+        if first.key not in page.loaded:
+            await page.load(first.key, first.stage.onnx_sha256, first.platform)
+        return await page.run_session(steps, feeds, session)
+
+    async def _restore(
+        self,
+        msg: SessionStep,
+        first: Link,
+        steps: list[Step],
+        feeds: dict[str, np.ndarray],
+        session: dict[str, Any],
+        slots: tuple[MirrorSlot, ...],
+        page: Page,
+        error: Exception,
+    ) -> Ran | None:
+        """Run the step again on the worker's copy of the cache, when the page lost it and the copy is
+        exactly the cache before this step; None when that cannot be done (the caller hands it back)."""
+        page_lost = isinstance(error, BridgeClosed | WorkerError)
+        missing = isinstance(error, StepFailed | PageError) and str(error).startswith(MISSING_PREFIX)
+        if isinstance(error, StepFailed) and error.step:
+            missing = False  # the stages before it advanced their caches in this page already
+        if msg.fresh or not (page_lost or missing) or not self.mirrors.restorable(msg.session_id, msg.step, slots):
+            return None
+        started = time.perf_counter()
+        if page_lost and not await self._new_page(page):
+            return None
+        restore = {**feeds, **self.mirrors.feeds(msg.session_id, slots)}
+        try:
+            result = await self._page_run(first, steps, restore, {**session, "restore": True})
+        except (StepFailed, PageError, BridgeTimeout, BridgeClosed, WorkerError) as e:
+            log.warning("worker %s: restoring session %s failed: %s", self.host.id, msg.session_id, e)
+            self.mirrors.drop(msg.session_id)
+            return None
+        self.mirrors.keep(msg.session_id, msg.step, False, slots, result.outputs)
+        ms = (time.perf_counter() - started) * 1000.0
+        why = "browser lost" if page_lost else "page lost the session"
+        log.warning(
+            "worker %s: session %s step %d: %s; cache restored from the worker's copy in %.0f ms",
+            self.host.id,
+            msg.session_id,
+            msg.step,
+            why,
+            ms,
+        )
+        return Ran(result, f"{why}: {error}; cache restored from the worker's copy", ms)
+
+    async def _new_page(self, old: Page) -> bool:
+        """Wait until the worker replaced the lost page ``old`` and is ready again (``restore_wait_s``)."""
+        deadline = time.monotonic() + self.settings.restore_wait_s
+        async for _ in poll(PAGE_POLL_S, asyncio.Event()):
+            if time.monotonic() > deadline:
+                return False
+            with contextlib.suppress(WorkerError):
+                if self.host.page is not old and not self.host.page.lost_reason:
+                    await asyncio.wait_for(self.host.wait_ready(), max(0.01, deadline - time.monotonic()))
+                    return True
+        return False
+
+    async def _failed(self, d: Delivery, msg: SessionStep, links: tuple[Link, ...], e: Exception) -> None:
+        """Hand the step back as the failure ``e`` says."""
+        h, first = self.host, links[0]
+        self.mirrors.drop(msg.session_id)
+        if isinstance(e, StepFailed):
             kind, refusal = refusal_of(str(e))
             await self._fail(d, msg, links[e.step].stage_index, kind, str(e), refusal)
-        except PageError as e:
+        elif isinstance(e, PageError):
             kind, refusal = refusal_of(str(e))
             await self._fail(d, msg, first.stage_index, kind, str(e), refusal)
-        except BridgeTimeout as e:
+        elif isinstance(e, BridgeTimeout):
             await self._fail(d, msg, first.stage_index, FailureKind.TIMEOUT, str(e))
             h.restart_soon(f"session step timed out: {e}")
-        except (BridgeClosed, WorkerError) as e:
+        else:
             error = f"{h.settings.browser} lost mid-step: {e}"
             await self._fail(d, msg, first.stage_index, FailureKind.BROWSER_LOST, error, SessionRefusal.MISSING.value)
-        return None
 
     async def _forward(
-        self, d: Delivery, msg: SessionStep, links: tuple[Link, ...], result: RunResult, read_ms: float, started: float
+        self, d: Delivery, msg: SessionStep, links: tuple[Link, ...], ran: Ran, read_ms: float, started: float
     ) -> None:
-        last = links[-1]
+        last, result = links[-1], ran.result
         lacking = [n for n in last.stage.carry_names if n not in result.outputs]
         if lacking:
             error = f"shard {last.stage.shard_index} did not produce {lacking}"
@@ -175,6 +269,8 @@ class SessionRunner:
             bytes_out=sum(a.nbytes for a in out.values()),
         )
         new = traces(links, result.steps, result, marks, self._base(msg))
+        if ran.recovered:  # the first stage's trace says what its worker recovered from before it ran
+            new = (dataclasses.replace(new[0], recovered=ran.recovered, recovery_ms=ran.recovery_ms), *new[1:])
         trace = (*msg.trace, *new)
         nxt = last.stage_index + 1
         reply: Message
@@ -273,3 +369,8 @@ class SessionRunner:
             outcome=outcome,
             error=error,
         )
+
+
+def mirror_slots(msg: SessionStep, links: Sequence[Link]) -> tuple[MirrorSlot, ...]:
+    """Every state of the step's page run, with its position in the run and its stage's page key."""
+    return tuple(MirrorSlot(i, k.key, slot) for i, k in enumerate(links) for slot in msg.slots(k.stage_index))

@@ -198,12 +198,16 @@ async def test_tiny_lm_generates_across_chromium_and_firefox_the_tokens_of_trans
         await again.close()
 
 
-async def test_a_killed_browser_mid_generation_is_replayed_and_gives_the_same_tokens(
-    tiny: dict[str, ResolvedModel], valkey: Any, namespace: str, tmp_path: Path
+@pytest.mark.parametrize(("mirror", "action"), [("1", "restore"), ("0", "replay")])
+async def test_a_killed_browser_mid_generation_is_recovered_and_gives_the_same_tokens(
+    tiny: dict[str, ResolvedModel], valkey: Any, namespace: str, tmp_path: Path, mirror: str, action: str
 ) -> None:
+    """With the worker's copy of the cache (the default) the new page takes it back and nothing is
+    replayed; without it (``XSHARD_SESSION_MIRROR=0``) the coordinator replays the whole history."""
     prompt = [int(t) for t in np.random.default_rng(4).integers(3, torch_models.VOCAB, size=6)]
     want = reference(tiny["llama"], prompt, NEW_TOKENS)
-    async with two_shards(tiny["llama"].onnx_path, valkey.url, namespace, tmp_path) as c:
+    env = {"XSHARD_SESSION_MIRROR": mirror}
+    async with two_shards(tiny["llama"].onnx_path, valkey.url, namespace, tmp_path, env) as c:
         session = c.session()
         got: list[int] = []
         async for token in session.tokens(prompt, NEW_TOKENS, None, Sampling()):
@@ -214,6 +218,8 @@ async def test_a_killed_browser_mid_generation_is_replayed_and_gives_the_same_to
                 os.kill(info.browser_pid, signal.SIGKILL)
         assert got == want
         assert len(session.log.replays) >= 1 and session.log.replays[0].stage == 1
+        assert session.log.replays[0].action == action, session.log.replays
+        assert session.log.replays[0].worker_id == c.workers[1]
         await session.close()
 
 

@@ -5,6 +5,10 @@
 // A step is {key, carry, fail, states: [{input_name, output_name, dtype, empty_shape}]}: its state inputs
 // come from what the session holds for that key (empty tensors when the step is `fresh`), its state
 // outputs replace them and are never sent back; only `carry` travels on.
+//
+// With `mirror` the page also returns, for each state, the positions this step added (a CPU copy, named
+// MIRROR + step position + '+' + input name): the worker keeps them, and after a lost page it sends the
+// whole cache back with `restore` (same names), so the new page goes on from there without a replay.
 import * as runner from './runner.js';
 
 const held = new Map();   // session id -> {usedMs, ttlMs, caches: Map(step key -> {input name -> ort tensor})}
@@ -12,6 +16,7 @@ const held = new Map();   // session id -> {usedMs, ttlMs, caches: Map(step key 
 // Errors the worker tells apart by their prefix (shard_worker/sessions.py).
 export const LIMIT = 'session-limit:';
 export const MISSING = 'session-missing:';
+export const MIRROR = 'state+';
 
 const EMPTY = {
   float32: Float32Array, float16: Uint16Array, float64: Float64Array, int64: BigInt64Array, int32: Int32Array,
@@ -48,7 +53,7 @@ export function count() { return held.size; }
 // The session a step runs in: a fresh one replaces what the page held for it, within the page's limit.
 function sessionFor(info) {
   sweep();
-  if (info.fresh) {
+  if (info.fresh || info.restore) {
     end(info.id);
     if (held.size >= info.limit) {
       throw new Error(`${LIMIT} this page holds ${held.size} session(s), its limit; session ${info.id} refused`);
@@ -71,6 +76,39 @@ function stateFeeds(step, cache) {
   return feeds;
 }
 
+// The positions a step added to state `present` (past: `pastLength` of them), as a CPU tensor.
+async function newSlice(slot, present, pastLength) {
+  const axis = slot.empty_shape.indexOf(0);
+  const dims = Array.from(present.dims);
+  const data = present.location && present.location !== 'cpu' ? await present.getData() : present.data;
+  const n = dims[axis] - pastLength;
+  const inner = dims.slice(axis + 1).reduce((a, b) => a * b, 1);
+  const outer = dims.slice(0, axis).reduce((a, b) => a * b, 1);
+  const out = new data.constructor(outer * n * inner);
+  for (let o = 0; o < outer; o++) {
+    const src = (o * dims[axis] + pastLength) * inner;
+    out.set(data.subarray(src, src + n * inner), o * n * inner);
+  }
+  dims[axis] = n;
+  return new runner.ort.Tensor(present.type, out, dims);
+}
+
+// What a restoring step sends back for each step's states (MIRROR names), taken out of `env`.
+function restored(steps, env) {
+  const caches = new Map();
+  steps.forEach((step, i) => {
+    const cache = {};
+    for (const slot of step.states) {
+      const name = `${MIRROR}${i}+${slot.input_name}`;
+      if (!(name in env)) throw new Error(`${MISSING} restoring step ${step.key}: no ${slot.input_name} sent`);
+      cache[slot.input_name] = env[name];
+      delete env[name];
+    }
+    caches.set(step.key, cache);
+  });
+  return caches;
+}
+
 function keptStates(step, outputs) {
   const cache = {};
   for (const slot of step.states) {
@@ -86,7 +124,9 @@ export async function runSteps(steps, wire, info) {
   const session = sessionFor(info);
   let env = {};
   for (const [name, t] of Object.entries(wire)) env[name] = runner.toOrt(t);
+  if (info.restore) session.caches = restored(steps, env);
   const done = [];
+  const mirror = {};
   for (let i = 0; i < steps.length; i++) {
     const step = steps[i];
     try {
@@ -96,6 +136,13 @@ export async function runSteps(steps, wire, info) {
       const feeds = stateFeeds(step, before);
       const { outputs, marks } = await runner.runStep(step, { ...env, ...feeds }, new Set(names));
       const after = keptStates(step, outputs);
+      if (info.mirror) {
+        for (const slot of step.states) {
+          const axis = slot.empty_shape.indexOf(0);
+          const past = before && before[slot.input_name] ? before[slot.input_name].dims[axis] : 0;
+          mirror[`${MIRROR}${i}+${slot.input_name}`] = await newSlice(slot, after[slot.input_name], past);
+        }
+      }
       if (before) dispose(before);
       session.caches.set(step.key, after);
       env = step.carry ? runner.carried({ ...env, ...outputs }, step.carry, step.key) : outputs;
@@ -104,7 +151,7 @@ export async function runSteps(steps, wire, info) {
       throw new runner.StepError(i, e && e.message ? e.message : String(e), env, done);
     }
   }
-  return { outputs: env, steps: done };
+  return { outputs: { ...env, ...mirror }, steps: done };
 }
 
 setInterval(() => sweep(), 5000);
