@@ -295,7 +295,7 @@ class ModelShardingManager:
             return {"error": str(e), "error_kind": "input"}
         return await self._client.run(arrays, max_retries)
 
-    def _generator(self) -> GenerationClient:
+    def generation_client(self) -> GenerationClient:
         if self._generation is None:
             raise XshardError("generation needs a causal LM on an initialized manager built with generation=True")
         return self._generation
@@ -320,7 +320,7 @@ class ModelShardingManager:
     ) -> AsyncIterator[GeneratedToken]:
         """Generate after ``prompt`` (text or token ids), one ``GeneratedToken`` at a time (greedy unless
         ``temperature`` > 0); ``result``, when given, gets what ``generate`` returns."""
-        client = self._generator()
+        client = self.generation_client()
         ids = client.check(prompt, max_new_tokens, chat)
         async for token in client.stream(ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed), result):
             yield token

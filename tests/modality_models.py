@@ -69,16 +69,28 @@ def save_tiny_vit(hf_dir: Path, seed: int = 0) -> Path:
     return _save(ViTForImageClassification, config, hf_dir, seed)
 
 
-def save_tiny_whisper(hf_dir: Path, seed: int = 0) -> Path:
-    """A random WhisperForConditionalGeneration: 8 mel bins, 16 frames, two encoder layers."""
+def save_tiny_whisper(
+    hf_dir: Path,
+    seed: int = 0,
+    decoder_layers: int = 1,
+    d_model: int = HIDDEN,
+    init_std: float = 0.02,
+    **generation: Any,
+) -> Path:
+    """A random WhisperForConditionalGeneration: 8 mel bins, 16 frames, two encoder layers.
+
+    A decoder to cut by layer needs ``d_model`` 64 (its attention mask then stays below its hidden states).
+    ``init_std`` scales the random weights (0.3 makes greedy decoding vary its tokens); ``generation``
+    sets config fields such as ``suppress_tokens`` and ``begin_suppress_tokens``.
+    """
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     config = WhisperConfig(
         vocab_size=VOCAB,
         num_mel_bins=MEL_BINS,
-        d_model=HIDDEN,
+        d_model=d_model,
         encoder_layers=LAYERS,
-        decoder_layers=1,
+        decoder_layers=decoder_layers,
         encoder_attention_heads=HEADS,
         decoder_attention_heads=HEADS,
         encoder_ffn_dim=INTERMEDIATE,
@@ -89,6 +101,8 @@ def save_tiny_whisper(hf_dir: Path, seed: int = 0) -> Path:
         bos_token_id=1,
         eos_token_id=2,
         decoder_start_token_id=1,
+        init_std=init_std,
+        **generation,
     )
     return _save(WhisperForConditionalGeneration, config, hf_dir, seed)
 

@@ -1,1 +1,2 @@
-"""Text generation across KV-cache shards: the token choice (``sampling``) and the session driver (``session``)."""
+"""Text generation across KV-cache shards: the token choice (``sampling``), the session driver (``session``),
+and speech to token ids with a Whisper encoder and decoder (``speech``, its decoding rules ``decoding``)."""

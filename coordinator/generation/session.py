@@ -7,6 +7,11 @@ token. When a page lost the session's cache (its browser died or was restarted, 
 driver replays: a fresh step over the whole history (every token fed so far and the pending ones) rebuilds
 every stage's cache, and generation goes on; the logits of the last position are those of the step it
 replaces, so the tokens are those of an undisturbed run.
+
+A session may be conditioned on more than its tokens (``Conditioning``): tensors fed with every fresh
+step (the prefill, a replay) and with length 0 along axis 1 with the others, e.g. the encoder output a
+speech decoder keeps as cross-attention state in the pages; the driver holds them, so a replay re-feeds
+them. Its ``rule`` adjusts each new token's logits before the choice (suppressed tokens).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,6 +84,24 @@ class Liveness(Protocol):
     async def __call__(self, worker_ids: Sequence[str]) -> set[str]: ...
 
 
+class LogitsRule(Protocol):
+    """The logits of the ``index``-th new token (0: the first) as the choice should see them."""
+
+    def __call__(self, logits: np.ndarray, index: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Conditioning:
+    """What a session is conditioned on besides its tokens (see the module docstring)."""
+
+    feeds: Mapping[str, np.ndarray] = field(default_factory=dict)
+    rule: LogitsRule | None = None
+
+    def tensors(self, fresh: bool) -> dict[str, np.ndarray]:
+        """The feeds of a step: whole when ``fresh``, else with length 0 along axis 1."""
+        return {name: a if fresh else a[:, :0] for name, a in self.feeds.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class Replay:
     """A session step that lost a stage's cache and was replayed (what the recovery event records)."""
@@ -89,6 +112,7 @@ class Replay:
     failure: str
     error: str
     duration_ms: float = 0.0
+    action: str = "replay"  # or "restore": the holder's worker put its copy of the cache into a new page
 
 
 @dataclass
@@ -98,6 +122,7 @@ class SessionLog:
     replays: list[Replay] = field(default_factory=list)
     traces: list[StageTrace] = field(default_factory=list)
     kernel_ms: dict[int, float] = field(default_factory=dict)  # per shard, all steps
+    step_kernel_ms: list[float] = field(default_factory=list)  # per step that succeeded: all shards' kernels
     steps: int = 0
 
 
@@ -126,9 +151,15 @@ class GenerationSession:
         self.alive = alive
         self._last_id = "0"
         self._sent = 0
+        self._conditioning = Conditioning()
 
     async def tokens(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None, sampling: Sampling
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        eos_token_id: int | None,
+        sampling: Sampling,
+        conditioning: Conditioning | None = None,
     ) -> AsyncIterator[int]:
         """Prefill ``prompt_ids``, then one step per new token, until EOS or ``max_new_tokens``.
 
@@ -136,6 +167,8 @@ class GenerationSession:
         with the same session id and prompt resumes where that history ends (the tokens already generated
         are yielded again, the rest generated after a replay of them all)."""
         rng = np.random.default_rng(sampling.seed)
+        self._conditioning = conditioning or Conditioning()
+        rule = self._conditioning.rule
         prompt = [int(t) for t in prompt_ids]
         await self.broker.delete(self.reply_stream)  # replies to an earlier driver of this session
         stored = await load_history(self.broker, self.session_id)
@@ -150,7 +183,7 @@ class GenerationSession:
         for _ in range(max_new_tokens - len(generated)):
             logits = await self._step_or_replay(fed, pending)
             fed += pending
-            token = choose_token(logits, sampling, rng)
+            token = choose_token(rule(logits, len(generated)) if rule else logits, sampling, rng)
             generated.append(token)
             history = SessionHistory(self.route.plan_id, tuple(prompt), tuple(generated))
             await save_history(self.broker, self.session_id, history, self.history_ttl_s)
@@ -175,6 +208,20 @@ class GenerationSession:
                     self.log.replays[-1] = dataclasses.replace(last, duration_ms=now_ms() - lost_at)
                 self.log.steps += 1
                 self.log.traces = list(reply.trace)
+                self.log.step_kernel_ms.append(sum(t.kernel_ms for t in reply.trace))
+                self.log.replays += [
+                    Replay(
+                        self.log.steps,
+                        t.shard_index,
+                        t.worker_id,
+                        "browser_lost",
+                        t.recovered,
+                        t.recovery_ms,
+                        "restore",
+                    )
+                    for t in reply.trace
+                    if t.recovered
+                ]
                 for t in reply.trace:
                     self.log.kernel_ms[t.shard_index] = self.log.kernel_ms.get(t.shard_index, 0.0) + t.kernel_ms
                 return np.asarray(reply.tensors[self.route.logits_name])[0, -1]
@@ -200,6 +247,7 @@ class GenerationSession:
             "input_ids": np.asarray([new], np.int64),
             "attention_mask": np.ones((1, total), np.int64),
             "position_ids": np.arange(len(history), total, dtype=np.int64)[None, :],
+            **self._conditioning.tensors(fresh),
         }
         r = self.route
         step = SessionStep(

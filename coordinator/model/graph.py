@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from coordinator.errors import ModelError, PlanError
 from coordinator.model.external import has_external_data, unit_sha256
-from coordinator.model.state import StatePair, find_state_pairs, state_names
+from coordinator.model.state import StatePair, find_state_pairs, state_feeds, state_names
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def profile_graph(model: onnx.ModelProto, model_sha256: str, base_dir: Path | No
             raise ModelError(f"graph output {o.name!r} is produced by no node")
     pairs = find_state_pairs(model, _ONNX_TO_NUMPY)
     stateful = state_names(pairs)
-    feeds = _sample_inputs(inputs, frozenset(p.input_name for p in pairs))
+    feeds = _sample_inputs(inputs, frozenset(p.input_name for p in pairs) | state_feeds(model, pairs))
     values = _measure(model, feeds, base_dir)
     values.update(feeds)
     shapes = {k: tuple(v.shape) for k, v in values.items()}

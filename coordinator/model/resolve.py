@@ -6,8 +6,10 @@ Hugging Face directories and GGUF files are converted once and cached::
     cache_dir/converted/<key>.tokenizer/        a GGUF file's tokenizer (tokenizer.json, its config, template)
 
 The weights files are ``config.json`` and ``model.safetensors`` of a directory, or the ``.gguf`` file.
-``kv_cache=True`` asks for the export with a KV cache (:mod:`coordinator.model.causal`, for generation);
-its converter version differs, so both exports of one model are cached side by side.
+``kv_cache=True`` asks for the export with a KV cache (:mod:`coordinator.model.causal`, for generation),
+or for a speech seq2seq model (Whisper) its decoder with self- and cross-attention caches
+(:mod:`coordinator.model.seq2seq`); their converter versions differ, so every export of one model is
+cached side by side.
 
 A conversion writes a temporary file in that directory and ``os.replace``-s it into place, so concurrent
 processes never see a half-written model; the last one to finish wins with identical content.
@@ -31,6 +33,7 @@ from google.protobuf.message import DecodeError
 from coordinator.errors import ModelError
 from coordinator.model.causal import KV_CONVERTER_VERSION, convert_causal_lm, save_tokenizer
 from coordinator.model.convert import CONVERTER_VERSION, convert_hf_dir, read_kind
+from coordinator.model.seq2seq import DECODER_CONVERTER_VERSION, convert_speech_decoder
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +51,11 @@ _CHUNK_BYTES = 1 << 20
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
     onnx_path: Path
-    kind: str  # "encoder" | "causal-lm" | "onnx"
+    kind: str  # "encoder" | "causal-lm" | "onnx" | "vision" | "audio" | "multimodal"
     source: str  # what the user gave
     hf_dir: Path | None  # the Hugging Face directory, or the directory holding the GGUF file
     tokenizer_path: Path | None  # tokenizer.json of the directory, or extracted from the GGUF file
-    kv_cache: bool = False  # exported with past/present keys and values (coordinator.model.causal)
+    kv_cache: bool = False  # exported with past/present keys and values (causal, or an "audio" decoder)
     gguf_file: str | None = None  # name of the GGUF file in hf_dir the weights came from
 
 
@@ -141,11 +144,14 @@ def check_onnx_file(path: Path) -> None:
         raise ModelError(f"{path} is not an ONNX file: it has no graph outputs")
 
 
-def conversion_key(hf_dir: Path, gguf_file: str | None = None, kv_cache: bool = False) -> str:
+def conversion_key(hf_dir: Path, gguf_file: str | None = None, kv_cache: bool = False, kind: str = "") -> str:
     """Return the cache key of a Hugging Face directory (or of its GGUF file): sha256 over the converter
-    version (the KV-cache export has its own) and the weights files."""
+    version (the KV-cache exports have their own) and the weights files."""
     digest = hashlib.sha256()
-    version = (KV_CONVERTER_VERSION if kv_cache else CONVERTER_VERSION).encode()
+    decoder = kv_cache and kind == "audio"
+    version = (
+        DECODER_CONVERTER_VERSION if decoder else KV_CONVERTER_VERSION if kv_cache else CONVERTER_VERSION
+    ).encode()
     digest.update(len(version).to_bytes(8, "big") + version)
     for name in _Weights(hf_dir, gguf_file).files:
         file_path = hf_dir / name
@@ -163,14 +169,14 @@ def _resolve_hf_dir(
     weights: _Weights, source: str, cache_dir: Path, progress: Callable[[str], None] | None, kv_cache: bool
 ) -> ResolvedModel:
     kind = read_kind(weights.directory, weights.gguf_file)
-    if kv_cache and kind != "causal-lm":
+    if kv_cache and kind not in ("causal-lm", "audio"):
         raise ModelError(f"{source} is not a causal LM (it is an {kind}); a KV-cache export needs one")
-    key = conversion_key(weights.directory, weights.gguf_file, kv_cache)
+    key = conversion_key(weights.directory, weights.gguf_file, kv_cache, kind)
     onnx_path = cache_dir / "converted" / f"{key}.onnx"
     if onnx_path.is_file():
         log.info("using cached conversion of %s: %s", source, onnx_path)
     else:
-        _convert_atomically(weights, onnx_path, progress, kv_cache)
+        _convert_atomically(weights, onnx_path, progress, kv_cache, kind)
     if weights.gguf_file is None:
         tokenizer: Path | None = weights.directory / "tokenizer.json"
     else:
@@ -187,7 +193,7 @@ def _resolve_hf_dir(
 
 
 def _convert_atomically(
-    weights: _Weights, onnx_path: Path, progress: Callable[[str], None] | None, kv_cache: bool
+    weights: _Weights, onnx_path: Path, progress: Callable[[str], None] | None, kv_cache: bool, kind: str
 ) -> None:
     try:
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +208,9 @@ def _convert_atomically(
         if progress is not None:
             what = "ONNX with a KV cache" if kv_cache else "ONNX"
             progress(f"converting {source} to {what}, cached as {onnx_path}")
-        if kv_cache:
+        if kv_cache and kind == "audio":
+            convert_speech_decoder(weights.directory, temp_path, progress)
+        elif kv_cache:
             convert_causal_lm(weights.directory, temp_path, progress, weights.gguf_file)
         else:
             convert_hf_dir(weights.directory, temp_path, progress, weights.gguf_file)

@@ -163,7 +163,10 @@ def _wrap(model: Any, layout: DecoderLayout) -> torch.nn.Module:
 
     def filled(pasts: Sequence[torch.Tensor]) -> DynamicCache:
         cache = DynamicCache(config=config)
-        for layer, key, value in zip(cache.layers, pasts[0::2], pasts[1::2], strict=True):
+        layers: list[Any] = list(cache.layers)  # one DynamicLayer per decoder layer
+        if len(layers) != layout.layers:
+            raise ConversionError(f"the decoder's cache has {len(layers)} layers, not {layout.layers}")
+        for layer, key, value in zip(layers, pasts[0::2], pasts[1::2], strict=True):
             layer.lazy_initialization(key, value)
             layer.keys, layer.values = key, value
         return cache

@@ -11,6 +11,11 @@ the same element type and rank. ``axis`` is the sequence axis along which the st
 
 The caller of a stateful graph feeds each state input, starting from an empty tensor (length 0 along
 ``sequence_axis``), and at the next call feeds back what the paired output returned.
+
+A *state feed* is a graph input whose every path to a graph output goes through a state pair's Concat:
+what it contributes is kept in the state (e.g. the encoder output a speech decoder projects into its
+cross-attention cache). Its caller feeds it at the first call and with length 0 afterwards, so planning
+measures it empty, like a state input.
 """
 
 from __future__ import annotations
@@ -105,3 +110,42 @@ def _pair(
 def state_names(pairs: tuple[StatePair, ...]) -> frozenset[str]:
     """Every input and output name of ``pairs``: tensors that stay with their shard and never cross a cut."""
     return frozenset(name for p in pairs for name in (p.input_name, p.output_name))
+
+
+def state_feeds(model: onnx.ModelProto, pairs: tuple[StatePair, ...]) -> frozenset[str]:
+    """The graph's state feeds (see the module docstring): inputs besides the state inputs whose every path
+    to a graph output ends in the Concat of a state output."""
+    g = model.graph
+    initializers = {t.name for t in g.initializer}
+    state_inputs = {p.input_name for p in pairs}
+    state_outputs = {p.output_name for p in pairs}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {vi.name for vi in g.output}
+    feeds = []
+    for vi in g.input:
+        if vi.name in initializers or vi.name in state_inputs or not pairs:
+            continue
+        if vi.name not in graph_outputs and _only_into_state(vi.name, readers, graph_outputs, state_outputs):
+            feeds.append(vi.name)
+    return frozenset(feeds)
+
+
+def _only_into_state(
+    source: str, readers: dict[str, list[onnx.NodeProto]], graph_outputs: set[str], state_outputs: set[str]
+) -> bool:
+    """Whether every tensor computed from ``source`` reaches graph outputs only through state Concats."""
+    todo, seen = [source], {source}
+    while todo:
+        for node in readers.get(todo.pop(), []):
+            if any(name in state_outputs for name in node.output):
+                continue  # absorbed into a state output (a state pair's Concat)
+            for name in node.output:
+                if name in graph_outputs:
+                    return False
+                if name and name not in seen:
+                    seen.add(name)
+                    todo.append(name)
+    return bool(readers.get(source))

@@ -21,7 +21,7 @@ from broker.clock import now_ms
 from broker.messages import RecoveryEvent
 from coordinator.errors import InputError
 from coordinator.generation.sampling import Sampling
-from coordinator.generation.session import GenerationSession, Replay, SessionRoute, slots_of
+from coordinator.generation.session import Conditioning, GenerationSession, Replay, SessionRoute, slots_of
 from coordinator.model.resolve import ResolvedModel
 from coordinator.planning.shardset import ShardSet
 from coordinator.runtime.deployment import Deployment
@@ -81,6 +81,8 @@ def check_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], max_new_toke
     """The prompt's token ids, or InputError (empty, too long, ``max_new_tokens`` out of range)."""
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if tokenizer.model.kind == "audio":
+        raise InputError(f"{tokenizer.model.source} decodes speech: give input_features (SpeechGeneration)")
     if isinstance(prompt, str) and not prompt.strip():
         raise InputError("the prompt is empty")
     ids = tokenizer.encode(prompt, chat)
@@ -151,10 +153,15 @@ class GenerationClient:
         return SessionRoute(route.plan_id, route.stages, holders, route.slots, route.logits_name, workers)
 
     async def stream(
-        self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, result: dict[str, Any] | None = None
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: Sampling,
+        result: dict[str, Any] | None = None,
+        conditioning: Conditioning | None = None,
     ) -> AsyncIterator[GeneratedToken]:
         """Checked prompt ids in, each new token as it is chosen; once done ``result`` (when given) holds
-        the result."""
+        the result. ``conditioning``: feeds besides the tokens (an encoder's output) and a logits rule."""
         dep = self.deployment
         assert dep.broker is not None
         session = GenerationSession(
@@ -162,7 +169,8 @@ class GenerationClient:
         )
         started, first_ms, new, text = time.perf_counter(), 0.0, [], ""
         try:
-            async for token in session.tokens(prompt_ids, max_new_tokens, self.tokenizer.eos_token_id, sampling):
+            eos = self.tokenizer.eos_token_id
+            async for token in session.tokens(prompt_ids, max_new_tokens, eos, sampling, conditioning):
                 first_ms = first_ms or (time.perf_counter() - started) * 1000.0
                 new.append(token)
                 now = self.tokenizer.decode(new)
@@ -205,12 +213,13 @@ class GenerationClient:
             "time_to_first_token_ms": round(first_ms, 3),
             "total_ms": round(total_s * 1000.0, 3),
             "steps": session.log.steps,
+            **decode_split(session.log.step_kernel_ms, n, decode_s),
             "component_results": components,
             "recovery_events": events,
         }
 
     async def _record(self, session_id: str, r: Replay) -> dict[str, Any]:
-        """A replay as a recovery event: in the live metrics and on the events stream (so in DuckDB)."""
+        """A replay (or a restore) as a recovery event: in the live metrics and on the events stream (so in DuckDB)."""
         dep = self.deployment
         assert dep.broker is not None
         browser = dep.fleet.browser(r.worker_id) if r.worker_id else ""
@@ -225,7 +234,7 @@ class GenerationClient:
             browser=browser,
             platform="",
             failure=r.failure,
-            action="replay",
+            action=r.action,
             success=True,
             duration_ms=r.duration_ms,
             error=r.error[:1000],
@@ -240,10 +249,25 @@ class GenerationClient:
             "worker_id": r.worker_id,
             "browser": browser,
             "failure": r.failure,
-            "action": "replay",
+            "action": r.action,
             "success": True,
             "duration_ms": round(r.duration_ms, 3),
             "error": r.error[:300],
         }
         self.metrics.recovery_events.append(entry)
         return entry
+
+
+def decode_split(step_kernel_ms: Sequence[float], n: int, decode_s: float) -> dict[str, float]:
+    """Per decode token: its wall time, the shards' kernel time, and the share that is not kernel (hops,
+    codec, scheduling). The prefill (step 0) is left out; empty when there was no decode step."""
+    decode = list(step_kernel_ms[1:n])
+    if not decode or decode_s <= 0:
+        return {}
+    token_ms = decode_s * 1000.0 / (n - 1)
+    kernel_ms = sum(decode) / len(decode)
+    return {
+        "decode_ms_per_token": round(token_ms, 3),
+        "decode_kernel_ms_per_token": round(kernel_ms, 3),
+        "decode_non_kernel_share": round(max(0.0, 1.0 - kernel_ms / token_ms), 4),
+    }
