@@ -18,7 +18,8 @@ Key layout (``{ns}`` is the namespace, ``default`` unless configured; tests use 
     xshard:{ns}:reply:{coordinator_id}     STREAM  results, failures and assignment replies
                                                    for one coordinator; group ``coordinator``
     xshard:{ns}:request:{request_id}       HASH    one request's state: status (pending|done|dead),
-                                                   coordinator, plan, the stage-0 job, per-stage progress
+                                                   coordinator, plan, the stage-0 job (a DAG plan's
+                                                   request: ``dag``, its inputs), per-stage progress
                                                    (``s{i}`` = worker:attempt), the result once done
     xshard:{ns}:inflight:{coordinator_id}  SET     request ids a coordinator has accepted, not finished
     xshard:{ns}:session:{session_id}       HASH    one generation session: plan, prompt and generated

@@ -3,6 +3,8 @@ the dead letter with its reason. Each change is one MULTI named after it (``Brok
 ledger uses only ``Broker``'s public API.
 
     accept       request hash (pending, the stage-0 job) + inflight set + XADD stage 0
+    accept DAG   request hash (pending, the request's inputs as a ``DagRequest``) + inflight set; its
+                 segments are sub-requests accepted on their own (``<request id>-s<first stage>``)
     finish       request hash (done|failed, the result) + expiry + inflight set - id + XACK/XDEL reply entry
     bury         XADD dead (the stage's job and why) + request hash (dead) + inflight set - id
     exhume       XDEL dead entry + request hash (pending) + inflight set + XADD the job again (replay)
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .keys import MESSAGE_FIELD, REPLY_GROUP
-from .messages import DeadLetter, Message, ShardJob, decode, decode_as, encode
+from .messages import DagRequest, DeadLetter, Message, ShardJob, decode, decode_as, encode
 from .streams import Broker
 
 RESULT_TTL_S = 24 * 3600
@@ -31,6 +33,8 @@ class RequestState:
     job: ShardJob | None
     result: Message | None
     progress: dict[str, str]
+    dag: DagRequest | None = None  # a DAG plan's request: its inputs, until it finishes
+    reason: str = ""  # why it was dead-lettered
 
 
 class Ledger:
@@ -56,6 +60,19 @@ class Ledger:
             tx.pipe.xadd(job.route[job.stage_index], {MESSAGE_FIELD: encode(job)})
         return tx.reply_text(-1)
 
+    async def accept_dag(self, request: DagRequest, coordinator_id: str) -> None:
+        """The ``accept DAG`` change: the parent of a DAG plan's sub-requests, with the request's inputs."""
+        fields = {
+            "status": "pending",
+            "coordinator": coordinator_id,
+            "plan": request.plan_id,
+            "created_ms": str(request.ts_ms),
+            "dag": encode(request),
+        }
+        async with self.broker.transaction(f"accept {request.request_id}") as tx:
+            tx.pipe.hset(self.keys.request(request.request_id), mapping=fields)
+            tx.pipe.sadd(self.keys.inflight(coordinator_id), request.request_id)
+
     async def finish(
         self,
         request_id: str,
@@ -71,7 +88,7 @@ class Ledger:
             fields["result"] = encode(result)
         async with self.broker.transaction(f"finish {request_id}") as tx:
             tx.pipe.hset(key, mapping=fields)
-            tx.pipe.hdel(key, "job")
+            tx.pipe.hdel(key, "job", "dag")
             tx.pipe.expire(key, RESULT_TTL_S)
             tx.pipe.srem(self.keys.inflight(coordinator_id), request_id)
             if reply_entry is not None:
@@ -117,6 +134,8 @@ class Ledger:
             job=job,
             result=result,
             progress=progress,
+            dag=decode_as(row["dag"], DagRequest, limits) if "dag" in row else None,
+            reason=row.get("reason", b"").decode(),
         )
 
     async def dead_letters(self, count: int = 1000) -> list[tuple[str, DeadLetter | None, str]]:

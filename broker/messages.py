@@ -272,6 +272,18 @@ class RecoveryEvent:
     error: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class DagRequest:
+    """A request on a DAG plan (component sharding): its inputs, kept in its request hash until it finishes,
+    so that a restarted coordinator with the same id drives its segments on (``coordinator.runtime.dag``)."""
+
+    TYPE: ClassVar[str] = "dag-request"
+    request_id: str
+    plan_id: str
+    tensors: Tensors
+    ts_ms: float
+
+
 Event = ExecutionEvent | RequestEvent | RecoveryEvent
 
 Message = (
@@ -289,6 +301,7 @@ Message = (
     | ExecutionEvent
     | RequestEvent
     | RecoveryEvent
+    | DagRequest
 )
 M = TypeVar("M", bound=Message)
 
@@ -307,6 +320,7 @@ register(
     ExecutionEvent,
     RequestEvent,
     RecoveryEvent,
+    DagRequest,
 )
 register_nested("trace", StageTrace)
 
@@ -319,6 +333,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Assignment",
     "AssignmentReply",
+    "DagRequest",
     "DeadLetter",
     "Event",
     "Inject",

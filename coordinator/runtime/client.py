@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from broker.errors import BrokerError
-from broker.messages import DeadLetter, RequestEvent, ShardJob, ShardResult
+from broker.messages import DagRequest, DeadLetter, RequestEvent, ShardJob, ShardResult
 from coordinator.planning.shardset import ShardSet
 from coordinator.runtime import results
 from coordinator.runtime.dag import run_dag
@@ -28,6 +28,8 @@ from coordinator.runtime.deployment import Deployment
 from coordinator.runtime.metrics import LiveMetrics
 
 log = logging.getLogger(__name__)
+
+RESUMED_RETRIES = 2  # a resumed DAG request's segments: the default max_retries of run_inference_sharded
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,7 @@ class RequestClient:
         self._rt = deployment.runtime
         self._dag = shards if shards is not None and not shards.plan.is_chain else None
         self.dag_parallel = True  # a DAG's independent segments at once; False: one after another (benchmarks)
+        self._resumed_dags: dict[str, asyncio.Future[ShardResult | DeadLetter]] = {}  # by resume(), by request id
         self._spawn = deployment.spawn
         self.metrics = metrics
         self.labels = labels
@@ -83,14 +86,31 @@ class RequestClient:
         return await self._outcome(request_id, fut, started)
 
     async def _run_dag(self, shards: ShardSet, arrays: dict[str, np.ndarray], max_retries: int) -> dict[str, Any]:
-        """A DAG plan's request: each segment a sub-request (:mod:`coordinator.runtime.dag`)."""
-        rt = self._rt
+        """A DAG plan's request: its inputs kept in the ledger (``accept_dag``), each segment a sub-request
+        (:mod:`coordinator.runtime.dag`)."""
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
+        request = DagRequest(request_id, self._rt.plan_id, arrays, time.time() * 1000.0)
+        try:
+            await self._rt.ledger.accept_dag(request, self.labels.coordinator_id)
+            outcome = await self._drive_dag(shards, request, max_retries, resumed=False)
+        except BrokerError as e:
+            return results.failure(f"request not accepted: {e}", "unavailable", request_id)
+        return self._finish(request_id, outcome, started)
+
+    async def _drive_dag(
+        self, shards: ShardSet, request: DagRequest, max_retries: int, resumed: bool
+    ) -> ShardResult | DeadLetter:
+        """Run the DAG's segments and record the request's outcome; ``resumed``: a segment the ledger knows
+        (done, dead or in flight, from before a restart) is taken from there, not submitted again."""
+        rt = self._rt
 
         async def submit(
             sub_id: str, tensors: dict[str, np.ndarray], first: int, route: tuple[str, ...]
         ) -> ShardResult | DeadLetter:
+            rt.recoverer.max_attempts[sub_id] = max(0, max_retries) + 1
+            if resumed and (known := await self._known(sub_id)) is not None:
+                return known
             job = ShardJob(
                 request_id=sub_id,
                 plan_id=rt.plan_id,
@@ -100,23 +120,74 @@ class RequestClient:
                 tensors=tensors,
                 enqueued_ms=time.time() * 1000.0,
             )
-            rt.recoverer.max_attempts[sub_id] = max(0, max_retries) + 1
             return await self._wait(sub_id, await rt.tracker.submit(job))
 
         outputs = [o.name for o in shards.profile.outputs]
-        try:
-            outcome = await run_dag(shards.plan, rt.route, request_id, arrays, outputs, submit, self.dag_parallel)
-        except BrokerError as e:
-            return results.failure(f"request not accepted: {e}", "unavailable", request_id)
-        return self._finish(request_id, outcome, started)
+        rid = request.request_id
+        outcome = await run_dag(shards.plan, rt.route, rid, request.tensors, outputs, submit, self.dag_parallel)
+        status = "done" if isinstance(outcome, ShardResult) else "dead"
+        await rt.ledger.finish(rid, self.labels.coordinator_id, status, outcome)
+        return outcome
+
+    async def _known(self, sub_id: str) -> ShardResult | DeadLetter | None:
+        """A sub-request's outcome as the ledger has it (waiting for it while in flight); None if unknown."""
+        rt = self._rt
+        fut = rt.tracker.watch(sub_id)  # before reading the state: a result may land in between
+        state = await rt.ledger.state(sub_id)
+        if state is None or isinstance(state.result, ShardResult) or state.status == "dead":
+            rt.tracker.forget(sub_id)
+        if state is None:
+            return None
+        if isinstance(state.result, ShardResult):
+            return state.result
+        if state.status == "dead":
+            return self._dead_before(sub_id, state.reason or "dead-lettered before the coordinator restarted")
+        return await self._wait(sub_id, fut)
+
+    def _dead_before(self, request_id: str, reason: str) -> DeadLetter:
+        rt = self._rt
+        return DeadLetter(
+            request_id=request_id,
+            plan_id=rt.plan_id,
+            stage_index=0,
+            route=rt.route,
+            reply_stream=rt.dispatcher.reply_stream,
+            tensors={},
+            reason=reason,
+            error=reason,
+            attempts=1,
+            workers_tried=(),
+            ts_ms=time.time() * 1000.0,
+        )
 
     async def resume(self) -> list[str]:
-        """Requests this coordinator id accepted before a restart and has not finished; ``wait_for`` each."""
-        return await self._rt.tracker.resume()
+        """Requests this coordinator id accepted before a restart and has not finished; ``wait_for`` each.
+
+        A DAG plan's request is driven on at once (its sub-requests, not listed, are taken from the ledger
+        where they finished or are in flight, and submitted where they never were)."""
+        ids = await self._rt.tracker.resume()
+        shards = self._dag
+        if shards is None:
+            return ids
+        parents = {}
+        for rid in ids:
+            state = await self._rt.ledger.state(rid)
+            if state is not None and state.dag is not None:
+                parents[rid] = state.dag
+        for rid, request in parents.items():
+            self._rt.tracker.forget(rid)
+            if rid not in self._resumed_dags:
+                task = asyncio.ensure_future(self._drive_dag(shards, request, RESUMED_RETRIES, resumed=True))
+                self._resumed_dags[rid] = task
+        return [r for r in ids if not any(r.startswith(f"{p}-s") for p in parents)]
 
     async def wait_for(self, request_id: str) -> dict[str, Any]:
         """The outcome of a request accepted earlier (e.g. before a coordinator restart)."""
         tracker, ledger = self._rt.tracker, self._rt.ledger
+        if (task := self._resumed_dags.get(request_id)) is not None:
+            outcome = await task
+            self._resumed_dags.pop(request_id, None)
+            return self._finish(request_id, outcome, time.perf_counter())
         fut = tracker.watch(request_id)  # before reading the state: a result may land in between
         state = await ledger.state(request_id)
         if state is not None and isinstance(state.result, ShardResult):
