@@ -191,10 +191,11 @@ class SessionRunner:
     ) -> Ran | None:
         """Run the step again on the worker's copy of the cache, when the page lost it and the copy is
         exactly the cache before this step; None when that cannot be done (the caller hands it back)."""
-        page_lost = isinstance(error, BridgeClosed | WorkerError)
-        missing = isinstance(error, StepFailed | PageError) and str(error).startswith(MISSING_PREFIX)
+        missing = isinstance(error, PageError) and str(error).startswith(MISSING_PREFIX)
         if isinstance(error, StepFailed) and error.step:
             missing = False  # the stages before it advanced their caches in this page already
+        # the browser died under the step (every error here is a WorkerError; the page's own are PageErrors)
+        page_lost = isinstance(error, BridgeClosed) or not isinstance(error, PageError | BridgeTimeout)
         if msg.fresh or not (page_lost or missing) or not self.mirrors.restorable(msg.session_id, msg.step, slots):
             return None
         started = time.perf_counter()

@@ -5,6 +5,7 @@ session driver of ``coordinator.generation``; tokens against transformers' ``gen
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import os
 import signal
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from broker.messages import Assignment, AssignmentReply
+from broker.registry import WorkerState
 from broker.streams import Broker
 from coordinator import ModelShardingManager
 from coordinator.errors import InputError
@@ -169,6 +171,11 @@ async def two_shards(
         await asyncio.to_thread(stop_processes, procs)
 
 
+async def restarted(broker: Broker, worker_id: str, old_browser_pid: int) -> bool:
+    info = await broker.worker_info(worker_id)
+    return info is not None and info.browser_pid != old_browser_pid and info.state == WorkerState.READY
+
+
 async def generate(s: GenerationSession, prompt: list[int], n: int) -> list[int]:
     return [t async for t in s.tokens(prompt, n, None, Sampling())]
 
@@ -198,12 +205,21 @@ async def test_tiny_lm_generates_across_chromium_and_firefox_the_tokens_of_trans
         await again.close()
 
 
-@pytest.mark.parametrize(("mirror", "action"), [("1", "restore"), ("0", "replay")])
+@pytest.mark.parametrize(
+    ("mirror", "action", "after_restart"), [("1", "restore", False), ("1", "restore", True), ("0", "replay", False)]
+)
 async def test_a_killed_browser_mid_generation_is_recovered_and_gives_the_same_tokens(
-    tiny: dict[str, ResolvedModel], valkey: Any, namespace: str, tmp_path: Path, mirror: str, action: str
+    tiny: dict[str, ResolvedModel],
+    valkey: Any,
+    namespace: str,
+    tmp_path: Path,
+    mirror: str,
+    action: str,
+    after_restart: bool,
 ) -> None:
     """With the worker's copy of the cache (the default) the new page takes it back and nothing is
-    replayed; without it (``XSHARD_SESSION_MIRROR=0``) the coordinator replays the whole history."""
+    replayed, whether the next step meets the dying browser or (``after_restart``) the new page that does
+    not hold the session; without it (``XSHARD_SESSION_MIRROR=0``) the coordinator replays the history."""
     prompt = [int(t) for t in np.random.default_rng(4).integers(3, torch_models.VOCAB, size=6)]
     want = reference(tiny["llama"], prompt, NEW_TOKENS)
     env = {"XSHARD_SESSION_MIRROR": mirror}
@@ -216,6 +232,10 @@ async def test_a_killed_browser_mid_generation_is_recovered_and_gives_the_same_t
                 info = await c.broker.worker_info(c.workers[1])
                 assert info is not None and info.browser_pid
                 os.kill(info.browser_pid, signal.SIGKILL)
+                if after_restart:  # the next step goes out only once the worker runs a new browser
+                    await wait_until(
+                        functools.partial(restarted, c.broker, c.workers[1], info.browser_pid), WAIT_S, "a restart"
+                    )
         assert got == want
         assert len(session.log.replays) >= 1 and session.log.replays[0].stage == 1
         assert session.log.replays[0].action == action, session.log.replays
