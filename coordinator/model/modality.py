@@ -10,9 +10,11 @@ kind           architecture                     inputs                          
                                                                                             logits_per_text,
                                                                                             text_embeds, image_embeds
 "vision"       ``ViTForImageClassification``    pixel_values                                logits
-"audio"        ``WhisperForConditionalGeneration``  input_features (its encoder only)       last_hidden_state
+"audio"        ``WhisperForConditionalGeneration``  input_features (the encoder)            last_hidden_state
 =============  ===============================  ==========================================  ==========================
 
+Whisper's decoder, with self- and cross-attention caches for generation, is exported by
+:mod:`coordinator.model.seq2seq`.
 Image sizes, channels, mel bins and the audio length are fixed by the config and stay fixed in the graph
 (validation names them); the batch axes (``texts``, ``images``, ``batch``) and the text ``sequence`` are
 dynamic. :func:`cosine_similarity` is the guide's CLIP ``similarity``.
