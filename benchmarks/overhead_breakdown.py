@@ -95,7 +95,7 @@ class CoordinatorMarks:
     """Notes when the manager's tracker accepts a request and reads its result, by request id."""
 
     def __init__(self, m: ModelShardingManager) -> None:
-        tracker = m._tracker
+        tracker = m.tracker
         if tracker is None:
             raise RuntimeError("the manager is not initialized")
         self.marks: dict[str, dict[str, Any]] = {}

@@ -389,10 +389,9 @@ class ModelShardingManager:
         already held for this model and plan when ``db_path`` was given."""
         return self._history.merged(self.metrics.history())
 
-    # -- kept for callers that reach inside (tests, benchmarks, the fault lab) -------------------
-
     @property
-    def _tracker(self) -> RequestTracker | None:
+    def tracker(self) -> RequestTracker | None:
+        """The requests in flight and the results delivered to this coordinator (None before start)."""
         rt = self._deployment.runtime_or_none if self._deployment else None
         return rt.tracker if rt else None
 

@@ -301,7 +301,7 @@ async def _grade(
     sess = ort.InferenceSession(str(manager.model.onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     events = await broker.read_events()
-    delivered = manager._tracker.deliveries if manager._tracker else Counter()
+    delivered = manager.tracker.deliveries if manager.tracker else Counter()
     finals: Counter[str] = Counter(
         e.request_id
         for e in events
