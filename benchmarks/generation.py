@@ -213,13 +213,15 @@ def report(out: dict[str, Any]) -> str:
             lines.append(f"4 shards in {b} / {b} unsharded: {fmt(ratio)}x (target >= {TARGET_SHARDED_RATIO}x)")
         if s:
             lines.append(f"4 shards chromium+firefox / {b} unsharded: {fmt(s['tokens_per_s'] / r['tokens_per_s'])}x")
-        if "decode_non_kernel_share" in s:
+    runs = [(f"all {b}", r) for b, r in same.items()] + ([("chromium+firefox", s)] if s else [])
+    for name, r in runs:
+        if "decode_non_kernel_share" in r:
             token, kernel, share = (
-                s[k] for k in ("decode_ms_per_token", "decode_kernel_ms_per_token", "decode_non_kernel_share")
+                r[k] for k in ("decode_ms_per_token", "decode_kernel_ms_per_token", "decode_non_kernel_share")
             )
             target = f"{100 * TARGET_NON_KERNEL_SHARE:.0f}"
             lines.append(
-                f"4-shard decode token: {fmt(token)} ms, kernels {fmt(kernel)} ms, "
+                f"4-shard decode token ({name}): {fmt(token)} ms, kernels {fmt(kernel)} ms, "
                 f"non-kernel {fmt(100 * share)} % (target <= {target} %)"
             )
     conc = out.get("concurrency")
