@@ -32,6 +32,7 @@ class ManagerSettings:
     artifact_url: str = ""  # where other hosts fetch this coordinator's shard files (``XSHARD_ARTIFACT_URL``)
     redis_ca_file: str = ""  # verifies a ``rediss://`` broker (``XSHARD_REDIS_CA_FILE``)
     wasm_threads: int = 0  # onnxruntime-web threads per page of local workers; 0: the cores / the browsers
+    warm_spare: bool = False  # local workers keep a second browser, shards loaded, to replace a lost one at once
 
     @classmethod
     def from_env(cls, **overrides: object) -> ManagerSettings:

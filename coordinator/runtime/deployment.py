@@ -175,7 +175,12 @@ class Deployment:
         await broker.ping()
         if self.config.redis_url is None:
             self.local = LocalWorkers(
-                broker.url, s.namespace, s.cache_dir, s.heartbeat_s, allow_fault_injection=s.allow_fault_injection
+                broker.url,
+                s.namespace,
+                s.cache_dir,
+                s.heartbeat_s,
+                allow_fault_injection=s.allow_fault_injection,
+                warm_spare=s.warm_spare,
             )
             stack.push_async_callback(self.local.stop_all)
         else:

@@ -59,8 +59,10 @@ def worker_command(
     *,
     allow_fault_injection: bool = False,
     wasm_threads: int = 0,
+    warm_spare: bool = False,
 ) -> list[str]:
     flags = ["--allow-fault-injection"] if allow_fault_injection else []
+    flags += ["--warm-spare"] if warm_spare else []
     flags += ["--wasm-threads", str(wasm_threads)] if wasm_threads > 0 else []
     return [
         sys.executable,
@@ -88,13 +90,20 @@ class LocalWorkers:
     """Worker processes this coordinator started and must stop."""
 
     def __init__(
-        self, redis_url: str, namespace: str, cache_dir: Path, heartbeat_s: float, allow_fault_injection: bool = False
+        self,
+        redis_url: str,
+        namespace: str,
+        cache_dir: Path,
+        heartbeat_s: float,
+        allow_fault_injection: bool = False,
+        warm_spare: bool = False,
     ) -> None:
         self.redis_url = redis_url
         self.namespace = namespace
         self.cache_dir = cache_dir
         self.heartbeat_s = heartbeat_s
         self.allow_fault_injection = allow_fault_injection
+        self.warm_spare = warm_spare  # each worker keeps a second browser with its shards loaded
         self.workers: dict[str, LocalWorker] = {}
         self.log_dir = cache_dir / "logs"
 
@@ -113,6 +122,7 @@ class LocalWorkers:
             self.heartbeat_s,
             allow_fault_injection=self.allow_fault_injection,
             wasm_threads=wasm_threads,
+            warm_spare=self.warm_spare,
         )
         env = {k: v for k, v in os.environ.items() if k != FAULT_INJECTION_ENV}
         root = str(Path(__file__).resolve().parent.parent)
