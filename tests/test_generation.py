@@ -297,6 +297,42 @@ async def test_manager_generates_and_streams_the_tokens_of_transformers_generate
         assert sampled[0]["token_ids"] == sampled[1]["token_ids"]  # seeded sampling is reproducible
 
 
+async def test_a_manager_with_warm_spares_restores_a_killed_browsers_cache_into_the_spare(
+    tiny: dict[str, ResolvedModel], cache_dir: Path
+) -> None:
+    """``warm_spare=True``: the workers the manager launches keep a second browser with their shards; the
+    killed browser's page is replaced by it and takes back the worker's copy of the session's cache."""
+    require_browsers("chromium", "firefox")
+    resolved = tiny["llama"]
+    assert resolved.hf_dir is not None
+    prompt, want = lively_prompt(resolved, 60)
+    manager = ModelShardingManager(
+        str(resolved.hf_dir),
+        2,
+        browsers=["chromium", "firefox"],
+        generation=True,
+        settings=ManagerSettings(cache_dir=cache_dir, warm_spare=True),
+    )
+    async with manager:
+        holder = manager.allocation[1]["worker_id"]
+        assert manager.broker_url is not None
+        async with Broker(manager.broker_url, manager.settings.namespace) as broker:
+            info = await broker.worker_info(holder)
+        assert info is not None and info.browser_pid
+        got: list[int] = []
+        result: dict[str, Any] = {}
+        async for token in manager.stream(prompt, max_new_tokens=NEW_TOKENS, result=result):
+            got.append(token.token_id)
+            if len(got) == 3:
+                os.kill(info.browser_pid, signal.SIGKILL)
+        assert got == want
+        events = result["metrics"]["recovery_events"]
+        assert [(e["action"], e["shard_index"], e["worker_id"]) for e in events] == [("restore", 1, holder)], events
+        assert any(e["action"] == "restore" for e in manager.get_performance_history()["recovery_events"])
+    log_text = (cache_dir / "logs" / f"{holder}.log").read_text()
+    assert "the warm spare up in" in log_text, log_text[-2000:]
+
+
 async def test_a_killed_worker_mid_generation_is_replaced_by_a_spare_with_the_same_tokens(
     tiny: dict[str, ResolvedModel], cache_dir: Path, valkey: Any, namespace: str
 ) -> None:
