@@ -209,12 +209,12 @@ class GenerationSession:
                 self.log.steps += 1
                 self.log.traces = list(reply.trace)
                 self.log.step_kernel_ms.append(sum(t.kernel_ms for t in reply.trace))
-                self.log.replays += [
+                self.log.replays += [  # a holder's worker restored its page's cache from its copy (no replay)
                     Replay(
-                        self.log.steps,
+                        self.log.steps - 1,
                         t.shard_index,
                         t.worker_id,
-                        "browser_lost",
+                        FailureKind.BROWSER_LOST.value,
                         t.recovered,
                         t.recovery_ms,
                         "restore",
