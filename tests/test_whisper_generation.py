@@ -18,6 +18,7 @@ import onnx
 import pytest
 
 from broker.sessions import SessionEnd
+from broker.streams import Broker
 from coordinator.cli.commands import main
 from coordinator.errors import InputError, ModelError
 from coordinator.generation.decoding import rules_of
@@ -144,20 +145,21 @@ def test_generate_cli_refuses_bad_speech_input_with_exit_2_and_one_line(
 
 async def _replayed(speech: SpeechGeneration, feats: np.ndarray) -> tuple[list[int], int]:
     """A session whose second stage's page drops the cache after 3 tokens; its tokens and replay count."""
-    client, dep = speech.decoder.generation_client(), speech.decoder._deployment
-    assert dep is not None and dep.broker is not None
+    decoder = speech.decoder
+    assert decoder.broker_url is not None
     encoded = await speech.encoder.run_inference_sharded({"input_features": feats})
-    route = client._route()
-    session = GenerationSession(dep.broker, route)
+    route = decoder.generation_client().route()
     conditioning = Conditioning({ENCODER_OUTPUT: encoded["result"]["last_hidden_state"]}, speech.rules)
     tokens: list[int] = []
-    try:
-        async for token in session.tokens(speech.rules.start_ids, NEW_TOKENS, None, Sampling(), conditioning):
-            tokens.append(token)
-            if len(tokens) == 3:
-                await dep.broker.add(route.holders[1], SessionEnd(session.session_id))  # type: ignore[arg-type]
-    finally:
-        await session.close()
+    async with Broker(decoder.broker_url, decoder.settings.namespace) as broker:
+        session = GenerationSession(broker, route)
+        try:
+            async for token in session.tokens(speech.rules.start_ids, NEW_TOKENS, None, Sampling(), conditioning):
+                tokens.append(token)
+                if len(tokens) == 3:
+                    await broker.add(route.holders[1], SessionEnd(session.session_id))  # type: ignore[arg-type]
+        finally:
+            await session.close()
     return tokens, len(session.log.replays)
 
 

@@ -118,7 +118,8 @@ class GenerationClient:
     def check(self, prompt: str | Sequence[int], max_new_tokens: int, chat: bool) -> list[int]:
         return check_prompt(self.tokenizer, prompt, max_new_tokens, chat)
 
-    def _route(self) -> SessionRoute:
+    def route(self) -> SessionRoute:
+        """Where a new session's steps go: each stage's stream and its (first) worker's direct stream."""
         dep = self.deployment
         assert dep.placement is not None and dep.broker is not None
         workers = tuple(dep.placement.allocation[st.index]["worker_id"] for st in self.shards.plan.stages)
@@ -165,7 +166,7 @@ class GenerationClient:
         dep = self.deployment
         assert dep.broker is not None
         session = GenerationSession(
-            dep.broker, self._route(), uuid.uuid4().hex, self.timeout_s, reroute=self._reroute, alive=self._alive
+            dep.broker, self.route(), uuid.uuid4().hex, self.timeout_s, reroute=self._reroute, alive=self._alive
         )
         started, first_ms, new, text = time.perf_counter(), 0.0, [], ""
         try:
