@@ -24,7 +24,7 @@ transformers' own forward with its own cache: the logits of unmasked positions m
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,13 +39,12 @@ from coordinator.model.convert import (
     OPSET,
     Progress,
     allowed_logit_diff,
-    flatten_graph,
     load_pretrained,
     quiet_export_warnings,
     reporter,
     require_convert_extra,
-    save_graph,
 )
+from coordinator.model.flatgraph import read_back, save_graph
 
 if TYPE_CHECKING:
     import torch
@@ -259,14 +258,16 @@ def _export(model: Any, layout: CacheLayout, out_path: Path) -> onnx.ModelProto:
         raise
     except Exception as e:  # torch raises many unrelated types from deep inside tracing
         raise ConversionError(f"torch.onnx.export with a KV cache failed: {type(e).__name__}: {e}") from e
-    try:
-        proto = onnx.load(str(out_path))
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read back the exported {out_path}: {e}") from e
-    return flatten_graph(proto)
+    return read_back(out_path)
 
 
-def _verify_loaded(model: Any, layout: CacheLayout, onnx_path: Path, cases: Sequence[KvCase], say: Progress) -> float:
+#: (onnxruntime session, case, seed) -> (prefill diff, step diff, largest reference logit)
+CompareCase = Callable[[Any, KvCase, int], tuple[float, float, float]]
+
+
+def verify_kv_cases(onnx_path: Path, cases: Sequence[KvCase], compare: CompareCase, what: str, say: Progress) -> float:
+    """Each case's prefill and step against transformers (``compare``); the worst diff, or ConversionError
+    where one exceeds :func:`~coordinator.model.convert.allowed_logit_diff`."""
     import onnxruntime
 
     try:
@@ -275,18 +276,25 @@ def _verify_loaded(model: Any, layout: CacheLayout, onnx_path: Path, cases: Sequ
         raise ConversionError(f"onnxruntime cannot load {onnx_path}: {e}") from e
     worst = 0.0
     for seed, case in enumerate(cases):
-        say(f"verifying against transformers: prefill {case.batch} x {case.prompt}, then a step of {case.step}")
-        *diffs, scale = _compare_case(model, layout, session, case, seed)
+        say(f"verifying {what}: prefill {case.batch} x {case.prompt}, then a step of {case.step}")
+        *diffs, scale = compare(session, case, seed)
         allowed = allowed_logit_diff(np.array([scale]))
         for phase, diff in zip(("prefill", "step"), diffs, strict=True):
-            log.info("max abs diff of the %s of %s: %.3g (allowed %.3g)", phase, case, diff, allowed)
+            log.info("max abs diff of %s, %s of %s: %.3g (allowed %.3g)", what, phase, case, diff, allowed)
             if not diff <= allowed:
                 raise ConversionError(
-                    f"ONNX logits differ from transformers by {diff:.3g} (> {allowed:.3g}) in the {phase} "
+                    f"{what}: logits differ from transformers by {diff:.3g} (> {allowed:.3g}) in the {phase} "
                     f"of batch {case.batch}, prompt {case.prompt}, step {case.step} ({onnx_path})"
                 )
         worst = max(worst, *diffs)
     return worst
+
+
+def _verify_loaded(model: Any, layout: CacheLayout, onnx_path: Path, cases: Sequence[KvCase], say: Progress) -> float:
+    def compare(session: Any, case: KvCase, seed: int) -> tuple[float, float, float]:
+        return _compare_case(model, layout, session, case, seed)
+
+    return verify_kv_cases(onnx_path, cases, compare, "the KV-cache export", say)
 
 
 def _compare_case(model: Any, layout: CacheLayout, session: Any, case: KvCase, seed: int) -> tuple[float, float, float]:

@@ -36,13 +36,12 @@ from coordinator.model.convert import (
     TOLERANCE,
     Progress,
     allowed_logit_diff,
-    flatten_graph,
     padded_batch,
     quiet_export_warnings,
     reporter,
     require_convert_extra,
-    save_graph,
 )
+from coordinator.model.flatgraph import read_back, save_graph
 
 if TYPE_CHECKING:
     import torch
@@ -191,7 +190,6 @@ def _samples(module: Any, kind: str, batch: int, sequence: int, seed: int) -> di
 
 
 def _export(module: Any, signature: _Signature, samples: dict[str, np.ndarray], out_path: Path) -> None:
-    import onnx
     import torch
 
     args = tuple(torch.from_numpy(samples[name]) for name in signature.input_names)
@@ -211,11 +209,7 @@ def _export(module: Any, signature: _Signature, samples: dict[str, np.ndarray], 
             )
     except Exception as e:  # torch raises many unrelated types from deep inside tracing
         raise ConversionError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
-    try:
-        proto = onnx.load(str(out_path))
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read back the exported {out_path}: {e}") from e
-    save_graph(flatten_graph(proto), out_path)
+    save_graph(read_back(out_path), out_path)
 
 
 def _verify(

@@ -35,19 +35,17 @@ import numpy as np
 import onnx
 
 from coordinator.errors import ConversionError
-from coordinator.model.causal import KvCase
+from coordinator.model.causal import KvCase, verify_kv_cases
 from coordinator.model.convert import (
     CONVERTER_VERSION,
     INSTALL_HINT,
     OPSET,
     Progress,
-    allowed_logit_diff,
-    flatten_graph,
     quiet_export_warnings,
     reporter,
     require_convert_extra,
-    save_graph,
 )
+from coordinator.model.flatgraph import read_back, save_graph
 
 if TYPE_CHECKING:
     import torch
@@ -246,34 +244,14 @@ def _export(model: Any, layout: DecoderLayout, out_path: Path) -> onnx.ModelProt
             )
     except Exception as e:  # torch raises many unrelated types from deep inside tracing
         raise ConversionError(f"torch.onnx.export of the speech decoder failed: {type(e).__name__}: {e}") from e
-    try:
-        proto = onnx.load(str(out_path))
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read back the exported {out_path}: {e}") from e
-    return flatten_graph(proto)
+    return read_back(out_path)
 
 
 def _verify_loaded(model: Any, layout: DecoderLayout, onnx_path: Path, cases: Sequence[KvCase], say: Progress) -> float:
-    import onnxruntime
+    def compare(session: Any, case: KvCase, seed: int) -> tuple[float, float, float]:
+        return _compare_case(model, layout, session, case, seed)
 
-    try:
-        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own untyped pybind errors
-        raise ConversionError(f"onnxruntime cannot load {onnx_path}: {e}") from e
-    worst = 0.0
-    for seed, case in enumerate(cases):
-        say(f"verifying the decoder: prefill {case.batch} x {case.prompt}, then a step of {case.step}")
-        *diffs, scale = _compare_case(model, layout, session, case, seed)
-        allowed = allowed_logit_diff(np.array([scale]))
-        for phase, diff in zip(("prefill", "step"), diffs, strict=True):
-            log.info("max abs diff of the decoder %s of %s: %.3g (allowed %.3g)", phase, case, diff, allowed)
-            if not diff <= allowed:
-                raise ConversionError(
-                    f"decoder logits differ from transformers by {diff:.3g} (> {allowed:.3g}) in the {phase} "
-                    f"of batch {case.batch}, prompt {case.prompt}, step {case.step} ({onnx_path})"
-                )
-        worst = max(worst, *diffs)
-    return worst
+    return verify_kv_cases(onnx_path, cases, compare, "the speech decoder", say)
 
 
 def _compare_case(
