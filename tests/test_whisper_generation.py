@@ -10,6 +10,7 @@ in 2 shards whose pages keep both caches, and a lost cache is rebuilt by a repla
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +209,21 @@ def test_decoder_rules_follow_whisper_prompt_and_suppression_settings() -> None:
         rules_of({**generation, "forced_decoder_ids": None, "lang_to_id": {"<|en|>": 5}}, config)
     with pytest.raises(ModelError, match="prompt pattern"):
         rules_of({**generation, "forced_decoder_ids": [[2, 60]]}, config)
+
+
+@pytest.mark.browser
+def test_generate_cli_turns_input_features_into_the_token_ids_of_transformers_generate(
+    whisper: Path, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``xshard generate --model DIR --input-features in.npz``: the encoder and the decoder in 2 shards each
+    across Chromium and Firefox; the ids printed and written to ``--json`` are transformers' greedy ones."""
+    require_browsers("chromium", "firefox")
+    want = reference(whisper, features(), NEW_TOKENS)
+    npz, out = tmp_path / "in.npz", tmp_path / "out.json"
+    np.savez(npz, input_features=features())
+    argv = ["generate", "--model", str(whisper), "--input-features", str(npz), "--shards", "2"]
+    argv += ["--browsers", "chromium,firefox", "--platform", "wasm", "--max-new-tokens", str(NEW_TOKENS)]
+    assert main([*argv, "--cache-dir", str(cache_dir), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0].split() == [str(t) for t in want]
+    assert json.loads(out.read_text())["token_ids"] == want
