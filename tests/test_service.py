@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import pickle
+import signal
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -310,8 +311,21 @@ async def test_a_coordinator_killed_mid_run_loses_no_job_and_no_job_completes_tw
             return states.count(JobStatus.complete) >= 2 and JobStatus.in_progress in states
 
         await wait_until(mid_run, 120, "jobs complete and jobs running on the first coordinator")
-        first.kill()
-        await first.stop()
+        # A warm job takes ~40 ms: freeze the workers so the jobs in progress stay in progress until the kill.
+        pids = [info.pid for w in workers if (info := await broker.worker_info(w)) is not None]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+
+            async def held() -> bool:
+                return JobStatus.in_progress in [await job.status() for job in jobs]
+
+            await wait_until(held, 30, "a job in progress on the first coordinator while the workers are frozen")
+            first.kill()
+            await first.stop()
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
         second = await CoordinatorProcess(argv, cache_dir, tmp_path / "second.log").start()
         results = [await job.result(timeout=RESULT_TIMEOUT_S) for job in jobs]
         for x, res in zip(inputs, results, strict=True):
