@@ -73,7 +73,7 @@ def clip_inputs(seed: int) -> dict[str, np.ndarray]:
 def reference(hf_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     model = transformers.AutoModel.from_pretrained(str(hf_dir), local_files_only=True).eval()
     with torch.no_grad():
-        out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, return_dict=True)
+        out = model(**{k: torch.from_numpy(np.array(v)) for k, v in inputs.items()}, return_dict=True)
     return {k: getattr(out, k).numpy() for k in ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds")}
 
 
