@@ -45,7 +45,10 @@ def _components(res: dict[str, Any]) -> list[dict[str, Any]]:
     return [comps[f"shard_{i}"] for i in range(len(comps))]
 
 
-@pytest.mark.parametrize(("save", "layers", "num_shards"), [(mm.save_tiny_roberta, 2, 2), (mm.save_tiny_bert, 3, 4)])
+@pytest.mark.parametrize(
+    ("save", "layers", "num_shards"),
+    [(mm.save_tiny_roberta, 2, 2), (mm.save_tiny_roberta, 2, 4), (mm.save_tiny_bert, 2, 2), (mm.save_tiny_bert, 3, 4)],
+)
 async def test_encoders_by_attention_feedforward_alternate_between_browsers_and_match_transformers(
     tmp_path: Path, save: Any, layers: int, num_shards: int
 ) -> None:
