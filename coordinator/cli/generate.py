@@ -127,19 +127,22 @@ async def generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         m = result["metrics"]
-        print(
-            f"{len(result['token_ids'])} tokens, {m['tokens_per_s']} tokens/s, "
-            f"first token {m['time_to_first_token_ms']:.0f} ms, finish: {result['finish_reason']}",
-            file=sys.stderr,
-        )
-        if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=2, default=str))
-        return 0
+        speed = f"{m['tokens_per_s']} tokens/s, first token {m['time_to_first_token_ms']:.0f} ms"
+        return _finished(args, result, speed)
     except (XshardError, BrokerError) as e:
         fail(str(e))
         return EXIT_FAILED
     finally:
         await manager.close()
+
+
+def _finished(args: argparse.Namespace, result: dict[str, Any], extra: str = "") -> int:
+    """The summary line on stderr, the result in ``--json`` when asked; exit 0."""
+    summary = ", ".join(x for x in (f"{len(result['token_ids'])} tokens", extra) if x)
+    print(f"{summary}, finish: {result['finish_reason']}", file=sys.stderr)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    return 0
 
 
 def load_features(path: Path) -> Any:
@@ -174,10 +177,7 @@ async def generate_speech(args: argparse.Namespace) -> int:
         print(" ".join(str(t) for t in result["token_ids"]))
         if result["text"]:
             print(result["text"])
-        print(f"{len(result['token_ids'])} tokens, finish: {result['finish_reason']}", file=sys.stderr)
-        if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=2, default=str))
-        return 0
+        return _finished(args, result)
     except (XshardError, BrokerError) as e:
         fail(str(e))
         return EXIT_FAILED
