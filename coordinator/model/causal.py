@@ -40,11 +40,11 @@ from coordinator.model.convert import (
     Progress,
     allowed_logit_diff,
     load_pretrained,
-    quiet_export_warnings,
     reporter,
     require_convert_extra,
+    trace_export,
 )
-from coordinator.model.flatgraph import read_back, save_graph
+from coordinator.model.flatgraph import save_graph
 
 if TYPE_CHECKING:
     import torch
@@ -240,25 +240,9 @@ def _export(model: Any, layout: CacheLayout, out_path: Path) -> onnx.ModelProto:
     axes.update({name: {0: "batch", 2: "past_sequence"} for name in pasts})
     axes.update({name: {0: "batch", 2: "total_sequence"} for name in presents})
     args = tuple(torch.from_numpy(a) for a in (input_ids, attention_mask, position_ids, *past))
-    try:
-        with quiet_export_warnings(), torch.no_grad():
-            torch.onnx.export(
-                _wrap(model, layout),
-                args,
-                str(out_path),
-                dynamo=False,
-                input_names=[*INPUT_NAMES, *pasts],
-                output_names=[OUTPUT_NAME, *presents],
-                dynamic_axes=axes,
-                opset_version=OPSET,
-                do_constant_folding=True,
-                export_params=True,
-            )
-    except ConversionError:
-        raise
-    except Exception as e:  # torch raises many unrelated types from deep inside tracing
-        raise ConversionError(f"torch.onnx.export with a KV cache failed: {type(e).__name__}: {e}") from e
-    return read_back(out_path)
+    module = _wrap(model, layout)
+    names_in, names_out = [*INPUT_NAMES, *pasts], [OUTPUT_NAME, *presents]
+    return trace_export(module, args, out_path, names_in, names_out, axes, " with a KV cache")
 
 
 #: (onnxruntime session, case, seed) -> (prefill diff, step diff, largest reference logit)

@@ -241,22 +241,43 @@ def _export(model: _LoadedModel, out_path: Path) -> onnx.ModelProto:
     # Trace with padding so no "mask is all ones" shortcut is baked into the graph.
     input_ids, attention_mask = padded_batch(2, 16, model.vocab_size, seed=0)
     axes = {0: "batch", 1: "sequence"}
+    args = (torch.from_numpy(input_ids), torch.from_numpy(attention_mask))
+    names = (*INPUT_NAMES, output_name)
+    return trace_export(model.module, args, out_path, INPUT_NAMES, (output_name,), {n: axes for n in names})
+
+
+def trace_export(
+    module: Any,
+    args: tuple[Any, ...],
+    out_path: Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    what: str = "",
+) -> onnx.ModelProto:
+    """The one TorchScript export of every converter: trace ``module`` on ``args`` into ``out_path`` (opset
+    ``OPSET``, weights in, constants folded) and return the graph read back and flattened (not yet saved).
+    ``what`` names the export in its error (" with a KV cache")."""
+    import torch
+
     try:
         with quiet_export_warnings(), torch.no_grad():
             torch.onnx.export(
-                model.module,
-                (torch.from_numpy(input_ids), torch.from_numpy(attention_mask)),
+                module,
+                args,
                 str(out_path),
                 dynamo=False,
-                input_names=list(INPUT_NAMES),
-                output_names=[output_name],
-                dynamic_axes={name: axes for name in (*INPUT_NAMES, output_name)},
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes=dynamic_axes,
                 opset_version=OPSET,
                 do_constant_folding=True,
                 export_params=True,
             )
+    except ConversionError:
+        raise
     except Exception as e:  # torch raises many unrelated types from deep inside tracing
-        raise ConversionError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+        raise ConversionError(f"torch.onnx.export{what} failed: {type(e).__name__}: {e}") from e
     return read_back(out_path)
 
 

@@ -37,11 +37,11 @@ from coordinator.model.convert import (
     Progress,
     allowed_logit_diff,
     padded_batch,
-    quiet_export_warnings,
     reporter,
     require_convert_extra,
+    trace_export,
 )
-from coordinator.model.flatgraph import read_back, save_graph
+from coordinator.model.flatgraph import save_graph
 
 if TYPE_CHECKING:
     import torch
@@ -193,23 +193,8 @@ def _export(module: Any, signature: _Signature, samples: dict[str, np.ndarray], 
     import torch
 
     args = tuple(torch.from_numpy(samples[name]) for name in signature.input_names)
-    try:
-        with quiet_export_warnings(), torch.no_grad():
-            torch.onnx.export(
-                module,
-                args,
-                str(out_path),
-                dynamo=False,
-                input_names=list(signature.input_names),
-                output_names=list(signature.output_names),
-                dynamic_axes=signature.dynamic_axes,
-                opset_version=OPSET,
-                do_constant_folding=True,
-                export_params=True,
-            )
-    except Exception as e:  # torch raises many unrelated types from deep inside tracing
-        raise ConversionError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
-    save_graph(read_back(out_path), out_path)
+    proto = trace_export(module, args, out_path, signature.input_names, signature.output_names, signature.dynamic_axes)
+    save_graph(proto, out_path)
 
 
 def _verify(

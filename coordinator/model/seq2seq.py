@@ -41,11 +41,11 @@ from coordinator.model.convert import (
     INSTALL_HINT,
     OPSET,
     Progress,
-    quiet_export_warnings,
     reporter,
     require_convert_extra,
+    trace_export,
 )
-from coordinator.model.flatgraph import read_back, save_graph
+from coordinator.model.flatgraph import save_graph
 
 if TYPE_CHECKING:
     import torch
@@ -228,23 +228,9 @@ def _export(model: Any, layout: DecoderLayout, out_path: Path) -> onnx.ModelProt
     for name in presents:
         axes[name] = {0: "batch", 2: "total_encoder" if "cross" in name else "total_sequence"}
     args = tuple(torch.from_numpy(a) for a in (input_ids, attention_mask, position_ids, hidden, *past))
-    try:
-        with quiet_export_warnings(), torch.no_grad():
-            torch.onnx.export(
-                _wrap(model, layout),
-                args,
-                str(out_path),
-                dynamo=False,
-                input_names=[*INPUT_NAMES, *pasts],
-                output_names=[OUTPUT_NAME, *presents],
-                dynamic_axes=axes,
-                opset_version=OPSET,
-                do_constant_folding=True,
-                export_params=True,
-            )
-    except Exception as e:  # torch raises many unrelated types from deep inside tracing
-        raise ConversionError(f"torch.onnx.export of the speech decoder failed: {type(e).__name__}: {e}") from e
-    return read_back(out_path)
+    module = _wrap(model, layout)
+    names_in, names_out = [*INPUT_NAMES, *pasts], [OUTPUT_NAME, *presents]
+    return trace_export(module, args, out_path, names_in, names_out, axes, " of the speech decoder")
 
 
 def _verify_loaded(model: Any, layout: DecoderLayout, onnx_path: Path, cases: Sequence[KvCase], say: Progress) -> float:
