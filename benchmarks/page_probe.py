@@ -32,11 +32,11 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks.report import summarize
-from broker.browsers import find_executable, install_hint
+from broker.browsers import find_executable, find_ort_dist, install_hint
 from shard_worker.bridge import Bridge
 from shard_worker.browser import CHROMIUM_FLAGS, BrowserProcess, stop_process_group
 from shard_worker.errors import PageError
-from shard_worker.server import StaticServer, find_ort_dist
+from shard_worker.server import StaticServer
 
 PAGE_TIMEOUT_S = 60.0
 CLOSE_TIMEOUT_S = 5.0

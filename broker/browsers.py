@@ -1,11 +1,12 @@
-"""Browser names and where their executables live: the coordinator checks them before starting
-local workers, the worker launches them."""
+"""Browser names and where their executables live, and where the pages' onnxruntime-web is: the coordinator
+checks them before starting local workers (and ``xshard doctor`` reports them), the worker launches them."""
 
 from __future__ import annotations
 
 import os
 import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 BROWSERS = ("chromium", "firefox", "edge")
 
@@ -34,3 +35,14 @@ def install_hint(browser: str) -> str:
     return (
         f"{browser} is not installed: apt-get install {_PACKAGES[browser]} (or set {_ENV[browser]} to its executable)"
     )
+
+
+def find_ort_dist(start: Path | None = None) -> Path | None:
+    """Locate ``node_modules/onnxruntime-web/dist`` (what ``npm ci`` installs) upward from ``start`` (default:
+    this package, so the checkout it lives in)."""
+    here = (start or Path(__file__)).resolve()
+    for parent in [here, *here.parents]:
+        candidate = parent / "node_modules" / "onnxruntime-web" / "dist"
+        if (candidate / "ort.all.min.mjs").is_file():
+            return candidate
+    return None

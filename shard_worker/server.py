@@ -32,16 +32,6 @@ CONTENT_TYPES = {
 }
 
 
-def find_ort_dist(start: Path | None = None) -> Path | None:
-    """Locate ``node_modules/onnxruntime-web/dist`` upward from ``start`` (default: this package)."""
-    here = (start or Path(__file__)).resolve()
-    for parent in [here, *here.parents]:
-        candidate = parent / "node_modules" / "onnxruntime-web" / "dist"
-        if (candidate / "ort.all.min.mjs").is_file():
-            return candidate
-    return None
-
-
 class StaticServer:
     """A threaded HTTP server on a free loopback port."""
 

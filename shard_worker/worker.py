@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
+from broker.browsers import find_ort_dist
 from broker.errors import BrokerUnavailable
 from broker.keys import STAGE_GROUP
 from broker.registry import WorkerInfo, WorkerState, transition
@@ -33,7 +34,7 @@ from .injection import FaultInjection
 from .jobs import JobRunner, now_ms
 from .memory import page_budget_bytes
 from .page import Page
-from .server import StaticServer, find_ort_dist
+from .server import StaticServer
 from .sessions import SessionRunner, is_session_entry
 from .settings import WorkerSettings
 from .spare import SparePage

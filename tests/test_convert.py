@@ -155,7 +155,7 @@ def test_minilm_alias_converts_once_then_reuses_the_cache(
     assert first.tokenizer_path == first.hf_dir / "tokenizer.json"
     assert any("loading weights" in m for m in messages)
     assert any("exporting to ONNX" in m for m in messages)
-    assert any("verifying against transformers at batch 3 x seq 33" in m for m in messages)
+    assert any("verifying the ONNX export: batch 3 x seq 33" in m for m in messages)
     assert sorted(p.name for p in first.onnx_path.parent.iterdir()) == [first.onnx_path.name]
 
     mtime_ns = first.onnx_path.stat().st_mtime_ns

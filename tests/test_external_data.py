@@ -15,13 +15,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from broker.browsers import find_ort_dist
 from broker.shardfiles import data_files
 from coordinator.model.external import has_external_data
 from coordinator.model.graph import load_model, profile_graph
 from coordinator.planning.planner import plan_shards
 from coordinator.planning.shardset import ShardSet, write_shards
 from shard_worker.page import Page
-from shard_worker.server import StaticServer, find_ort_dist
+from shard_worker.server import StaticServer
 from shard_worker.settings import WorkerSettings
 from tests.conftest import require_browsers
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from broker.browsers import find_ort_dist
 from broker.registry import WorkerState
 from broker.streams import Broker
 from coordinator.cli.faultlab import inject_fault
@@ -27,7 +28,7 @@ from coordinator.settings import ManagerSettings
 from shard_worker.bridge import Bridge
 from shard_worker.browser import BrowserProcess
 from shard_worker.errors import PageError
-from shard_worker.server import StaticServer, find_ort_dist
+from shard_worker.server import StaticServer
 from tests.conftest import require_browsers
 from tests.faults_support import assert_matches_native, stop_processes, wait_until
 from tests.native import run_whole

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from coordinator.errors import ModelError, PlanError
+from coordinator.errors import ConversionError, ModelError, PlanError
 from coordinator.model.graph import load_model, profile_graph
 from coordinator.model.resolve import ResolvedModel, resolve_model
 from coordinator.planning.planner import plan_shards
@@ -104,6 +104,52 @@ def test_kv_export_matches_transformers_in_prefill_and_in_steps_after_it(
     assert outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(torch_models.LAYERS) for kv in ("key", "value")]
     past_heads = proto.graph.input[3].type.tensor_type.shape.dim[1].dim_value
     assert past_heads == (torch_models.KV_HEADS if arch == "llama" else torch_models.HEADS)
+
+
+def broken_wrap(bug: str) -> Any:
+    """``causal._wrap`` with a real export bug traced into the graph: the padding mask ignored, or the new
+    tokens' positions counted from 0 at every call instead of after the past (RoPE forgives a shift of a
+    whole row, so only the step after the prefill shows it)."""
+    import torch
+
+    from coordinator.model import causal
+
+    original = causal._wrap
+
+    def wrap(model: Any, layout: Any) -> torch.nn.Module:
+        inner = original(model, layout)
+
+        class Broken(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: Any
+            ) -> Any:
+                if bug == "mask ignored":
+                    attention_mask = torch.ones_like(attention_mask)
+                else:
+                    position_ids = position_ids - position_ids[:, :1]
+                return self.inner(input_ids, attention_mask, position_ids, *past)
+
+        return Broken().eval()
+
+    return wrap
+
+
+@pytest.mark.parametrize("bug", ["mask ignored", "positions restarted at each step"])
+def test_a_deliberately_broken_kv_export_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bug: str
+) -> None:
+    from coordinator.model import causal
+
+    hf_dir = save_lively("llama", tmp_path / "llama", 5)
+    monkeypatch.setattr(causal, "_wrap", broken_wrap(bug))
+    # the first case with padding is 2 x 12; the first step follows the 1 x 7 prefill
+    where = "prefill logits at prefill 2 x 12" if bug == "mask ignored" else "step logits at prefill 1 x 7"
+    with pytest.raises(ConversionError, match=f"disagrees with transformers: {where}"):
+        causal.convert_causal_lm(hf_dir, tmp_path / "broken.onnx")
 
 
 def test_logits_only_and_kv_exports_are_cached_apart(tmp_path: Path) -> None:

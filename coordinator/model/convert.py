@@ -20,13 +20,14 @@ torch and transformers are the optional ``convert`` extra; they are imported ins
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ import numpy as np
 import onnx
 
 from coordinator.errors import ConversionError
+from coordinator.model.agreement import Verification, open_session, verify_cases
 from coordinator.model.flatgraph import read_back, save_graph
 
 if TYPE_CHECKING:
@@ -45,7 +47,6 @@ log = logging.getLogger(__name__)
 #: Part of the conversion cache key: bump it whenever the exported graph would change.
 CONVERTER_VERSION = "xshard-convert-1/torchscript-opset17"
 OPSET = 17
-TOLERANCE = 1e-4
 DEFAULT_CASES: tuple[tuple[int, int], ...] = ((1, 7), (2, 16), (3, 33))
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_BY_KIND = {"encoder": "last_hidden_state", "causal-lm": "logits"}
@@ -96,8 +97,7 @@ def convert_hf_dir(hf_dir: Path, out_path: Path, progress: Progress | None = Non
     """Export the model in ``hf_dir`` to ``out_path`` as one ONNX file, verify it, and return its kind.
 
     Raises ConversionError if torch/transformers are missing, the export fails, or the ONNX output
-    differs from transformers by more than ``TOLERANCE`` at any unmasked token (logits: see
-    :func:`allowed_logit_diff`).
+    disagrees with transformers at an unmasked token (:mod:`coordinator.model.agreement`).
     """
     say = reporter(progress)
     kind = read_kind(hf_dir, gguf_file)
@@ -124,10 +124,12 @@ def verify_conversion(
     progress: Progress | None = None,
     gguf_file: str | None = None,
 ) -> float:
-    """Run transformers and onnxruntime on padded random batches; return the max abs diff at unmasked tokens.
+    """Run transformers and onnxruntime on padded random batches; return the max abs diff at unmasked tokens
+    from transformers in float64.
 
     Each case is (batch, sequence). Rows are right-padded by different amounts, at least one per case.
-    Raises ConversionError naming the case if a diff exceeds ``TOLERANCE``.
+    Raises ConversionError naming the case where the diff is past the bound measured on it
+    (:mod:`coordinator.model.agreement`).
     """
     model = _load_model(hf_dir, read_kind(hf_dir, gguf_file), gguf_file)
     return _verify_loaded(model, onnx_path, cases, reporter(progress))
@@ -147,16 +149,6 @@ def padded_batch(batch: int, sequence: int, vocab_size: int, seed: int) -> tuple
         attention_mask[row, : max(1, length)] = 1
     input_ids[attention_mask == 0] = 0
     return input_ids, attention_mask
-
-
-def allowed_logit_diff(expected: np.ndarray) -> float:
-    """``TOLERANCE`` times the largest magnitude of transformers' logits, if that is above 1.
-
-    A deep model's float32 logits carry noise of that order: SmolLM2's (up to ~33) differ from their
-    float64 values by ~5e-5 in transformers itself, and in onnxruntime by ~1e-4, at an isolated position
-    of a random-token prompt by 1.5e-3. Tiny models' logits are below 1: for them it is ``TOLERANCE``.
-    """
-    return TOLERANCE * max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
 
 
 def reporter(progress: Progress | None) -> Progress:
@@ -192,13 +184,14 @@ def load_pretrained(hf_dir: Path, kind: str, gguf_file: str | None = None, use_c
     if gguf_file is not None:
         extra["gguf_file"] = gguf_file
     try:
-        model = auto.from_pretrained(
-            str(hf_dir),
-            local_files_only=True,
-            dtype=torch.float32,
-            attn_implementation="eager",
-            **extra,
-        )
+        with quiet_progress_bars():
+            model = auto.from_pretrained(
+                str(hf_dir),
+                local_files_only=True,
+                dtype=torch.float32,
+                attn_implementation="eager",
+                **extra,
+            )
     except ImportError as e:  # a GGUF file needs the gguf package
         raise ConversionError(f"transformers cannot load {hf_dir} ({e}); run: {INSTALL_HINT}") from e
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -282,6 +275,27 @@ def trace_export(
 
 
 @contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """No tqdm bars from transformers while loading (its weight loader's, its GGUF reader's, which calls tqdm
+    directly): the converter reports its own progress."""
+    from unittest import mock
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    bar = getattr(gguf_utils, "tqdm", None)
+    quiet = mock.patch.object(gguf_utils, "tqdm", functools.partial(bar, disable=True)) if bar else nullcontext()
+    try:
+        with quiet:
+            yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
 def quiet_export_warnings() -> Iterator[None]:
     """Log the TorchScript exporter's deprecation and tracer warnings at debug level instead of printing.
 
@@ -302,32 +316,40 @@ def _verify_loaded(
     cases: Sequence[tuple[int, int]],
     say: Progress,
 ) -> float:
-    import onnxruntime
+    session = open_session(onnx_path)
+    output = OUTPUT_BY_KIND[model.kind]
+    feeds = [
+        (batch, sequence, *padded_batch(batch, sequence, model.vocab_size, seed=seed))
+        for seed, (batch, sequence) in enumerate(cases)
+    ]
+
+    def run_onnx(feed: tuple[int, int, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+        _, _, input_ids, attention_mask = feed
+        (actual,) = session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        return {output: actual[attention_mask.astype(bool)]}
+
+    def run_transformers(feed: tuple[int, int, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+        _, _, input_ids, attention_mask = feed
+        return {output: _unpadded_rows(model.module, input_ids, attention_mask)}
+
+    check = Verification(
+        what="the ONNX export",
+        onnx=run_onnx,
+        transformers=run_transformers,
+        label=lambda feed: f"batch {feed[0]} x seq {feed[1]}",
+        logits=frozenset({"logits"}),
+    )
+    return verify_cases(check, feeds, model.module, say)
+
+
+def _unpadded_rows(module: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """``module``'s output of each row's unmasked tokens alone, concatenated: what a padded batch must give at
+    its unmasked positions."""
     import torch
 
-    try:
-        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own untyped pybind errors
-        raise ConversionError(f"onnxruntime cannot load {onnx_path}: {e}") from e
-    worst = 0.0
-    for seed, (batch, sequence) in enumerate(cases):
-        say(f"verifying against transformers at batch {batch} x seq {sequence}")
-        input_ids, attention_mask = padded_batch(batch, sequence, model.vocab_size, seed=seed)
-        with torch.no_grad():
-            expected = model.module(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
-        (actual,) = session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
-        if actual.shape != expected.shape:
-            raise ConversionError(
-                f"ONNX output shape {actual.shape} != transformers {expected.shape} at batch {batch} x seq {sequence}"
-            )
-        unmasked = attention_mask.astype(bool)
-        diff = float(np.max(np.abs(actual[unmasked] - expected[unmasked])))
-        allowed = allowed_logit_diff(expected[unmasked]) if model.kind == "causal-lm" else TOLERANCE
-        log.info("max abs diff at batch %d x seq %d: %.3g (allowed %.3g)", batch, sequence, diff, allowed)
-        if not diff <= allowed:
-            raise ConversionError(
-                f"ONNX output differs from transformers by {diff:.3g} (> {allowed:.3g}) "
-                f"at batch {batch} x seq {sequence} ({onnx_path})"
-            )
-        worst = max(worst, diff)
-    return worst
+    rows = []
+    with torch.no_grad():
+        for ids, mask in zip(input_ids, attention_mask.astype(bool), strict=True):
+            kept = torch.from_numpy(ids[mask][np.newaxis])
+            rows.append(module(kept, torch.ones_like(kept)).double().numpy()[0])
+    return np.concatenate(rows)

@@ -31,11 +31,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from coordinator.errors import ConversionError
+from coordinator.model.agreement import Verification, open_session, verify_cases
 from coordinator.model.convert import (
     OPSET,
-    TOLERANCE,
     Progress,
-    allowed_logit_diff,
     padded_batch,
     reporter,
     require_convert_extra,
@@ -205,31 +204,26 @@ def _verify(
     cases: Sequence[tuple[int, int]],
     say: Progress,
 ) -> float:
-    import onnxruntime
-    import torch
+    session = open_session(onnx_path)
+    feeds = [(batch, _samples(module, kind, batch, seq, seed)) for seed, (batch, seq) in enumerate(cases, start=1)]
 
-    try:
-        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own untyped pybind errors
-        raise ConversionError(f"onnxruntime cannot load {onnx_path}: {e}") from e
-    worst = 0.0
-    for seed, (batch, sequence) in enumerate(cases, start=1):
-        say(f"verifying against transformers at batch {batch} x seq {sequence}")
-        feeds = _samples(module, kind, batch, sequence, seed)
+    def run_onnx(feed: tuple[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return dict(zip(signature.output_names, session.run(list(signature.output_names), feed[1]), strict=True))
+
+    def run_transformers(feed: tuple[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        import torch
+
+        dtype = next(module.parameters()).dtype
+        inputs = [torch.from_numpy(feed[1][name]) for name in signature.input_names]
         with torch.no_grad():
-            expected = module(*(torch.from_numpy(feeds[name]) for name in signature.input_names))
-        actual = session.run(list(signature.output_names), feeds)
-        for name, want, got in zip(signature.output_names, expected, actual, strict=True):
-            want_np = want.numpy()
-            if got.shape != want_np.shape:
-                raise ConversionError(f"ONNX {name} shape {got.shape} != transformers {want_np.shape} ({onnx_path})")
-            diff = float(np.max(np.abs(got - want_np))) if got.size else 0.0
-            allowed = allowed_logit_diff(want_np) if name.startswith("logits") else TOLERANCE
-            if not diff <= allowed:
-                raise ConversionError(
-                    f"ONNX {name} differs from transformers by {diff:.3g} (> {allowed:.3g}) "
-                    f"at batch {batch} ({onnx_path})"
-                )
-            worst = max(worst, diff)
-    log.info("verified %s against transformers: max abs diff %.3g", onnx_path, worst)
-    return worst
+            outputs = module(*(t.to(dtype) if t.is_floating_point() else t for t in inputs))
+        return {name: out.double().numpy() for name, out in zip(signature.output_names, outputs, strict=True)}
+
+    check = Verification(
+        what=f"the {kind} export",
+        onnx=run_onnx,
+        transformers=run_transformers,
+        label=lambda feed: f"batch {feed[0]}",
+        logits=frozenset(name for name in signature.output_names if name == "logits"),
+    )
+    return verify_cases(check, feeds, module, say)

@@ -20,7 +20,8 @@ the self-attention cache: every present is a ``Concat`` of its past and what the
 feeds ``encoder_hidden_states`` of length 0, so its cross pairs add nothing.
 
 Verification runs a prefill with empty pasts and then a step fed the returned presents (and an empty
-``encoder_hidden_states``), against transformers' own forward with its own ``EncoderDecoderCache``.
+``encoder_hidden_states``), against transformers' own forward with its own ``EncoderDecoderCache``, within a
+bound measured on the same case (:mod:`coordinator.model.agreement`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +37,8 @@ import numpy as np
 import onnx
 
 from coordinator.errors import ConversionError
-from coordinator.model.causal import KvCase, verify_kv_cases
+from coordinator.model.agreement import open_session, verify_cases
+from coordinator.model.causal import KvCase, kv_verification
 from coordinator.model.convert import (
     CONVERTER_VERSION,
     INSTALL_HINT,
@@ -95,7 +98,7 @@ def convert_speech_decoder(hf_dir: Path, out_path: Path, progress: Progress | No
     """Export the decoder of the speech seq2seq model in ``hf_dir`` with its caches to ``out_path``; verify it.
 
     Raises ConversionError if the model is no Whisper-like encoder-decoder, the export fails, or the
-    logits differ from transformers by more than :func:`~coordinator.model.convert.allowed_logit_diff`.
+    logits disagree with transformers (:mod:`coordinator.model.agreement`).
     """
     say = reporter(progress)
     say(f"loading weights from {hf_dir} (speech decoder with self- and cross-attention caches)")
@@ -234,52 +237,66 @@ def _export(model: Any, layout: DecoderLayout, out_path: Path) -> onnx.ModelProt
 
 
 def _verify_loaded(model: Any, layout: DecoderLayout, onnx_path: Path, cases: Sequence[KvCase], say: Progress) -> float:
-    def compare(session: Any, case: KvCase, seed: int) -> tuple[float, float, float]:
-        return _compare_case(model, layout, session, case, seed)
+    session = open_session(onnx_path)
+    onnx, transformers = partial(_run_onnx, session, layout), partial(_run_transformers, model)
+    check = kv_verification("the speech decoder", onnx, transformers)
+    return verify_cases(check, [_DecoderInputs.of(case, layout, seed) for seed, case in enumerate(cases)], model, say)
 
-    return verify_kv_cases(onnx_path, cases, compare, "the speech decoder", say)
+
+@dataclass(frozen=True, slots=True)
+class _DecoderInputs:
+    """One case's feeds: ``prompt`` decoder tokens over a random encoder output, then ``step`` more."""
+
+    case: KvCase
+    ids: np.ndarray
+    step_ids: np.ndarray
+    hidden: np.ndarray
+
+    @classmethod
+    def of(cls, case: KvCase, layout: DecoderLayout, seed: int) -> _DecoderInputs:
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(1, layout.vocab_size, size=(case.batch, case.prompt), dtype=np.int64)
+        step_ids = rng.integers(1, layout.vocab_size, size=(case.batch, case.step), dtype=np.int64)
+        hidden = rng.standard_normal((case.batch, layout.encoder_length, layout.d_model), np.float32)
+        return cls(case, ids, step_ids, hidden)
 
 
-def _compare_case(
-    model: Any, layout: DecoderLayout, session: Any, case: KvCase, seed: int
-) -> tuple[float, float, float]:
-    """Max abs logit diffs of a prefill and of the step after it, ONNX against transformers, and the largest
-    magnitude of transformers' logits."""
-    import torch
-
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, layout.vocab_size, size=(case.batch, case.prompt), dtype=np.int64)
-    step_ids = rng.integers(1, layout.vocab_size, size=(case.batch, case.step), dtype=np.int64)
-    hidden = rng.standard_normal((case.batch, layout.encoder_length, layout.d_model), np.float32)
-    total = case.prompt + case.step
+def _run_onnx(session: Any, layout: DecoderLayout, feed: _DecoderInputs) -> dict[str, np.ndarray]:
+    """The graph's logits of a prefill with empty pasts, then of a step fed the presents and no encoder output."""
     pasts, presents = layout.past_names(), layout.present_names()
     names = [OUTPUT_NAME, *presents]
-
-    feeds = dict(zip(pasts, layout.past(case.batch, 0, 0), strict=True))
-    feeds.update(step_feeds(ids, 0, hidden))
+    feeds = dict(zip(pasts, layout.past(feed.case.batch, 0, 0), strict=True))
+    feeds.update(step_feeds(feed.ids, 0, feed.hidden))
     first = dict(zip(names, session.run(names, feeds), strict=True))
     feeds = {past: first[present] for past, present in zip(pasts, presents, strict=True)}
-    feeds.update(step_feeds(step_ids, case.prompt, hidden[:, :0]))
+    feeds.update(step_feeds(feed.step_ids, feed.case.prompt, feed.hidden[:, :0]))
     second = dict(zip(names, session.run(names, feeds), strict=True))
+    return {"prefill logits": first[OUTPUT_NAME], "step logits": second[OUTPUT_NAME]}
 
-    encoder_outputs = (torch.from_numpy(hidden),)
+
+def _run_transformers(model: Any, feed: _DecoderInputs) -> dict[str, np.ndarray]:
+    """transformers' own forward with its own ``EncoderDecoderCache``, in the model's current precision."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    encoder_outputs = (torch.from_numpy(feed.hidden).to(dtype),)
+    total = feed.case.prompt + feed.case.step
     with torch.no_grad():
-        ref_first = model(
-            encoder_outputs=encoder_outputs, decoder_input_ids=torch.from_numpy(ids), use_cache=True, return_dict=True
-        )
-        ref_second = model(
+        first = model(
             encoder_outputs=encoder_outputs,
-            decoder_input_ids=torch.from_numpy(step_ids),
-            decoder_attention_mask=torch.ones((case.batch, total), dtype=torch.int64),
-            cache=ref_first.cache,
+            decoder_input_ids=torch.from_numpy(feed.ids),
             use_cache=True,
             return_dict=True,
         )
-    want_first, want_second = ref_first.logits.numpy(), ref_second.logits.numpy()
-    prefill = float(np.max(np.abs(first[OUTPUT_NAME] - want_first)))
-    step = float(np.max(np.abs(second[OUTPUT_NAME] - want_second)))
-    scale = float(max(np.max(np.abs(want_first)), np.max(np.abs(want_second))))
-    return prefill, step, scale
+        second = model(
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=torch.from_numpy(feed.step_ids),
+            decoder_attention_mask=torch.ones((feed.case.batch, total), dtype=torch.int64),
+            cache=first.cache,
+            use_cache=True,
+            return_dict=True,
+        )
+    return {"prefill logits": first.logits.double().numpy(), "step logits": second.logits.double().numpy()}
 
 
 def step_feeds(new_ids: np.ndarray, past_length: int, hidden: np.ndarray) -> dict[str, np.ndarray]:
