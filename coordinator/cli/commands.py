@@ -8,6 +8,7 @@
     xshard broker   an embedded valkey-server in the foreground, for external workers
     xshard demo     all-MiniLM-L6-v2 sharded across Chromium and Firefox
     xshard generate text from a causal LM sharded across browsers, streamed (``cli/generate.py``)
+    xshard doctor   the versions that matter, what is missing, the venv against requirements.lock
 
 Exit codes: 0 success, 1 the run failed (browsers, broker, a request), 2 bad usage or bad input.
 Bad input is reported before any browser starts or anything is enqueued.
@@ -32,6 +33,7 @@ import numpy as np
 from broker.kinds import PLATFORMS
 from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, positive_float, positive_int, shard_count
 from coordinator.cli.console import ProgressPrinter, fail, format_allocation, format_components, format_fields
+from coordinator.cli.doctor import VersionAction, add_doctor_command, run_doctor_command
 from coordinator.cli.embedded import add_broker_command, serve_broker
 from coordinator.cli.faults import add_fault_commands, run_fault_command
 from coordinator.cli.generate import add_generate_command, run_generate_command
@@ -282,6 +284,7 @@ def build_parser() -> Parser:
         description="Fault-tolerant model sharding across headless browsers.",
         parents=[log_level_parent(None)],
     )
+    parser.add_argument("--version", action=VersionAction)
     common = log_level_parent(argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run_parser(sub, common)
@@ -298,7 +301,12 @@ def build_parser() -> Parser:
     add_history_commands(sub, common)
     add_service_commands(sub, common)
     add_generate_command(sub, common)
+    add_doctor_command(sub, common)
     return parser
+
+
+#: The subcommands whose modules parse and run them: each returns None for a command that is not its own.
+HANDLERS = (run_fault_command, run_history_command, run_service_command, run_generate_command, run_doctor_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -316,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_broker(args)
         if args.command == "demo":
             return run_demo_command(args)
-        for handler in (run_fault_command, run_history_command, run_service_command, run_generate_command):
+        for handler in HANDLERS:
             code = handler(args)
             if code is not None:
                 return code
