@@ -120,6 +120,8 @@ class Assignment:
     model_name: str = ""
     shard_type: str = "layer"
     kind: str = ""  # what the shard holds (the plan stage's kind: "attention", "vision", ...), copied into its events
+    dtype: str = ""  # the shard file's precision ("fp32", "q4", ...), copied into its events
+    providers: tuple[str, ...] = ()  # the execution providers that may run it (empty: any); auto picks among them
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +200,9 @@ class AssignmentReply:
     load_ms: float
     note: str = ""
     wasm_threads: int = 0  # onnxruntime-web threads of the worker's page (0: not reported)
+    nodes: int = 0  # the session's nodes after onnxruntime's optimizations (0: not reported)
+    cpu_nodes: int = 0  # of those, the nodes onnxruntime placed on its CPU provider besides the one asked for
+    cpu_ops: str = ""  # their op types and counts, most first ("Shape x62, Gather x54"); "" on WASM
 
 
 # -- events: appended to the events stream by workers and coordinators, written to DuckDB by the
@@ -229,6 +234,7 @@ class ExecutionEvent:
     outcome: str  # "success" | "error"
     error: str = ""
     kind: str = ""  # the assignment's kind: history groups by it besides shard_type
+    dtype: str = ""  # the shard file's precision, as assigned
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +279,26 @@ class RecoveryEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class PrecisionEvent:
+    """One shard's precision: the one it runs in, and one measured candidate (``dtype="auto"``) or the one
+    asked for (``measured`` empty, the figures NaN). Written by the coordinator once its shards are loaded."""
+
+    TYPE: ClassVar[str] = "ev.precision"
+    event_id: str
+    ts_ms: float
+    model_name: str
+    plan_id: str
+    shard_index: int
+    dtype: str  # what the shard runs in
+    measured: str  # the candidate these figures are of ("" where the dtype was asked for)
+    top1: float  # next-token top-1 agreement with all-float32 on the calibration set (NaN: no logits)
+    max_diff: float
+    relative_diff: float
+    positions: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class DagRequest:
     """A request on a DAG plan (component sharding): its inputs, kept in its request hash until it finishes,
     so that a restarted coordinator with the same id drives its segments on (``coordinator.runtime.dag``)."""
@@ -284,7 +310,7 @@ class DagRequest:
     ts_ms: float
 
 
-Event = ExecutionEvent | RequestEvent | RecoveryEvent
+Event = ExecutionEvent | RequestEvent | RecoveryEvent | PrecisionEvent
 
 Message = (
     ShardJob
@@ -301,6 +327,7 @@ Message = (
     | ExecutionEvent
     | RequestEvent
     | RecoveryEvent
+    | PrecisionEvent
     | DagRequest
 )
 M = TypeVar("M", bound=Message)
@@ -320,6 +347,7 @@ register(
     ExecutionEvent,
     RequestEvent,
     RecoveryEvent,
+    PrecisionEvent,
     DagRequest,
 )
 register_nested("trace", StageTrace)
@@ -340,6 +368,7 @@ __all__ = [
     "InjectReply",
     "Restart",
     "ExecutionEvent",
+    "PrecisionEvent",
     "RecoveryEvent",
     "RequestEvent",
     "Message",

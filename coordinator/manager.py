@@ -29,6 +29,9 @@ from coordinator.generation.sampling import Sampling
 from coordinator.model.resolve import ResolvedModel, resolve_model
 from coordinator.model.validation import validate_inputs
 from coordinator.planning.allocation import Slot, allocate
+from coordinator.planning.calibration import CALIBRATION_TEXT
+from coordinator.planning.precision import AUTO, Precision, PrecisionBound, check_platform
+from coordinator.planning.precisionset import PrecisionRequest, apply_precision, precision_events
 from coordinator.planning.recommendations import allocate_from_history, recommend
 from coordinator.planning.shardset import ShardSet
 from coordinator.planning.sizedset import build_sized_shard_set, parse_num_shards, with_reason
@@ -48,6 +51,22 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 NOT_INITIALIZED = "the manager is not initialized: call initialize_sharding() first"
+
+
+def check_dtype(dtype: str, platform: str, custom: Mapping[int, Mapping[str, Any]]) -> dict[int, str]:
+    """The per-shard dtypes of ``custom``; InputError for an unknown dtype or one its platform cannot run."""
+    per_shard = {int(i): str(c["dtype"]).strip().lower() for i, c in custom.items() if "dtype" in c}
+    checks = [("", dtype, platform)] + [
+        (f"shard {i}: ", per_shard.get(i, dtype), str(c.get("platform", platform))) for i, c in custom.items()
+    ]
+    for where, wanted, plat in checks:
+        if wanted == AUTO:
+            continue
+        try:
+            check_platform(Precision.parse(wanted), plat)
+        except InputError as e:
+            raise InputError(f"{where}{e}") from None
+    return per_shard
 
 
 def _check_arguments(fault_tolerance_level: str, recovery_strategy: str, max_connections: int) -> None:
@@ -85,8 +104,12 @@ class ModelShardingManager:
         settings: ManagerSettings | None = None,
         progress: Progress | None = None,
         generation: bool = False,
+        dtype: str = "fp32",
     ) -> None:
         _check_arguments(fault_tolerance_level, recovery_strategy, max_connections)
+        self.dtype = dtype.strip().lower()
+        # per shard: custom_browser_allocation[i]["dtype"]; every dtype checked against its platform now
+        self._dtype_per_shard = check_dtype(self.dtype, platform, custom_browser_allocation or {})
         self.model_name = model_name
         self.requested_shards = parse_num_shards(num_shards)  # a count, or "auto": sized to the pages
         self.num_shards = self.requested_shards if isinstance(self.requested_shards, int) else 0  # set by prepare
@@ -173,6 +196,7 @@ class ModelShardingManager:
             resolve_model, self.model_name, s.cache_dir, self._progress, kv_cache=self.generation
         )
         self._progress(f"cutting {self.model_name} into {self.requested_shards} {self.shard_type} shards")
+        explicit = self.dtype != AUTO and not self._dtype_per_shard
         shards, sizing = await asyncio.to_thread(
             build_sized_shard_set,
             self.model.onnx_path,
@@ -181,6 +205,8 @@ class ModelShardingManager:
             s.cache_dir,
             s.weight_share,
             s.page_budget_bytes,
+            None,
+            Precision.parse(self.dtype) if explicit else Precision.FP32,
         )
         groups = shards.plan.shard_groups  # the shards asked for; each holds one stage or more
         self.num_shards = len(groups)
@@ -200,9 +226,26 @@ class ModelShardingManager:
         if await self._history.read(shards.plan.plan_id):
             self._steer_by_history(groups)
         self._slots = with_reason(self._slots, sizing.reason)
+        shards = await asyncio.to_thread(apply_precision, shards, self._precision_request(groups), self._progress)
+        if shards.plan.precisions:
+            chosen = ", ".join(f"shard {g} {c.precision.value}" for g, c in enumerate(shards.choices))
+            self._progress(f"precision: {chosen}")
         self.metrics.stage_kinds = {stage.index: stage.kind for stage in shards.plan.stages}
         self.shards = shards
         return shards
+
+    def _precision_request(self, groups: Sequence[Sequence[int]]) -> PrecisionRequest:
+        """What each shard is to run in; ``auto`` calibrates on the model's tokenizer where it has one."""
+        ids = None
+        if self.model is not None and self.model.tokenizer_path is not None:
+            ids = tuple(Tokenizer(self.model).encode(CALIBRATION_TEXT, chat=False))
+        return PrecisionRequest(
+            dtype=self.dtype,
+            platforms=tuple(self._slots[g[0]].platform for g in groups),
+            per_shard=self._dtype_per_shard,
+            bound=PrecisionBound(self.settings.precision_min_top1, self.settings.precision_max_relative_diff),
+            calibration_ids=ids,
+        )
 
     def _steer_by_history(self, groups: Sequence[Sequence[int]]) -> None:
         """Measured history of this model steers the allocation (unless the user fixed it)."""
@@ -233,6 +276,7 @@ class ModelShardingManager:
             shards = await self.prepare()
             self._deployment = self._new_deployment()
             await self._deployment.start(shards, self._slots)
+            await self._record_precisions(shards)
         except (XshardError, BrokerError, ValueError, OSError) as e:
             self.last_error = str(e)
             log.info("initialize_sharding failed: %s", e)
@@ -247,6 +291,13 @@ class ModelShardingManager:
             )
         self.initialized = True
         return True
+
+    async def _record_precisions(self, shards: ShardSet) -> None:
+        """Each shard's precision (and what ``auto`` measured) onto the events stream, so into the history."""
+        if self._deployment is None or self._deployment.broker is None:
+            return
+        for event in precision_events(shards, self.model_name):
+            await self._deployment.broker.emit(event)
 
     def _new_deployment(self) -> Deployment:
         config = DeploymentConfig(
@@ -358,6 +409,7 @@ class ModelShardingManager:
             "num_shards": self.num_shards,
             "shard_type": self.shard_type,
             "model_type": self.model_type,
+            "dtype": self.dtype,
             "initialized": self.initialized,
             "fault_tolerance_level": self.fault_tolerance_level,
             "recovery_strategy": self.recovery_strategy,
@@ -375,6 +427,7 @@ class ModelShardingManager:
                     "cost_share": round(st.cost_share, 4),
                     "flops_share": round(st.flops_share, 4),
                     "sha256": self.shards.shard_sha256[st.index] if self.shards else None,
+                    **(self.shards.choice_of(st.index).as_dict() if self.shards else {}),
                 }
                 for st in (plan.stages if plan else ())
             ],

@@ -33,6 +33,8 @@ class ManagerSettings:
     redis_ca_file: str = ""  # verifies a ``rediss://`` broker (``XSHARD_REDIS_CA_FILE``)
     wasm_threads: int = 0  # onnxruntime-web threads per page of local workers; 0: the cores / the browsers
     warm_spare: bool = False  # local workers keep a second browser, shards loaded, to replace a lost one at once
+    precision_min_top1: float = 0.98  # dtype="auto": the next-token top-1 agreement a lower precision must keep
+    precision_max_relative_diff: float = 0.25  # dtype="auto": and the most its shard's outputs may move
 
     @classmethod
     def from_env(cls, **overrides: object) -> ManagerSettings:

@@ -88,9 +88,11 @@ class ControlReader:
         except SettingError as e:
             return self._refused(a, f"loading shard {a.shard_index} failed: {e}")
         fields = (a.input_names, a.carry_names, platform, a.model_name, a.shard_type)
-        stage = Stage(a.stage_stream, a.shard_index, a.onnx_sha256, *fields, kind=a.kind)
+        stage = Stage(
+            a.stage_stream, a.shard_index, a.onnx_sha256, *fields, kind=a.kind, dtype=a.dtype, providers=a.providers
+        )
         try:
-            info: dict[str, Any] = await h.page.load(stage.session_key(platform), a.onnx_sha256, platform)
+            info: dict[str, Any] = await h.page.load(stage.session_key(platform), stage, platform)
             await h.broker.ensure_group(a.stage_stream, STAGE_GROUP)
             await h.broker.ensure_group(h.broker.keys.direct(h.id), STAGE_GROUP)
         except (PageError, BridgeTimeout, BridgeClosed) as e:
@@ -115,6 +117,9 @@ class ControlReader:
             load_ms=float(info["load_ms"]),
             note=info.get("note") or "",
             wasm_threads=int(h.page.capabilities.get("wasm", {}).get("threads", 0)),
+            nodes=int(info.get("nodes") or 0),
+            cpu_nodes=int(info.get("cpu_nodes") or 0),
+            cpu_ops=str(info.get("cpu_ops") or ""),
         )
 
     def _refused(self, a: Assignment, error: str) -> AssignmentReply:

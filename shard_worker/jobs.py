@@ -123,7 +123,7 @@ class JobRunner:
         provider = first.stage.provider_for(first.platform)
         try:
             if first.key not in h.page.loaded:
-                await h.page.load(first.key, first.stage.onnx_sha256, first.platform)
+                await h.page.load(first.key, first.stage, first.platform)
             return await h.page.run_steps(steps_of(p.links, faults), p.feeds)
         except StepFailed as e:
             await self._fail_later_step(p, e)
@@ -317,6 +317,7 @@ class JobRunner:
             shard_index=stage_index,
             shard_type=stage.shard_type if stage else "",
             kind=stage.kind if stage else "",
+            dtype=stage.dtype if stage else "",
             worker_id=h.id,
             browser=h.settings.browser,
             platform=platform or t.execution_provider,

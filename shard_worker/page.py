@@ -22,6 +22,7 @@ from .browser import BrowserProcess
 from .errors import BrowserError, WorkerError
 from .server import StaticServer
 from .settings import WorkerSettings
+from .stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +98,20 @@ class Page:
             raise WorkerError("page not launched")
         return self._bridge
 
-    async def load(self, key: str, onnx_sha256: str, platform: str) -> dict[str, Any]:
-        external = [
-            {"path": f.path, "url": f"/shards/{f.path}"} for f in data_files(self.server.shard_dir, onnx_sha256)
-        ]
+    async def load(self, key: str, stage: Stage, platform: str) -> dict[str, Any]:
+        """Create the session of ``stage``'s shard on ``platform`` (auto: the page picks among the stage's
+        providers); what the page picked, and which nodes onnxruntime placed on its CPU provider."""
+        sha = stage.onnx_sha256
+        external = [{"path": f.path, "url": f"/shards/{f.path}"} for f in data_files(self.server.shard_dir, sha)]
         info: dict[str, Any] = await self._live_bridge().request(
             "load",
             self.settings.load_timeout_s,
             key=key,
-            url=f"/shards/{onnx_sha256}.onnx",
+            url=f"/shards/{sha}.onnx",
             platform=platform,
             external=external,
+            providers=list(stage.providers),
+            dtype=stage.dtype,
         )
         self.loaded[key] = info
         return info

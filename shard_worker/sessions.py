@@ -175,7 +175,7 @@ class SessionRunner:
     ) -> RunResult:
         page = self.host.page
         if first.key not in page.loaded:
-            await page.load(first.key, first.stage.onnx_sha256, first.platform)
+            await page.load(first.key, first.stage, first.platform)
         return await page.run_session(steps, feeds, session)
 
     async def _restore(
@@ -357,6 +357,7 @@ class SessionRunner:
             shard_index=t.shard_index,
             shard_type=stage.shard_type if stage else "",
             kind=stage.kind if stage else "",
+            dtype=stage.dtype if stage else "",
             worker_id=h.id,
             browser=h.settings.browser,
             platform=t.execution_provider,

@@ -53,7 +53,7 @@ class SparePage:
     async def _load(self, page: Page, stages: list[Stage]) -> None:
         try:
             for st in stages:
-                await page.load(st.session_key(st.platform), st.onnx_sha256, st.platform)
+                await page.load(st.session_key(st.platform), st, st.platform)
         except (WorkerError, OSError) as e:
             log.warning("worker %s: loading shards into the warm spare failed: %s", self.settings.worker_id, e)
 

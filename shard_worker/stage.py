@@ -21,6 +21,8 @@ class Stage:
     shard_type: str
     provider: str = ""  # what the page picked for ``platform``
     kind: str = ""  # what the shard holds ("attention", "vision", ...), as assigned
+    dtype: str = ""  # the shard file's precision, as assigned
+    providers: tuple[str, ...] = ()  # the execution providers that may run it (empty: any)
 
     def session_key(self, platform: str) -> str:
         """The page's session name for this stage on ``platform`` (a stage may run on several)."""

@@ -330,7 +330,7 @@ class ShardWorker:
         self._page_replaced.set()
         for stage in list(self.stages.values()):
             if stage.session_key(stage.platform) not in self.page.loaded:  # the spare holds them already
-                await self.page.load(stage.session_key(stage.platform), stage.onnx_sha256, stage.platform)
+                await self.page.load(stage.session_key(stage.platform), stage, stage.platform)
         log.info(
             "worker %s: %s up in %.0f ms, the old one closed in %.0f ms, shards loaded in %.0f ms",
             self.id,

@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from broker.browsers import find_ort_dist
+from broker.kinds import Platform
 from broker.shardfiles import data_files
 from coordinator.model.external import has_external_data
 from coordinator.model.graph import load_model, profile_graph
@@ -24,6 +25,7 @@ from coordinator.planning.shardset import ShardSet, write_shards
 from shard_worker.page import Page
 from shard_worker.server import StaticServer
 from shard_worker.settings import WorkerSettings
+from shard_worker.stage import Stage
 from tests.conftest import require_browsers
 
 HIDDEN = 14_000  # 784 MB per float32 matrix
@@ -141,7 +143,8 @@ async def test_a_shard_is_loaded_from_its_external_data_by_onnxruntime_web(
     _, ss = big
     stage = ss.plan.stages[1]
     x = {n: np.tanh(feeds()["x"]) for n in stage.input_names}
-    await page.load("big-1", ss.shard_sha256[1], "wasm")
+    shard = Stage("s", 1, ss.shard_sha256[1], stage.input_names, stage.carry_names, Platform.WASM, "big", "layer")
+    await page.load("big-1", shard, "wasm")
     got = (await page.run("big-1", x)).outputs
     want = run_native(ss.path(1), x)
     name = stage.output_names[0]

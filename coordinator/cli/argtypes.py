@@ -44,3 +44,17 @@ def non_negative_float(value: str) -> float:
     if x < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return x
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``: each shard's precision (``coordinator.planning.precision``), checked against ``--platform``."""
+    from coordinator.planning.precision import DTYPES
+
+    parser.add_argument(
+        "--dtype",
+        type=str.lower,
+        choices=DTYPES,
+        default="fp32",
+        help="shard precision: fp32 (default), fp16, q8, q4, or auto (per shard, the lowest that keeps "
+        "its measured agreement with fp32)",
+    )

@@ -31,7 +31,14 @@ from typing import Any, NoReturn
 import numpy as np
 
 from broker.kinds import PLATFORMS
-from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, positive_float, positive_int, shard_count
+from coordinator.cli.argtypes import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    add_dtype_argument,
+    positive_float,
+    positive_int,
+    shard_count,
+)
 from coordinator.cli.console import ProgressPrinter, fail, format_allocation, format_components, format_fields
 from coordinator.cli.doctor import VersionAction, add_doctor_command, run_doctor_command
 from coordinator.cli.embedded import add_broker_command, serve_broker
@@ -39,7 +46,7 @@ from coordinator.cli.faults import add_fault_commands, run_fault_command
 from coordinator.cli.generate import add_generate_command, run_generate_command
 from coordinator.cli.history import add_history_commands, run_history_command
 from coordinator.cli.service import add_service_commands, run_service_command
-from coordinator.errors import ConversionError, XshardError
+from coordinator.errors import ConversionError, InputError, XshardError
 from coordinator.manager import ModelShardingManager
 from coordinator.planning.allocation import normalize_browser
 from coordinator.planning.planner import SHARD_TYPES
@@ -159,18 +166,23 @@ async def run_request(args: argparse.Namespace) -> int:
     except XshardError as e:
         fail(str(e))
         return EXIT_USAGE
-    manager = ModelShardingManager(
-        model_name=args.model,
-        num_shards=args.shards,
-        shard_type=args.shard_type,
-        model_type=args.model_type,
-        db_path=args.db,
-        redis_url=args.redis,
-        browsers=browsers,
-        platform=args.platform,
-        settings=settings,
-        progress=progress,
-    )
+    try:
+        manager = ModelShardingManager(
+            model_name=args.model,
+            num_shards=args.shards,
+            shard_type=args.shard_type,
+            model_type=args.model_type,
+            db_path=args.db,
+            redis_url=args.redis,
+            browsers=browsers,
+            platform=args.platform,
+            settings=settings,
+            progress=progress,
+            dtype=args.dtype,
+        )
+    except InputError as e:
+        fail(str(e))
+        return EXIT_USAGE
     try:
         try:
             inputs = await preflight(args, manager)
@@ -267,6 +279,7 @@ def add_run_parser(sub: Any, common: Parser) -> None:
     p.add_argument("--model-type", choices=MODEL_TYPES, default="text")
     p.add_argument("--browsers", default=None, help="comma-separated, round-robin over shards, e.g. chromium,firefox")
     p.add_argument("--platform", choices=PLATFORMS, default="auto")
+    add_dtype_argument(p)
     p.add_argument("--inputs", type=Path, required=True, help=".npz file, one array per model input name")
     p.add_argument("--output", type=Path, required=True, help=".npz file to write, one array per output name")
     p.add_argument("--redis", default=None, help="use workers registered on this broker (default: embedded + local)")

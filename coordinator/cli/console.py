@@ -54,8 +54,9 @@ def format_components(components: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def format_allocation(allocation: Mapping[int, Mapping[str, Any]]) -> str:
-    """Where each shard runs and why: browser, requested platform -> provider, adapter, worker, reason."""
-    rows = []
+    """Where each shard runs and why: browser, requested platform -> provider, precision, adapter, worker,
+    reason; then, per shard, how ``auto`` chose its precision and which nodes fell off a GPU provider."""
+    rows, notes = [], []
     for i, a in sorted(allocation.items()):
         for entry in [a, *a.get("replicas", [])]:
             rows.append(
@@ -63,13 +64,22 @@ def format_allocation(allocation: Mapping[int, Mapping[str, Any]]) -> str:
                     i,
                     entry["browser"],
                     f"{entry['requested_platform']} -> {entry['execution_provider']}",
+                    entry.get("dtype", "fp32"),
                     entry["adapter"],
                     entry["load_ms"],
                     entry["worker_id"],
                     entry["reason"],
                 )
             )
-    return format_table(("shard", "browser", "platform", "adapter", "load ms", "worker", "reason"), rows)
+            if entry.get("cpu_nodes"):
+                notes.append(
+                    f"  shard {i} ({entry['worker_id']}): {entry['cpu_nodes']} of {entry['nodes']} nodes run on the "
+                    f"CPU provider, not {entry['execution_provider']}: {entry['cpu_ops']}"
+                )
+        if str(a.get("dtype_reason", "")).startswith("auto"):
+            notes.append(f"  shard {i}: {a['dtype_reason']}")
+    headers = ("shard", "browser", "platform", "dtype", "adapter", "load ms", "worker", "reason")
+    return "\n".join([format_table(headers, rows), *notes])
 
 
 def fail(message: str) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from broker.errors import BrokerError
 from broker.kinds import PLATFORMS
-from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, non_negative_float, positive_int
+from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, add_dtype_argument, non_negative_float, positive_int
 from coordinator.cli.console import fail, format_allocation
 from coordinator.errors import InputError, ModelError, XshardError
 from coordinator.generation.speech import FEATURES, SpeechGeneration
@@ -58,6 +58,7 @@ def add_generate_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=positive_int, default=2)
     p.add_argument("--browsers", default="chromium,firefox", help="comma-separated, round-robin over shards")
     p.add_argument("--platform", choices=PLATFORMS, default="auto")
+    add_dtype_argument(p)
     p.add_argument("--prompt", default=None)
     p.add_argument("--input-features", type=Path, default=None, metavar="NPZ", help=f"an .npz holding {FEATURES}")
     p.add_argument("--max-new-tokens", type=_int, default=32)
@@ -96,7 +97,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _manager(args: argparse.Namespace) -> ModelShardingManager:
-    return ModelShardingManager(args.model, args.shards, generation=True, **_options(args))
+    return ModelShardingManager(args.model, args.shards, generation=True, dtype=args.dtype, **_options(args))
 
 
 async def generate(args: argparse.Namespace) -> int:
@@ -108,8 +109,8 @@ async def generate(args: argparse.Namespace) -> int:
     if args.top_k < 0 or not 0 < args.top_p <= 1:
         fail("--top-k must be >= 0 and --top-p in (0, 1]")
         return EXIT_USAGE
-    manager = _manager(args)
     try:
+        manager = _manager(args)
         await manager.prepare()
         manager.check_generation(args.prompt, args.max_new_tokens, args.chat)
     except (InputError, ModelError) as e:

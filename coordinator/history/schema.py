@@ -1,4 +1,4 @@
-"""The history database's four tables, and how an event becomes a row. Pure: no connection here.
+"""The history database's five tables, and how an event becomes a row. Pure: no connection here.
 
 Tables (``ts`` is when the event happened, UTC; ``recorded_at`` when it was written)::
 
@@ -6,20 +6,22 @@ Tables (``ts`` is when the event happened, UTC; ``recorded_at`` when it was writ
     model_sharding_components         one row per shard run    PK event_id; ``kind`` is what the shard
                                       holds ("attention", "vision", ...; "" for layer shards)
     model_sharding_recovery_events    one row per recovery     PK event_id
+    model_sharding_precision          one row per shard and precision measured (or asked for)   PK event_id
     model_sharding_browser_metrics    per (model_name, shard_type, browser, platform), recomputed from
                                       the components of the models each batch touched (``REFRESH_METRICS``)
 
-``event_row(event, recorded_at)`` is the one mapping from a ``RequestEvent``, ``ExecutionEvent`` or
-``RecoveryEvent`` to its table and row; it raises ``TypeError``/``ValueError`` for a field of the wrong type,
-so a bad event is refused before the database is touched.
+``event_row(event, recorded_at)`` is the one mapping from a ``RequestEvent``, ``ExecutionEvent``,
+``RecoveryEvent`` or ``PrecisionEvent`` to its table and row; it raises ``TypeError``/``ValueError`` for a
+field of the wrong type, so a bad event is refused before the database is touched.
 """
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.messages import Event, ExecutionEvent, RecoveryEvent, RequestEvent
+from broker.messages import Event, ExecutionEvent, PrecisionEvent, RecoveryEvent, RequestEvent
 
 # (column, type) per table, in insert order; the first column is the primary key.
 HISTORY_COLUMNS = (
@@ -60,6 +62,7 @@ COMPONENT_COLUMNS = (
     ("error", "VARCHAR"),
     ("recorded_at", "TIMESTAMP"),
     ("kind", "VARCHAR"),  # last: where ``MIGRATIONS`` adds it to a database from before it
+    ("dtype", "VARCHAR"),  # after it, for the same reason
 )
 RECOVERY_COLUMNS = (
     ("event_id", "VARCHAR"),
@@ -78,14 +81,33 @@ RECOVERY_COLUMNS = (
     ("error", "VARCHAR"),
     ("recorded_at", "TIMESTAMP"),
 )
+PRECISION_COLUMNS = (
+    ("event_id", "VARCHAR"),
+    ("ts", "TIMESTAMP"),
+    ("model_name", "VARCHAR"),
+    ("plan_id", "VARCHAR"),
+    ("shard_index", "INTEGER"),
+    ("dtype", "VARCHAR"),
+    ("measured", "VARCHAR"),
+    ("top1", "DOUBLE"),
+    ("max_diff", "DOUBLE"),
+    ("relative_diff", "DOUBLE"),
+    ("positions", "INTEGER"),
+    ("reason", "VARCHAR"),
+    ("recorded_at", "TIMESTAMP"),
+)
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "model_sharding_history": HISTORY_COLUMNS,
     "model_sharding_components": COMPONENT_COLUMNS,
     "model_sharding_recovery_events": RECOVERY_COLUMNS,
+    "model_sharding_precision": PRECISION_COLUMNS,
 }
 METRICS_TABLE = "model_sharding_browser_metrics"
 # Columns added after a table was first released; ``SCHEMA`` runs them on every open for writing.
-MIGRATIONS = ("ALTER TABLE model_sharding_components ADD COLUMN IF NOT EXISTS kind VARCHAR DEFAULT ''",)
+MIGRATIONS = (
+    "ALTER TABLE model_sharding_components ADD COLUMN IF NOT EXISTS kind VARCHAR DEFAULT ''",
+    "ALTER TABLE model_sharding_components ADD COLUMN IF NOT EXISTS dtype VARCHAR DEFAULT ''",
+)
 SCHEMA = [
     *(
         f"CREATE TABLE IF NOT EXISTS {name} ("
@@ -134,6 +156,8 @@ def event_row(event: Event, recorded_at: datetime) -> tuple[str, tuple[Any, ...]
         return "model_sharding_components", _execution_row(event, recorded_at)
     if isinstance(event, RecoveryEvent):
         return "model_sharding_recovery_events", _recovery_row(event, recorded_at)
+    if isinstance(event, PrecisionEvent):
+        return "model_sharding_precision", _precision_row(event, recorded_at)
     raise TypeError(f"not a history event: {type(event).__name__}")
 
 
@@ -179,6 +203,7 @@ def _execution_row(e: Any, recorded_at: datetime) -> tuple[Any, ...]:
         str(e.error),
         recorded_at,
         str(e.kind),
+        str(e.dtype),
     )
 
 
@@ -200,5 +225,27 @@ def _recovery_row(e: Any, recorded_at: datetime) -> tuple[Any, ...]:
         e.success,
         float(e.duration_ms),
         str(e.error),
+        recorded_at,
+    )
+
+
+def _precision_row(e: Any, recorded_at: datetime) -> tuple[Any, ...]:
+    def figure(value: Any) -> float | None:
+        number = float(value)
+        return None if math.isnan(number) else number
+
+    return (
+        str(e.event_id),
+        utc(float(e.ts_ms)),
+        str(e.model_name),
+        str(e.plan_id),
+        int(e.shard_index),
+        str(e.dtype),
+        str(e.measured),
+        figure(e.top1),
+        figure(e.max_diff),
+        figure(e.relative_diff),
+        int(e.positions),
+        str(e.reason),
         recorded_at,
     )

@@ -20,7 +20,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,10 +58,17 @@ class WriteResult:
     executions: int = 0
     recoveries: int = 0
     duplicates: int = 0
+    precisions: int = 0
 
     @property
     def written(self) -> int:
-        return self.requests + self.executions + self.recoveries
+        return self.requests + self.executions + self.recoveries + self.precisions
+
+    def __add__(self, other: WriteResult) -> WriteResult:
+        return WriteResult(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def __sub__(self, other: WriteResult) -> WriteResult:
+        return WriteResult(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 class Reader:
@@ -182,9 +189,9 @@ class HistoryStore:
             inserted["model_sharding_history"],
             inserted["model_sharding_components"],
             inserted["model_sharding_recovery_events"],
-            0,
+            precisions=inserted["model_sharding_precision"],
         )
-        return WriteResult(result.requests, result.executions, result.recoveries, total - result.written)
+        return replace(result, duplicates=total - result.written)
 
     @staticmethod
     def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[tuple[Any, ...]]) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from broker.errors import BrokerUnavailable
 from broker.keys import EVENTS_GROUP
-from broker.messages import Event, ExecutionEvent, RecoveryEvent, RequestEvent
+from broker.messages import Event, ExecutionEvent, PrecisionEvent, RecoveryEvent, RequestEvent
 from broker.retry import Backoff, Stopped, poll, retrying
 from broker.streams import Broker, Delivery
 from coordinator.history.schema import event_row
@@ -39,7 +39,7 @@ from coordinator.history.store import HistoryError, HistoryStore, WriteResult
 
 log = logging.getLogger(__name__)
 
-EVENT_TYPES = (ExecutionEvent, RequestEvent, RecoveryEvent)
+EVENT_TYPES = (ExecutionEvent, RequestEvent, RecoveryEvent, PrecisionEvent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +88,8 @@ def sort_deliveries(deliveries: Sequence[Delivery]) -> tuple[list[Event], list[D
         try:
             event_row(msg, now)
         except (TypeError, ValueError) as e:
-            log.warning(
-                "history: dropping %s %s of request %s (entry %s): %s",
-                msg.TYPE,
-                msg.event_id,
-                msg.request_id,
-                d.entry_id,
-                e,
-            )
+            of = getattr(msg, "request_id", "") or f"plan {msg.plan_id}"
+            log.warning("history: dropping %s %s of %s (entry %s): %s", msg.TYPE, msg.event_id, of, d.entry_id, e)
             rejected.append(d)
             continue
         events.append(msg)
@@ -163,13 +157,7 @@ class HistoryWriter:
             await self._drain_pending()
             while batch := await self._read(self.settings.batch_size, block_ms=1):
                 await self._commit(batch)
-        t = self.totals
-        return WriteResult(
-            t.requests - before.requests,
-            t.executions - before.executions,
-            t.recoveries - before.recoveries,
-            t.duplicates - before.duplicates,
-        )
+        return self.totals - before
 
     async def close(self, flush: bool = True) -> None:
         """Stop consuming; with ``flush``, write what is in the stream first."""
@@ -260,13 +248,7 @@ class HistoryWriter:
         result = await self.store.when_unlocked(self.store.write_events, events) if events else WriteResult()
         for d in batch:
             await self.broker.ack(self.stream, EVENTS_GROUP, d.entry_id)
-        t = self.totals
-        self.totals = WriteResult(
-            t.requests + result.requests,
-            t.executions + result.executions,
-            t.recoveries + result.recoveries,
-            t.duplicates + result.duplicates,
-        )
+        self.totals += result
         self.dropped += len(rejected)
         log.debug(
             "history: wrote %d requests, %d executions, %d recoveries (%d already written, %d dropped)",

@@ -90,12 +90,16 @@ class Plan:
     stages: tuple[Stage, ...]
     boundary_kind: str
     groups: tuple[tuple[int, ...], ...] = ()
+    precisions: tuple[str, ...] = ()  # each stage's precision (coordinator.planning.precision); empty: all fp32
 
     @property
     def plan_id(self) -> str:
+        """Names the cut, and the precisions where any is not fp32 (a float32 plan keeps its id and history)."""
         cuts = ",".join(f"{s.start}-{s.end}" for s in self.stages)
         grouped = "|" + ";".join(",".join(map(str, g)) for g in self.groups) if self.groups else ""
-        return hashlib.sha256(f"{self.model_sha256}|{self.shard_type}|{cuts}{grouped}".encode()).hexdigest()[:16]
+        lowered = "|" + ",".join(self.precisions) if any(p != "fp32" for p in self.precisions) else ""
+        key = f"{self.model_sha256}|{self.shard_type}|{cuts}{grouped}{lowered}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     @property
     def shard_groups(self) -> tuple[tuple[int, ...], ...]:

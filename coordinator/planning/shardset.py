@@ -21,16 +21,25 @@ from coordinator.model.components import order_by_component
 from coordinator.model.external import has_external_data, store_external_shard
 from coordinator.model.graph import GraphProfile, load_model, profile_graph, shard_model
 from coordinator.planning.planner import Plan, plan_shards
+from coordinator.planning.precision import FLOAT32, Choice
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class ShardSet:
+    """The plan, the profile it was cut from and each stage's shard file; ``choices`` is each shard's
+    precision and why (``plan.shard_groups`` order; empty: float32 as exported)."""
+
     plan: Plan
     profile: GraphProfile
     shard_sha256: tuple[str, ...]
     shard_dir: Path
+    choices: tuple[Choice, ...] = ()
+
+    def choice_of(self, stage_index: int) -> Choice:
+        """The precision of the shard that holds ``stage_index``."""
+        return self.choices[self.plan.group_of(stage_index)] if self.choices else FLOAT32
 
     def path(self, index: int) -> Path:
         return self.shard_dir / f"{self.shard_sha256[index]}.onnx"

@@ -4,6 +4,7 @@
 does and returns, beside the shard set, the ``Sizing``: each shard's need against ``budget_bytes`` and the
 reason for the count. An explicit count whose shard does not fit is ``ShardTooLarge`` (naming the shard,
 its size and the budget) before anything is enqueued (for layer shards, before any shard file is written).
+Layer shards to be lowered are sized for their estimated lowered weights; ``precisionset`` then lowers them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 from coordinator.errors import PlanError
 from coordinator.model.graph import load_model, profile_graph
 from coordinator.planning.allocation import Slot
+from coordinator.planning.lowering import lowered_weight_bytes
 from coordinator.planning.planner import plan_shards
+from coordinator.planning.precision import Precision
 from coordinator.planning.shardset import ShardSet, build_shard_set, write_shards
 from coordinator.planning.sizing import MemoryModel, Sizing, auto_plan, check_fit, gb
 
@@ -48,8 +51,10 @@ def build_sized_shard_set(
     weight_share: float,
     budget_bytes: int,
     memory: MemoryModel | None = None,
+    precision: Precision = Precision.FP32,
 ) -> tuple[ShardSet, Sizing]:
-    """The shard set and its sizing (see the module docstring)."""
+    """The shard set and its sizing (see the module docstring); layer shards are sized for their weights in
+    ``precision`` (estimated: ``lowering.lowered_weight_bytes``), others as float32."""
     memory = memory or MemoryModel()
     count = parse_num_shards(num_shards)
     if count != AUTO:
@@ -63,6 +68,9 @@ def build_sized_shard_set(
     base = Path(model_path).parent
     model, sha = load_model(model_path)
     profile = profile_graph(model, sha, base)
+    if precision is not Precision.FP32:
+        weights = lowered_weight_bytes(model, profile.node_weight_bytes, precision)
+        profile = dataclasses.replace(profile, node_weight_bytes=tuple(weights))
     if count == AUTO:
         sizing = auto_plan(profile, budget_bytes, memory=memory, weight_share=weight_share)
     else:

@@ -20,6 +20,7 @@ from broker.messages import Assignment, AssignmentReply
 from broker.registry import WorkerInfo
 from coordinator.errors import AllocationError
 from coordinator.planning.allocation import Slot
+from coordinator.planning.precision import PROVIDERS, Precision
 from coordinator.planning.shardset import ShardSet
 from coordinator.planning.sizing import gb, pages_that_fit, shard_need_bytes
 from coordinator.runtime.dispatch import Dispatcher
@@ -106,6 +107,7 @@ class Placement:
         """The one builder: load shard ``index`` and consume its stage stream."""
         shards, stage = self.target.shards, self.target.shards.plan.stages[index]
         slot = self.slots.get(index)
+        precision = shards.choice_of(index).precision
         return Assignment(
             assignment_id=uuid.uuid4().hex,
             plan_id=shards.plan.plan_id,
@@ -119,6 +121,8 @@ class Placement:
             model_name=self.target.model_name,
             shard_type=self.target.shard_type,
             kind=stage.kind,
+            dtype=precision.value,
+            providers=() if precision is Precision.FP32 else PROVIDERS[precision],
         )
 
     async def _send(self, index: int, worker_id: str) -> tuple[Assignment, asyncio.Future[AssignmentReply]]:
@@ -141,6 +145,10 @@ class Placement:
             "platform": reply.execution_provider,
             "platform_note": reply.note,
             "wasm_threads": reply.wasm_threads,
+            **self.target.shards.choice_of(index).as_dict(),
+            "nodes": reply.nodes,
+            "cpu_nodes": reply.cpu_nodes,
+            "cpu_ops": reply.cpu_ops,
         }
         if self.target.shards.plan.groups:  # several stages per shard: say which shard holds this one
             entry["shard"] = self.target.shards.plan.group_of(index)

@@ -76,7 +76,7 @@ async function main() {
       const msg = JSON.parse(event.data);
       try {
         let result = null;
-        if (msg.op === 'load') result = await runner.load(msg.key, msg.url, msg.platform, msg.external);
+        if (msg.op === 'load') result = await runner.load(msg.key, msg.url, msg.platform, msg.external, msg.providers, msg.dtype);
         else if (msg.op === 'release') result = await runner.release(msg.key);
         else if (msg.op === 'end_session') result = kvcache.end(msg.session);
         else if (msg.op === 'sessions') result = kvcache.count();

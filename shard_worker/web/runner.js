@@ -101,10 +101,16 @@ export async function detect(threads) {
   return caps;
 }
 
-// Which provider to use for `platform` ('auto' | 'wasm' | 'webgpu' | 'webnn'), and why.
-export function choose(platform) {
+// Which provider to use for `platform` ('auto' | 'wasm' | 'webgpu' | 'webnn'), and why. `allowed` lists the
+// providers that run the shard's precision (empty: any; coordinator/planning/precision.py): auto picks the
+// best of those, a forced platform outside them is refused (the coordinator refuses it first).
+export function choose(platform, allowed = [], dtype = '') {
   const c = capabilities;
+  const ok = (p) => !allowed.length || allowed.includes(p);
+  const what = dtype ? `dtype ${dtype}` : 'this shard';
   const wasmAdapter = `wasm (${c.wasm.threads} thread${c.wasm.threads > 1 ? 's' : ''}, simd)`;
+  if (platform !== 'auto' && !['wasm', 'webgpu', 'webnn'].includes(platform)) throw new Error(`unknown platform ${platform}`);
+  if (platform !== 'auto' && !ok(platform)) throw new Error(`${what} cannot run on ${platform} (it runs on ${allowed.join(', ')})`);
   if (platform === 'webnn') {
     if (!c.webnn.available) throw new Error(`platform webnn forced but unavailable: ${c.webnn.error}`);
     return { provider: 'webnn', adapter: 'webnn gpu context', note: '' };
@@ -114,13 +120,55 @@ export function choose(platform) {
     return { provider: 'webgpu', adapter: c.webgpu.adapter, note: '' };
   }
   if (platform === 'wasm') return { provider: 'wasm', adapter: wasmAdapter, note: '' };
-  if (platform !== 'auto') throw new Error(`unknown platform ${platform}`);
-  if (c.webnn.available) return { provider: 'webnn', adapter: 'webnn gpu context', note: '' };
-  if (c.webgpu.available && !c.webgpu.software) return { provider: 'webgpu', adapter: c.webgpu.adapter, note: '' };
-  const why = c.webgpu.available
-    ? `webgpu adapter "${c.webgpu.adapter}" is a software rasterizer, slower than wasm; webnn: ${c.webnn.error}`
-    : `no webgpu (${c.webgpu.error}); no webnn (${c.webnn.error})`;
+  if (ok('webnn') && c.webnn.available) return { provider: 'webnn', adapter: 'webnn gpu context', note: '' };
+  if (ok('webgpu') && c.webgpu.available && (!c.webgpu.software || !ok('wasm'))) {
+    const note = c.webgpu.software ? `${what} runs on webgpu only: on the software adapter "${c.webgpu.adapter}"` : '';
+    return { provider: 'webgpu', adapter: c.webgpu.adapter, note };
+  }
+  if (!ok('wasm')) {
+    throw new Error(`${what} runs on ${allowed.join(', ')} only, and this page has no webgpu (${c.webgpu.error})`);
+  }
+  const why = !ok('webgpu') ? `${what} does not run on webgpu`
+    : c.webgpu.available
+      ? `webgpu adapter "${c.webgpu.adapter}" is a software rasterizer, slower than wasm; webnn: ${c.webnn.error}`
+      : `no webgpu (${c.webgpu.error}); no webnn (${c.webnn.error})`;
   return { provider: 'wasm', adapter: wasmAdapter, note: `fell back to wasm: ${why}` };
+}
+
+// onnxruntime's verbose log of a session's creation ends with where each node went: "Node(s) placed on
+// [CPUExecutionProvider]. Number of nodes: N" and one "  OpType (name)" line per node. On a GPU provider,
+// the nodes it left to the CPU: shape computations by design, and any op the provider has no kernel for.
+function placement(lines) {
+  const out = { nodes: 0, cpuNodes: 0, cpuOps: {} };
+  let onCpu = false;
+  for (const line of lines) {
+    const all = line.match(/All nodes placed on \[(\w+)\]\. Number of nodes: (\d+)/);
+    const some = line.match(/Node\(s\) placed on \[(\w+)\]\. Number of nodes: (\d+)/);
+    if (all || some) {
+      const [, ep, n] = all || some;
+      out.nodes += Number(n);
+      onCpu = ep === 'CPUExecutionProvider';
+      if (onCpu) out.cpuNodes += Number(n);
+      continue;
+    }
+    const node = onCpu && line.match(/VerifyEachNodeIsAssignedToAnEp\]\s+(\w+) \(/);
+    if (node) out.cpuOps[node[1]] = (out.cpuOps[node[1]] || 0) + 1;
+  }
+  return out;
+}
+
+// `create(bytes, options)` with onnxruntime's verbose log captured (it writes to console.error), for
+// `placement`; the page's console is itself again afterwards.
+async function createLogged(bytes, options) {
+  const lines = [];
+  const original = console.error;
+  console.error = (...args) => { lines.push(args.map(String).join(' ')); };
+  try {
+    const session = await ort.InferenceSession.create(bytes, { ...options, logSeverityLevel: 0, logVerbosityLevel: 0 });
+    return { session, lines };
+  } finally {
+    console.error = original;
+  }
 }
 
 function providerOptions(provider) {
@@ -131,8 +179,8 @@ function providerOptions(provider) {
 
 // `external`: the shard's external data files ([{path, url}], broker/shardfiles.py), for a shard past 2 GB;
 // onnxruntime-web fetches them itself into the session.
-export async function load(key, url, platform, external = []) {
-  const pick = choose(platform);
+export async function load(key, url, platform, external = [], providers = [], dtype = '') {
+  const pick = choose(platform, providers || [], dtype || '');
   if (pick.provider === 'webgpu' && webgpuAdapter) ort.env.webgpu.adapter = webgpuAdapter;
   const t0 = performance.now();
   const response = await fetch(url);
@@ -140,12 +188,22 @@ export async function load(key, url, platform, external = []) {
   const bytes = new Uint8Array(await response.arrayBuffer());
   const options = { executionProviders: providerOptions(pick.provider), graphOptimizationLevel: 'all' };
   if (external && external.length) options.externalData = external.map((e) => ({ path: e.path, data: e.url }));
-  const session = await ort.InferenceSession.create(bytes, options);
+  let session;
+  let placed = { nodes: 0, cpuNodes: 0, cpuOps: {} };
+  if (pick.provider === 'wasm') {
+    session = await ort.InferenceSession.create(bytes, options);
+  } else {  // say which nodes fall off the GPU provider onto the CPU: never a silent fallback
+    const created = await createLogged(bytes, options);
+    session = created.session;
+    placed = placement(created.lines);
+  }
   sessions.set(key, { session, provider: pick.provider, adapter: pick.adapter, url, onDevice: [] });
+  const cpuOps = Object.entries(placed.cpuOps).sort((a, b) => b[1] - a[1]).map(([op, n]) => `${op} x${n}`).join(', ');
   return {
     provider: pick.provider, adapter: pick.adapter, note: pick.note,
     load_ms: performance.now() - t0,
     inputs: session.inputNames, outputs: session.outputNames,
+    nodes: placed.nodes, cpu_nodes: placed.cpuNodes, cpu_ops: cpuOps,
   };
 }
 

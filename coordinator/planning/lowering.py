@@ -1,0 +1,175 @@
+"""Shards in lower precision (:mod:`coordinator.planning.precision`), made with onnxruntime's own quantization
+tools and cached by content hash.
+
+::
+
+    fp32  the export as it is
+    fp16  onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True): weights and compute
+          in float16; inputs and outputs stay float32, so the wire, the neighbours and a KV cache do too
+    q8    onnxruntime.quantization.quantize_dynamic(weight_type=QInt8, per_channel=True), MatMuls with a
+          constant weight only: int8 weights, activations quantized at each call (DynamicQuantizeLinear,
+          MatMulInteger)
+    q4    onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer with its HQQ config (bits=4,
+          block_size=32): MatMulNBits, 4-bit weights with a float32 scale and a 4-bit zero point per block of
+          32. HQQ, not the default round-to-nearest: on SmolLM2-135M's 179 calibration positions the whole
+          model in q4 kept 84.4% of float32's next-token argmax with HQQ and 62.0% with round-to-nearest.
+          HQQ runs in torch (the ``convert`` extra).
+
+Each makes a new shard from a float32 one; inputs and outputs keep their names, dtypes and shapes, so a shard
+of any precision drops into the plan in place of its float32 original. Embeddings (Gather) stay float32.
+
+``lower_shard(shard_dir, sha256, precision)`` returns the new shard's sha256 in the same content-addressed
+store (``<sha256>.onnx``, with a sidecar past 2 GB, :mod:`coordinator.model.external`). Which shard a float32
+one becomes is remembered in ``<shard_dir>/lowered/<sha256>.<precision>.json``, keyed also by ``RECIPE`` and
+the onnxruntime version (whose quantizers make the bytes), so a second run quantizes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+
+from broker.shardfiles import data_files
+from coordinator.errors import ConversionError
+from coordinator.model.external import needs_external_data, save_external, store_external_shard
+from coordinator.planning.precision import Precision
+from coordinator.planning.shardset import store
+
+log = logging.getLogger(__name__)
+
+RECIPE = "xshard-precision-2"  # bump whenever a recipe below changes: lowered shards are cached by it
+Q4_BLOCK_SIZE = 32
+
+
+def lower_shard(shard_dir: Path, sha256: str, precision: Precision) -> str:
+    """The sha256 of shard ``sha256`` in ``precision`` (made once, then read from the index)."""
+    if precision is Precision.FP32:
+        return sha256
+    index = _index_path(shard_dir, sha256, precision)
+    if index.is_file():
+        lowered = json.loads(index.read_text()).get("sha256", "")
+        if (shard_dir / f"{lowered}.onnx").is_file():
+            return str(lowered)
+    model = onnx.load(str(shard_dir / f"{sha256}.onnx"), load_external_data=True)
+    try:
+        lowered_model = _lower(model, precision)
+    except Exception as e:  # the quantizers raise whatever their graph walks meet
+        raise ConversionError(f"onnxruntime's {precision.value} quantizer failed on shard {sha256[:12]}: {e}") from e
+    digest = _store(lowered_model, shard_dir)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(index, {"sha256": digest, "source": sha256, "precision": precision.value, "recipe": _recipe()})
+    log.info("shard %s in %s: %s", sha256[:12], precision.value, digest[:12])
+    return digest
+
+
+def _recipe() -> str:
+    import onnxruntime
+
+    return f"{RECIPE}/onnxruntime-{onnxruntime.__version__}"
+
+
+def _index_path(shard_dir: Path, sha256: str, precision: Precision) -> Path:
+    recipe = _recipe().replace("/", "_")
+    return shard_dir / "lowered" / f"{sha256}.{precision.value}.{recipe}.json"
+
+
+def _lower(model: onnx.ModelProto, precision: Precision) -> onnx.ModelProto:
+    with _quiet_quantizers():
+        if precision is Precision.FP16:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+        if precision is Precision.Q4:
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                HQQWeightOnlyQuantConfig,
+                MatMulNBitsQuantizer,
+            )
+
+            config = HQQWeightOnlyQuantConfig(block_size=Q4_BLOCK_SIZE, bits=4)
+            quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+            quantizer.process()
+            return quantizer.model.model
+        return _dynamic_int8(model)
+
+
+def _dynamic_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """quantize_dynamic works on files: write ``model`` out, quantize into a second file, read that back."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="xshard-q8-") as scratch:
+        src, dst = Path(scratch) / "fp32.onnx", Path(scratch) / "q8.onnx"
+        external = needs_external_data(model)
+        if external:
+            save_external(model, src)
+        else:
+            onnx.save_model(model, str(src))
+        quantize_dynamic(
+            src,
+            dst,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+            use_external_data_format=external,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        return onnx.load(str(dst), load_external_data=True)
+
+
+def _store(model: onnx.ModelProto, shard_dir: Path) -> str:
+    if not needs_external_data(model):
+        return store(shard_dir, model.SerializeToString())
+    with tempfile.TemporaryDirectory(dir=shard_dir, prefix=".lower-") as scratch:
+        path = Path(scratch) / "shard.onnx"
+        save_external(model, path)
+        return store_external_shard(onnx.load(str(path), load_external_data=False), Path(scratch), shard_dir)
+
+
+def _write_json(path: Path, value: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _quiet_quantizers() -> Iterator[None]:
+    """onnxruntime's quantizers log every tensor at INFO on the root logger; keep that at WARNING."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+#: Bytes per float32 weight byte of a MatMul's constant weight in each precision (q4: 4 bits, a float32 scale
+#: and a 4-bit zero point per 32; q8: 8 bits, a scale and zero point per column); fp16 halves every float weight.
+MATMUL_WEIGHT_SHARE = {Precision.FP32: 1.0, Precision.FP16: 0.5, Precision.Q8: 0.25, Precision.Q4: 0.16}
+
+
+def lowered_weight_bytes(model: onnx.ModelProto, node_weight_bytes: Sequence[int], precision: Precision) -> list[int]:
+    """Each node's weight bytes once in ``precision`` (an estimate from ``MATMUL_WEIGHT_SHARE``, for sizing
+    before any shard is lowered): a MatMul's constant weight shrinks by its share, other weights only in fp16."""
+    if precision is Precision.FP32:
+        return list(node_weight_bytes)
+    constants = {t.name for t in model.graph.initializer}
+    out = []
+    for node, weight in zip(model.graph.node, node_weight_bytes, strict=True):
+        matmul = node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in constants
+        share = MATMUL_WEIGHT_SHARE[precision] if matmul else (0.5 if precision is Precision.FP16 else 1.0)
+        out.append(int(weight * share))
+    return out
+
+
+def stored_bytes(shard_dir: Path, sha256: str) -> int:
+    """What a stored shard takes: its graph file and any external data files it names."""
+    total = (shard_dir / f"{sha256}.onnx").stat().st_size
+    return total + sum(f.size_bytes for f in data_files(shard_dir, sha256))
