@@ -43,32 +43,16 @@ from tests import torch_models  # noqa: E402
 pytestmark = [pytest.mark.browser, pytest.mark.torch]
 
 WAIT_S = 240.0
-LIVELY_STD = 0.3
 NEW_TOKENS = 10
 NEAR_TIE = 1e-3
-
-
-def save_lively(arch: str, hf_dir: Path, seed: int) -> Path:
-    """A tiny random model with weights of std ``LIVELY_STD``, so the greedy tokens do not repeat one id."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    getattr(torch_models, f"save_tiny_{arch}")(hf_dir, seed)
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * LIVELY_STD)
-    model.save_pretrained(str(hf_dir))
-    return hf_dir
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ResolvedModel]:
     root = tmp_path_factory.mktemp("gen")
     return {
-        a: resolve_model(str(save_lively(a, root / a, 5)), root / "cache", kv_cache=True) for a in ("llama", "gpt2")
+        a: resolve_model(str(torch_models.save_lively(a, root / a, 5)), root / "cache", kv_cache=True)
+        for a in ("llama", "gpt2")
     }
 
 

@@ -29,7 +29,6 @@ pytestmark = pytest.mark.torch
 
 TOLERANCE = 1e-4
 NEAR_TIE = 1e-3
-LIVELY_STD = 0.3
 ARCHS = ("llama", "gpt2")
 PAST = re.compile(r"^past\.(\d+)\.(key|value)$")
 
@@ -48,29 +47,13 @@ def load_reference(resolved: ResolvedModel) -> Any:
     return load_pretrained(resolved.hf_dir, "causal-lm", resolved.gguf_file, use_cache=True)
 
 
-def save_lively(arch: str, hf_dir: Path, seed: int) -> Path:
-    """A tiny random model whose weight matrices are drawn with std ``LIVELY_STD``: at the default 0.02 the
-    greedy tokens soon repeat one id, which would hide a cache that forgets positions."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    getattr(torch_models, f"save_tiny_{arch}")(hf_dir, seed)
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * LIVELY_STD)
-    model.save_pretrained(str(hf_dir))
-    return hf_dir
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ResolvedModel]:
     """The tiny random LLaMA (4 heads over 2 KV heads) and GPT-2, exported with a KV cache."""
     root = tmp_path_factory.mktemp("kv")
     return {
-        arch: resolve_model(str(save_lively(arch, root / arch, 5)), root / "cache", kv_cache=True) for arch in ARCHS
+        arch: resolve_model(str(torch_models.save_lively(arch, root / arch, 5)), root / "cache", kv_cache=True)
+        for arch in ARCHS
     }
 
 
@@ -139,12 +122,10 @@ def broken_wrap(bug: str) -> Any:
 
 
 @pytest.mark.parametrize("bug", ["mask ignored", "positions restarted at each step"])
-def test_a_deliberately_broken_kv_export_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bug: str
-) -> None:
+def test_a_deliberately_broken_kv_export_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bug: str) -> None:
     from coordinator.model import causal
 
-    hf_dir = save_lively("llama", tmp_path / "llama", 5)
+    hf_dir = torch_models.save_lively("llama", tmp_path / "llama", 5)
     monkeypatch.setattr(causal, "_wrap", broken_wrap(bug))
     # the first case with padding is 2 x 12; the first step follows the 1 x 7 prefill
     where = "prefill logits at prefill 2 x 12" if bug == "mask ignored" else "step logits at prefill 1 x 7"

@@ -27,6 +27,26 @@ INTERMEDIATE = 128
 MAX_POSITIONS = 128
 
 
+LIVELY_STD = 0.3
+
+
+def save_lively(arch: str, hf_dir: Path, seed: int) -> Path:
+    """A tiny random ``arch`` ("llama", "gpt2") whose weight matrices are drawn with std ``LIVELY_STD``: at the
+    default 0.02 the greedy tokens soon repeat one id, which would hide a cache that forgets positions."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    {"llama": save_tiny_llama, "gpt2": save_tiny_gpt2}[arch](hf_dir, seed)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * LIVELY_STD)
+    model.save_pretrained(str(hf_dir))
+    return hf_dir
+
+
 def save_tiny_gpt2(hf_dir: Path, seed: int = 0) -> Path:
     """Save a random GPT2LMHeadModel (4 layers, hidden 64, vocab 128) into ``hf_dir``."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -26,7 +26,7 @@ import numpy as np
 from coordinator.model.graph import GraphProfile, TensorSpec
 from coordinator.planning.lowering import lower_shard
 from coordinator.planning.planner import Stage
-from coordinator.planning.precision import Measured, Precision
+from coordinator.planning.precision import Measured, Precision, recipe_for
 from coordinator.planning.shardset import ShardSet
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,10 @@ def calibrate(
     candidates: Sequence[Sequence[Precision]],
     feeds: Feeds,
     progress: Progress | None = None,
+    platforms: Sequence[str] = (),
 ) -> list[list[Measured]]:
-    """For each shard (``plan.shard_groups``), each of its candidate precisions measured (module docstring)."""
+    """For each shard (``plan.shard_groups``), each of its candidate precisions measured (module docstring),
+    made by the recipe for the shard's platform (``platforms[g]``, default auto)."""
     say = progress or (lambda message: log.info("%s", message))
     chain = _Chain(shards)
     fp32 = {s.index: shards.shard_sha256[s.index] for s in shards.plan.stages}
@@ -137,7 +139,8 @@ def calibrate(
                 continue
             say(f"calibrating shard {g} in {precision.value} on {positions} positions")
             digests = dict(fp32)
-            digests.update({i: lower_shard(shards.shard_dir, fp32[i], precision) for i in members})
+            recipe = recipe_for(precision, platforms[g] if platforms else "auto")
+            digests.update({i: lower_shard(shards.shard_dir, fp32[i], recipe) for i in members})
             got = chain.run(feeds, digests)
             measured.append(_compare(precision, [shards.plan.stages[i] for i in members], got, reference, positions))
             log.info("shard %d in %s: %s", g, precision.value, measured[-1].describe())

@@ -9,11 +9,10 @@ tools and cached by content hash.
     q8    onnxruntime.quantization.quantize_dynamic(weight_type=QInt8, per_channel=True), MatMuls with a
           constant weight only: int8 weights, activations quantized at each call (DynamicQuantizeLinear,
           MatMulInteger)
-    q4    onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer with its HQQ config (bits=4,
-          block_size=32): MatMulNBits, 4-bit weights with a float32 scale and a 4-bit zero point per block of
-          32. HQQ, not the default round-to-nearest: on SmolLM2-135M's 179 calibration positions the whole
-          model in q4 kept 84.4% of float32's next-token argmax with HQQ and 62.0% with round-to-nearest.
-          HQQ runs in torch (the ``convert`` extra).
+    q4    onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer, block_size=32: MatMulNBits,
+          4-bit weights with a float32 scale per block of 32. Two recipes (``precision.Recipe``): HQQ (a float
+          zero point per block too; runs in torch, the ``convert`` extra), and for a shard that is to run on
+          WebGPU, round-to-nearest symmetric (no zero points).
 
 Each makes a new shard from a float32 one; inputs and outputs keep their names, dtypes and shapes, so a shard
 of any precision drops into the plan in place of its float32 original. Embeddings (Gather) stay float32.
@@ -39,7 +38,7 @@ import onnx
 from broker.shardfiles import data_files
 from coordinator.errors import ConversionError
 from coordinator.model.external import needs_external_data, save_external, store_external_shard
-from coordinator.planning.precision import Precision
+from coordinator.planning.precision import Precision, Recipe
 from coordinator.planning.shardset import store
 
 log = logging.getLogger(__name__)
@@ -48,24 +47,24 @@ RECIPE = "xshard-precision-2"  # bump whenever a recipe below changes: lowered s
 Q4_BLOCK_SIZE = 32
 
 
-def lower_shard(shard_dir: Path, sha256: str, precision: Precision) -> str:
-    """The sha256 of shard ``sha256`` in ``precision`` (made once, then read from the index)."""
-    if precision is Precision.FP32:
+def lower_shard(shard_dir: Path, sha256: str, recipe: Recipe) -> str:
+    """The sha256 of shard ``sha256`` made by ``recipe`` (made once, then read from the index)."""
+    if recipe is Recipe.FP32:
         return sha256
-    index = _index_path(shard_dir, sha256, precision)
+    index = _index_path(shard_dir, sha256, recipe)
     if index.is_file():
         lowered = json.loads(index.read_text()).get("sha256", "")
         if (shard_dir / f"{lowered}.onnx").is_file():
             return str(lowered)
     model = onnx.load(str(shard_dir / f"{sha256}.onnx"), load_external_data=True)
     try:
-        lowered_model = _lower(model, precision)
+        lowered_model = _lower(model, recipe)
     except Exception as e:  # the quantizers raise whatever their graph walks meet
-        raise ConversionError(f"onnxruntime's {precision.value} quantizer failed on shard {sha256[:12]}: {e}") from e
+        raise ConversionError(f"onnxruntime's {recipe.value} quantizer failed on shard {sha256[:12]}: {e}") from e
     digest = _store(lowered_model, shard_dir)
     index.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(index, {"sha256": digest, "source": sha256, "precision": precision.value, "recipe": _recipe()})
-    log.info("shard %s in %s: %s", sha256[:12], precision.value, digest[:12])
+    _write_json(index, {"sha256": digest, "source": sha256, "recipe": recipe.value, "version": _recipe()})
+    log.info("shard %s by %s: %s", sha256[:12], recipe.value, digest[:12])
     return digest
 
 
@@ -75,25 +74,28 @@ def _recipe() -> str:
     return f"{RECIPE}/onnxruntime-{onnxruntime.__version__}"
 
 
-def _index_path(shard_dir: Path, sha256: str, precision: Precision) -> Path:
-    recipe = _recipe().replace("/", "_")
-    return shard_dir / "lowered" / f"{sha256}.{precision.value}.{recipe}.json"
+def _index_path(shard_dir: Path, sha256: str, recipe: Recipe) -> Path:
+    version = _recipe().replace("/", "_")
+    return shard_dir / "lowered" / f"{sha256}.{recipe.value}.{version}.json"
 
 
-def _lower(model: onnx.ModelProto, precision: Precision) -> onnx.ModelProto:
+def _lower(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
     with _quiet_quantizers():
-        if precision is Precision.FP16:
+        if recipe is Recipe.FP16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-        if precision is Precision.Q4:
+        if recipe in (Recipe.Q4_HQQ, Recipe.Q4_RTN):
             from onnxruntime.quantization.matmul_nbits_quantizer import (
                 HQQWeightOnlyQuantConfig,
                 MatMulNBitsQuantizer,
             )
 
-            config = HQQWeightOnlyQuantConfig(block_size=Q4_BLOCK_SIZE, bits=4)
-            quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+            if recipe is Recipe.Q4_HQQ:
+                config = HQQWeightOnlyQuantConfig(block_size=Q4_BLOCK_SIZE, bits=4)
+                quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+            else:
+                quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=Q4_BLOCK_SIZE, is_symmetric=True)
             quantizer.process()
             return quantizer.model.model
         return _dynamic_int8(model)

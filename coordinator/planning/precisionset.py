@@ -24,6 +24,7 @@ from coordinator.planning.precision import (
     Measured,
     Precision,
     PrecisionBound,
+    Recipe,
     asked,
     choose,
     runnable,
@@ -60,13 +61,13 @@ def apply_precision(shards: ShardSet, request: PrecisionRequest, progress: Progr
     if not request.lowers:
         return dataclasses.replace(shards, choices=(FLOAT32,) * len(groups))
     choices = _choices(shards, request, progress)
-    by_stage = {i: choices[g].precision for g, members in enumerate(groups) for i in members}
+    by_stage = {i: choices[g].recipe for g, members in enumerate(groups) for i in members}
     digests, stages = [], []
     for stage in shards.plan.stages:
-        precision = by_stage[stage.index]
-        digest = lower_shard(shards.shard_dir, shards.shard_sha256[stage.index], precision)
+        recipe = by_stage[stage.index]
+        digest = lower_shard(shards.shard_dir, shards.shard_sha256[stage.index], recipe)
         digests.append(digest)
-        weights = stored_bytes(shards.shard_dir, digest) if precision is not Precision.FP32 else stage.weight_bytes
+        weights = stored_bytes(shards.shard_dir, digest) if recipe is not Recipe.FP32 else stage.weight_bytes
         stages.append(dataclasses.replace(stage, weight_bytes=weights))
     plan = dataclasses.replace(
         shards.plan, stages=tuple(stages), precisions=tuple(by_stage[s.index].value for s in stages)
@@ -85,13 +86,13 @@ def _choices(shards: ShardSet, request: PrecisionRequest, progress: Progress | N
             for g in range(len(groups))
         ]
         feeds = calibration_feeds(shards.profile, request.calibration_ids)
-        measured = dict(enumerate(calibrate(shards, candidates, feeds, progress)))
+        measured = dict(enumerate(calibrate(shards, candidates, feeds, progress, platforms)))
     choices = []
     for g in range(len(groups)):
         if g in auto:
-            choices.append(choose(measured[g], request.bound))
+            choices.append(choose(measured[g], request.bound, platforms[g]))
         else:
-            choices.append(asked(Precision.parse(request.dtype_of(g))))
+            choices.append(asked(Precision.parse(request.dtype_of(g)), platforms[g]))
     return choices
 
 

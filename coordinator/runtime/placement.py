@@ -20,7 +20,6 @@ from broker.messages import Assignment, AssignmentReply
 from broker.registry import WorkerInfo
 from coordinator.errors import AllocationError
 from coordinator.planning.allocation import Slot
-from coordinator.planning.precision import PROVIDERS, Precision
 from coordinator.planning.shardset import ShardSet
 from coordinator.planning.sizing import gb, pages_that_fit, shard_need_bytes
 from coordinator.runtime.dispatch import Dispatcher
@@ -107,7 +106,7 @@ class Placement:
         """The one builder: load shard ``index`` and consume its stage stream."""
         shards, stage = self.target.shards, self.target.shards.plan.stages[index]
         slot = self.slots.get(index)
-        precision = shards.choice_of(index).precision
+        choice = shards.choice_of(index)
         return Assignment(
             assignment_id=uuid.uuid4().hex,
             plan_id=shards.plan.plan_id,
@@ -121,8 +120,8 @@ class Placement:
             model_name=self.target.model_name,
             shard_type=self.target.shard_type,
             kind=stage.kind,
-            dtype=precision.value,
-            providers=() if precision is Precision.FP32 else PROVIDERS[precision],
+            dtype=choice.precision.value,
+            providers=choice.providers,
         )
 
     async def _send(self, index: int, worker_id: str) -> tuple[Assignment, asyncio.Future[AssignmentReply]]:
