@@ -10,6 +10,9 @@ Chromium and Firefox, one forward pass against transformers.
   are freed before the browsers start) and saved beside the model;
 - the run: ``ModelShardingManager(dir, num_shards="auto", browsers=[...])``: converted to ONNX once (weights
   past 2 GB in external data), cut into the fewest shards whose every shard fits a page, one forward pass;
+- generation (``--generation fp32,q8,q4``): the model exported with a KV cache (past 2 GB: external data),
+  ``num_shards="auto"`` in each dtype: the pages it takes, decode tokens/s, and the top-1 agreement of one
+  teacher-forced prefill with the fp32 run's (targets for q4: at most 2 pages, at least 1 token/s);
 - refused: ``num_shards=1`` on the same model, before anything is enqueued, with the sizes in the message;
 - printed: the shard count and why, each shard's weights, need and page budget, the conversion and
   initialization times, the forward latency, the largest logit difference (bar: 1e-3), and the peak
@@ -49,8 +52,12 @@ TINYLLAMA_SHAPE = {
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
 }
+VOCAB = 32000
 TOLERANCE = 1e-3
 SAMPLE_S = 0.5
+SCORE_TOKENS = 64
+TARGET_Q4_PAGES = 2
+TARGET_Q4_TOKENS_PER_S = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--browsers", default="chromium,firefox")
     p.add_argument("--sequence", type=int, default=8)
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--generation", default="fp32,q8,q4", help="dtypes to generate in (KV cache); '' for none")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--no-forward", action="store_true", help="skip the logits-only forward pass")
     p.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     return p.parse_args(argv)
 
@@ -176,6 +186,62 @@ async def run(args: argparse.Namespace, figures: dict[str, Any]) -> None:
         await manager.close()
 
 
+async def generate_in(args: argparse.Namespace, dtype: str, reference: np.ndarray | None) -> dict[str, Any]:
+    """The model exported with a KV cache, ``num_shards="auto"`` in ``dtype``: how many pages, tokens/s of
+    ``--new-tokens`` greedy tokens (EOS off) after a warm-up, and the top-1 agreement of one teacher-forced
+    prefill of ``SCORE_TOKENS`` random ids with the fp32 run's (``reference``)."""
+    browsers = [b for b in args.browsers.split(",") if b]
+    settings = ManagerSettings.from_env(worker_wait_s=600, assign_timeout_s=1800, request_timeout_s=900)
+    manager = ModelShardingManager(
+        str(args.dir),
+        "auto",
+        browsers=browsers,
+        generation=True,
+        dtype=dtype,
+        settings=settings,
+        progress=lambda m: print(" ", m),
+    )
+    out: dict[str, Any] = {"dtype": dtype}
+    try:
+        t0 = time.perf_counter()
+        shards = await manager.prepare()
+        out["prepare_s"] = time.perf_counter() - t0
+        assert manager.sizing is not None
+        out["pages"] = len(shards.plan.shard_groups)
+        out["reason"] = manager.sizing.reason
+        out["shard_weights"] = [gb(s.weight_bytes) for s in shards.plan.stages]
+        t1 = time.perf_counter()
+        if not await manager.initialize_sharding():
+            raise SystemExit(f"initialize_sharding failed ({dtype}): {manager.last_error}")
+        out["initialize_s"] = time.perf_counter() - t1
+        manager.generation_client().tokenizer.eos_token_id = None
+        prompt = [int(t) for t in np.random.default_rng(2).integers(0, VOCAB, 16)]
+        await manager.generate(prompt, 2)
+        metrics = (await manager.generate(prompt, args.new_tokens))["metrics"]
+        out.update({k: metrics[k] for k in ("tokens_per_s", "time_to_first_token_ms")})
+        out["kernel_ms_per_token"] = metrics.get("decode_kernel_ms_per_token")
+        ids = [int(t) for t in np.random.default_rng(3).integers(0, VOCAB, SCORE_TOKENS)]
+        logits = await manager.score(ids)
+        out["logits"] = logits
+        if reference is not None:
+            out["top1_vs_fp32"] = float(np.mean(logits.argmax(-1) == reference.argmax(-1)))
+    finally:
+        await manager.close()
+    return out
+
+
+async def generation(args: argparse.Namespace, figures: dict[str, Any]) -> None:
+    reference = None
+    runs = []
+    for dtype in [d for d in args.generation.split(",") if d]:
+        run_figures = await generate_in(args, dtype, reference)
+        logits = run_figures.pop("logits")
+        reference = logits if dtype == "fp32" else reference
+        runs.append(run_figures)
+        print(json.dumps(run_figures, default=str))
+    figures["generation"] = runs
+
+
 async def refuse_one_shard(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     """``num_shards=1`` on the model: refused before anything is enqueued (no broker, no browser)."""
     manager = ModelShardingManager(
@@ -206,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([*cmd, "--sequence", str(args.sequence)], check=True)
         figures["reference_s"] = time.perf_counter() - t0
     with PeakMemory() as peak:
-        asyncio.run(run(args, figures))
+        if not args.no_forward:
+            asyncio.run(run(args, figures))
+        if args.generation:
+            asyncio.run(generation(args, figures))
     asyncio.run(refuse_one_shard(args, figures))
     figures["peak_rss"] = sorted(
         ({"pid": pid, "process": name, "peak": gb(rss)} for pid, (name, rss) in peak.peaks.items()),
@@ -215,7 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(figures, indent=2, default=str))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=str))
-    return 0 if figures.get("within_tolerance") else 1
+    for g in figures.get("generation", []):
+        print(
+            f"generation in {g['dtype']}: {g['pages']} page(s), {g['tokens_per_s']} tokens/s"
+            + (f", top-1 {100 * g['top1_vs_fp32']:.1f} % of fp32's" if "top1_vs_fp32" in g else "")
+            + (
+                f" (q4 targets: <= {TARGET_Q4_PAGES} pages, >= {TARGET_Q4_TOKENS_PER_S} tokens/s)"
+                if g["dtype"] == "q4"
+                else ""
+            )
+        )
+    return 0 if figures.get("within_tolerance", args.no_forward) else 1
 
 
 if __name__ == "__main__":

@@ -383,6 +383,12 @@ class ModelShardingManager:
             pass
         return result
 
+    async def score(self, prompt: str | Sequence[int]) -> np.ndarray:
+        """The next-token logits at every position of ``prompt`` ([positions, vocab]), teacher-forced through
+        the shards in one prefill: for perplexity, or to check a precision against a reference."""
+        client = self.generation_client()
+        return await client.score(client.check(prompt, 1, False))
+
     async def resume(self) -> list[str]:
         """Requests this coordinator id accepted before a restart and has not finished; ``wait_for`` each."""
         return await self._requests().resume()

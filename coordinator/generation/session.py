@@ -181,7 +181,7 @@ class GenerationSession:
         fed: list[int] = []
         pending = [*prompt, *generated]
         for _ in range(max_new_tokens - len(generated)):
-            logits = await self._step_or_replay(fed, pending)
+            logits = (await self._step_or_replay(fed, pending))[-1]
             fed += pending
             token = choose_token(rule(logits, len(generated)) if rule else logits, sampling, rng)
             generated.append(token)
@@ -192,12 +192,18 @@ class GenerationSession:
                 return
             pending = [token]
 
+    async def score(self, token_ids: Sequence[int]) -> np.ndarray:
+        """The next-token logits at every position of ``token_ids`` ([positions, vocab]): one prefill through
+        the shards, teacher-forced (each position sees the given tokens before it, not chosen ones)."""
+        await self.broker.delete(self.reply_stream)
+        return await self._step_or_replay([], [int(t) for t in token_ids])
+
     async def forget(self) -> None:
         """Drop the session's stored history (a finished session is not resumed)."""
         await self.broker.delete(self.broker.keys.session(self.session_id))
 
     async def _step_or_replay(self, fed: list[int], pending: list[int]) -> np.ndarray:
-        """The last position's logits after ``pending``; a lost cache is rebuilt from ``fed`` first."""
+        """The logits of ``pending``'s positions ([positions, vocab]); a lost cache is rebuilt from ``fed`` first."""
         replays, fresh, lost_at = 0, not fed, 0.0
         while True:
             history = [] if fresh else fed
@@ -224,7 +230,7 @@ class GenerationSession:
                 ]
                 for t in reply.trace:
                     self.log.kernel_ms[t.shard_index] = self.log.kernel_ms.get(t.shard_index, 0.0) + t.kernel_ms
-                return np.asarray(reply.tensors[self.route.logits_name])[0, -1]
+                return np.asarray(reply.tensors[self.route.logits_name])[0]
             replayable = reply.refusal == SessionRefusal.MISSING or FailureKind.parse(reply.kind) in REPLAYABLE
             if not replayable or replays >= self.max_replays:
                 raise GenerationError(f"session {self.session_id} step {self.log.steps}: {reply.error}")

@@ -26,6 +26,7 @@ a wrong position.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -125,9 +126,11 @@ def convert_causal_lm(
     model = load_pretrained(model_dir, "causal-lm", gguf_file, use_cache=True)
     layout = cache_layout(model)
     say(f"exporting to ONNX with a KV cache of {layout.layers} layers (opset {OPSET}) -> {out_path}")
-    proto = _export(model, layout, out_path)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as scratch:  # past 2 GB: a file per weight
+        proto = _export(model, layout, Path(scratch) / out_path.name)
     save_graph(proto, out_path)
     log.info("exported %s to %s: %d nodes", source, out_path, len(proto.graph.node))
+    del proto  # a big model's weights: not held three times (graph, onnxruntime, transformers) while verifying
     _verify_loaded(model, layout, out_path, DEFAULT_KV_CASES, say)
     return layout
 

@@ -113,6 +113,7 @@ def convert_hf_dir(hf_dir: Path, out_path: Path, progress: Progress | None = Non
         proto = _export(model, Path(scratch) / out_path.name)
     save_graph(proto, out_path)
     log.info("exported %s to %s: %d nodes", hf_dir, out_path, len(proto.graph.node))
+    del proto  # a big model's weights: not held three times (graph, onnxruntime, transformers) while verifying
     _verify_loaded(model, out_path, DEFAULT_CASES, say)
     return kind
 

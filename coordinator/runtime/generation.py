@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from broker.clock import now_ms
 from broker.messages import RecoveryEvent
 from coordinator.errors import InputError
@@ -152,6 +154,16 @@ class GenerationClient:
         workers = tuple(new if i == stage else w for i, w in enumerate(route.workers))
         holders = tuple(dep.broker.keys.direct(w) for w in workers)
         return SessionRoute(route.plan_id, route.stages, holders, route.slots, route.logits_name, workers)
+
+    async def score(self, prompt_ids: list[int]) -> np.ndarray:
+        """Teacher-forced next-token logits at every position of ``prompt_ids`` ([positions, vocab])."""
+        dep = self.deployment
+        assert dep.broker is not None
+        session = GenerationSession(dep.broker, self.route(), uuid.uuid4().hex, self.timeout_s, alive=self._alive)
+        try:
+            return await session.score(prompt_ids)
+        finally:
+            await session.close()
 
     async def stream(
         self,
