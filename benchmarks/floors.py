@@ -1,4 +1,4 @@
-"""The Redis Streams floor a hop is compared with: round trips of one encoded ``ShardJob`` on a
+"""The Redis Streams floor a hop is compared with: round trips of one encoded ``StageHop`` on a
 valkey-server, from redis.asyncio.
 
 ``Floors.sample()`` takes one sample of every variant, so a benchmark can interleave floor samples
@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from benchmarks.report import summarize
 from broker.keys import MESSAGE_FIELD, STAGE_GROUP, Keys
-from broker.messages import ShardJob, decode, encode
+from broker.messages import StageHop, decode, encode
 from broker.streams import Broker
 from coordinator.model.graph import GraphProfile
 from coordinator.model.validation import validate_inputs
@@ -31,7 +31,7 @@ ECHO_STOP_TIMEOUT_S = 5.0
 
 VARIANTS = {
     "raw": "XADD + XREADGROUP + XACK of pre-encoded bytes: the floor",
-    "codec": "raw, with encode + decode of the ShardJob in the loop",
+    "codec": "raw, with encode + decode of the StageHop in the loop",
     "wake": "XADD -> reader already blocked in XREADGROUP (2nd connection) -> XACK",
     "broker": "Broker.add + read_group + ack (XACK+XDEL MULTI), codec included",
     "xproc": "half a ping-pong with a 2nd process that hands off like a worker",
@@ -63,7 +63,7 @@ async def _echo(url: str, inbox: str, outbox: str) -> None:
 class Floors:
     """Clients, streams, a blocked reader and an echo process on the server at ``url``."""
 
-    def __init__(self, url: str, job: ShardJob) -> None:
+    def __init__(self, url: str, job: StageHop) -> None:
         self.url = url
         self.job = job
         self.payload = encode(job)
@@ -163,8 +163,8 @@ class Floors:
     async def _codec(self) -> tuple[str, float]:
         t0 = time.perf_counter()
         await self._client.xadd(self.streams["codec"], {MESSAGE_FIELD: encode(self.job)})
-        if not isinstance(decode(await self._read_one("codec")), ShardJob):
-            raise RuntimeError("floor entry did not decode to a ShardJob")
+        if not isinstance(decode(await self._read_one("codec")), StageHop):
+            raise RuntimeError("floor entry did not decode to a StageHop")
         return "codec", (time.perf_counter() - t0) * 1000.0
 
     async def _wrapped(self) -> tuple[str, float]:
@@ -190,15 +190,15 @@ class Floors:
         return "wake", (await asyncio.wait_for(self._acked.get(), BLOCK_MS / 1000.0) - t0) * 1000.0
 
 
-def python_costs(profile: GraphProfile, job: ShardJob, reps: int = 200) -> dict[str, dict[str, float]]:
+def python_costs(profile: GraphProfile, job: StageHop, reps: int = 200) -> dict[str, dict[str, float]]:
     """Per-call CPU cost of the Python-side steps of a hop, in this process."""
     x = job.tensors["x"]
     encoded = encode(job)
     reply = {"op": "result", "id": 1, "kernel_ms": 0.1, "provider": "wasm", "adapter": "a"}
     frame_in = encode_frame(reply, {"y": x})
     steps: dict[str, Callable[[], object]] = {
-        "messages.encode(ShardJob)": lambda: encode(job),
-        "messages.decode(ShardJob)": lambda: decode(encoded),
+        "messages.encode(StageHop)": lambda: encode(job),
+        "messages.decode(StageHop)": lambda: decode(encoded),
         "bridge.encode_frame (to page)": lambda: encode_frame({"op": "run", "key": "k", "id": 1}, {"x": x}),
         "bridge.decode_frame (from page)": lambda: decode_frame(frame_in),
         "validate_inputs": lambda: validate_inputs({"x": x}, profile.inputs, profile.vocab_limits),

@@ -15,7 +15,7 @@ Hops. A request through K shards crosses K+1 stream hops and makes K page round 
     per_hop_ms   = overhead_ms / (K + 1)    <- the figure compared with the floor
 
 Floor. The Redis round trip of the payload (on the same embedded valkey-server, from redis.asyncio:
-XADD of the msgpack-encoded ``ShardJob`` with its 196,608 tensor bytes, XREADGROUP COUNT 1, XACK) and a
+XADD of the msgpack-encoded ``StageHop`` with its 196,608 tensor bytes, XREADGROUP COUNT 1, XACK) and a
 bare echo of the tensor through the same kind of bridge to a page that does nothing with it
 (``page_probe.EchoPage``, the browser as the worker launches it). The chain's floor is K+1 Redis round
 trips plus K echoes; the ratio is the overhead over it (target <= 1.5x), and per hop over the Redis
@@ -44,7 +44,7 @@ from benchmarks.floors import VARIANTS, Floors, python_costs
 from benchmarks.page_probe import LAUNCHES, EchoPage, probe_page
 from benchmarks.report import fmt, machine, markdown_table, summarize, write_json
 from broker.keys import Keys
-from broker.messages import ShardJob, encode
+from broker.messages import StageHop, encode
 from coordinator.manager import ModelShardingManager
 from coordinator.settings import ManagerSettings
 from tests.onnx_models import identity_chain
@@ -114,8 +114,8 @@ def chain_figures(samples: list[dict[str, Any]], k: int) -> dict[str, Any]:
     }
 
 
-def probe_job(x: np.ndarray, k: int) -> ShardJob:
-    return ShardJob(
+def probe_job(x: np.ndarray, k: int) -> StageHop:
+    return StageHop(
         request_id=uuid.uuid4().hex,
         plan_id=uuid.uuid4().hex[:16],
         stage_index=0,
@@ -232,7 +232,7 @@ def print_report(runs: list[dict[str, Any]], probes: dict[str, dict[str, Any]], 
     payload_bytes = runs[0]["floor_payload_bytes"]
     print("floor: XADD + XREADGROUP + XACK from redis.asyncio on the same valkey-server; one sample of each")
     print("variant after every request, variants in rotating order;")
-    print(f"payload = broker.messages.encode(ShardJob), {payload_bytes:,} B, encoded once before timing\n")
+    print(f"payload = broker.messages.encode(StageHop), {payload_bytes:,} B, encoded once before timing\n")
     stats = [
         ("e2e_ms", "p50"),
         ("e2e_ms", "mean"),

@@ -44,7 +44,7 @@ import numpy as np
 from benchmarks.breakdown_legs import Leg, legs_of, print_legs, shares
 from benchmarks.report import fmt, machine, markdown_table, summarize, write_json
 from broker.keys import STAGE_GROUP
-from broker.messages import ShardJob, ShardResult
+from broker.messages import StageHop, StageResult
 from broker.streams import Broker
 from coordinator.manager import ModelShardingManager
 from coordinator.model.resolve import resolve_model
@@ -101,13 +101,13 @@ class CoordinatorMarks:
         self.marks: dict[str, dict[str, Any]] = {}
         submit, on_result = tracker.submit, tracker.on_result
 
-        async def timed_submit(job: ShardJob) -> Any:
+        async def timed_submit(job: StageHop) -> Any:
             t0 = now_ms()
             fut = await submit(job)
             self.marks[job.request_id] = {"submit": t0, "accepted": now_ms()}
             return fut
 
-        async def timed_on_result(msg: ShardResult, entry: Any) -> None:
+        async def timed_on_result(msg: StageResult, entry: Any) -> None:
             t0 = now_ms()
             await on_result(msg, entry)
             self.marks.setdefault(msg.request_id, {}).update(read=t0, finished=now_ms(), result=msg)
@@ -123,7 +123,7 @@ class HandOffProbe:
         self.broker = Broker(url, f"hoprobe{uuid.uuid4().hex[:8]}")
         self.src, self.dst = self.broker.keys.stage("probe", 0), self.broker.keys.stage("probe", 1)
 
-    async def sample(self, job: ShardJob) -> float:
+    async def sample(self, job: StageHop) -> float:
         await self.broker.ensure_group(self.src, STAGE_GROUP)
         await self.broker.add(self.src, job)
         [d] = await self.broker.read_group(STAGE_GROUP, "probe", [self.src], count=1, block_ms=1000)
@@ -232,9 +232,9 @@ async def one_request(
     if "error" in r:
         raise RuntimeError(f"request failed: {r['error']}")
     c = marks.marks.pop(r["metrics"]["request_id"])
-    result: ShardResult = c["result"]
+    result: StageResult = c["result"]
     legs = legs_of(t_call, c, result.trace, t_return)
-    job = ShardJob("probe", "probe", 1, ("a", "b"), "r", dict(result.tensors), now_ms())
+    job = StageHop("probe", "probe", 1, ("a", "b"), "r", dict(result.tensors), now_ms())
     return {
         "e2e_ms": t_return - t_call,
         "kernel_ms": sum(t.kernel_ms for t in result.trace),

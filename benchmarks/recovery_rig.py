@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 
 from broker.embedded import EmbeddedValkey
 from broker.keys import MESSAGE_FIELD, STAGE_GROUP, Keys
-from broker.messages import ShardJob, decode
+from broker.messages import StageHop, decode
 from broker.process import die_with_parent
 from broker.registry import WorkerInfo
 from broker.streams import Broker
@@ -405,7 +405,7 @@ class Deployment:
         for found in await pipe.execute():
             for _, fields in found:
                 msg = decode(fields[MESSAGE_FIELD])
-                if isinstance(msg, ShardJob):
+                if isinstance(msg, StageHop):
                     out.append(msg.request_id)
         return out
 

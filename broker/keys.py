@@ -24,6 +24,11 @@ Key layout (``{ns}`` is the namespace, ``default`` unless configured; tests use 
     xshard:{ns}:inflight:{coordinator_id}  SET     request ids a coordinator has accepted, not finished
     xshard:{ns}:session:{session_id}       HASH    one generation session: plan, prompt and generated
                                                    token ids (json), position; a TTL (``broker.sessions``)
+    xshard:{ns}:mirror:{session_id}:{i}    HASH    the copy of stage i's KV cache of one session, written by
+                                                   each hand-off of a step (``mirror`` of ``Broker.hand_off``):
+                                                   step (the last step it holds), and per cache tensor and
+                                                   step the positions it added (``<input>@<step>``: a tensor,
+                                                   codec-packed); a TTL each write refreshes
     xshard:{ns}:events                     STREAM  execution and recovery events (history)
     xshard:{ns}:dead                       STREAM  dead-lettered jobs with their reason; group-less
     xshard:{ns}:ack:{token}                STREAM  one-shot answers to one sender (``InjectReply``); the
@@ -85,6 +90,9 @@ class Keys:
 
     def session(self, session_id: str) -> str:
         return f"{self._base}:session:{session_id}"
+
+    def mirror(self, session_id: str, stage_index: int) -> str:
+        return f"{self._base}:mirror:{session_id}:{stage_index}"
 
     def stage(self, plan_id: str, index: int) -> str:
         return f"{self._base}:stage:{plan_id}:{index}"

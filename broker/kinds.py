@@ -1,4 +1,5 @@
-"""The closed vocabularies that cross process boundaries: execution platforms and failure kinds.
+"""The closed vocabularies that cross process boundaries: execution platforms, failure kinds and recovery
+actions.
 
 Both are ``StrEnum``s: they travel on the wire as their plain string values (msgpack, Redis hashes) and
 compare equal to them, so a message decoded from an older writer still matches.
@@ -32,7 +33,7 @@ PLATFORMS: tuple[str, ...] = tuple(p.value for p in Platform)
 
 
 class FailureKind(StrEnum):
-    """Why a stage did not run: what a worker reports in a ``ShardFailure`` or the monitor finds."""
+    """Why a stage did not run: what a worker reports in a ``StageFailure`` or the monitor finds."""
 
     KERNEL = "kernel"  # the page threw inside onnxruntime-web
     BROWSER_LOST = "browser-lost"  # the browser died or its bridge closed mid-job
@@ -52,3 +53,25 @@ class FailureKind(StrEnum):
 
 
 FAILURE_KINDS: tuple[FailureKind, ...] = tuple(FailureKind)
+
+
+class RecoveryAction(StrEnum):
+    """What recovery did about a failure (``RecoveryEvent.action``): a rung of the request ladder
+    (``coordinator.recovery.ladder.Rung``), or what a generation session did (``recovery.session``)."""
+
+    RETRY = "retry"
+    RESTART = "restart"
+    REROUTE = "reroute"
+    CHANGE_PLATFORM = "change_platform"
+    REDISTRIBUTE = "redistribute"
+    DEAD_LETTER = "dead_letter"
+    RESTORE = "restore"  # a session's cache rebuilt from its copy (the worker's, or Redis') in a new page
+    REPLAY = "replay"  # a session's cache rebuilt by running its token history again
+    FAIL = "fail"  # a session step given up: the generation ends with an error
+
+    @classmethod
+    def parse(cls, value: str) -> RecoveryAction:
+        try:
+            return cls(value)
+        except ValueError:
+            raise SettingError(f"unknown recovery action {value!r}") from None

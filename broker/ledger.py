@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .keys import MESSAGE_FIELD, REPLY_GROUP
-from .messages import DagRequest, DeadLetter, Message, ShardJob, decode, decode_as, encode
+from .messages import DagRequest, DeadLetter, Message, StageHop, decode, decode_as, encode
 from .streams import Broker
 
 RESULT_TTL_S = 24 * 3600
@@ -30,7 +30,7 @@ class RequestState:
     coordinator_id: str
     plan_id: str
     created_ms: float
-    job: ShardJob | None
+    job: StageHop | None
     result: Message | None
     progress: dict[str, str]
     dag: DagRequest | None = None  # a DAG plan's request: its inputs, until it finishes
@@ -44,7 +44,7 @@ class Ledger:
         self.broker = broker
         self.keys = broker.keys
 
-    async def accept(self, job: ShardJob, coordinator_id: str) -> str:
+    async def accept(self, job: StageHop, coordinator_id: str) -> str:
         """The ``accept`` change; returns the entry id of the job on its first stage's stream (stage 0 for a
         chain's request, a later one for a DAG segment's sub-request)."""
         fields = {
@@ -103,7 +103,7 @@ class Ledger:
             tx.pipe.srem(self.keys.inflight(coordinator_id), dead.request_id)
         return tx.reply_text(0)
 
-    async def exhume(self, entry_id: str, job: ShardJob, coordinator_id: str) -> str:
+    async def exhume(self, entry_id: str, job: StageHop, coordinator_id: str) -> str:
         """Replay: move a dead letter's job back onto its stage stream (or a worker's), pending again."""
         key = self.keys.request(job.request_id)
         async with self.broker.transaction(f"replay {entry_id}") as tx:
@@ -122,7 +122,7 @@ class Ledger:
         if not row:
             return None
         limits = self.broker.limits
-        job = decode_as(row["job"], ShardJob, limits) if "job" in row else None
+        job = decode_as(row["job"], StageHop, limits) if "job" in row else None
         result = decode(row["result"], limits) if "result" in row else None
         progress = {k: v.decode() for k, v in row.items() if k.startswith("s") and k[1:].isdigit()}
         return RequestState(

@@ -7,12 +7,14 @@ version, decoding that ignores unknown fields, rejects missing ones and never un
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, TypeVar
 
 import numpy as np
 
 from .codec import DEFAULT_LIMITS, Limits
+from .errors import SchemaError, SettingError
+from .kinds import FailureKind, RecoveryAction
 from .wire import SCHEMA_VERSION, decode_any, decode_as, encode, from_dict, register, register_nested, to_dict
 
 Tensors = dict[str, np.ndarray]
@@ -56,11 +58,54 @@ class StageTrace:
 
 
 @dataclass(frozen=True, slots=True)
-class ShardJob:
-    """One stage of one request: run ``route[stage_index]``'s shard on ``tensors``."""
+class StateSlot:
+    """One cache tensor of stage ``stage_index`` of a session: fed as ``input_name``, returned as
+    ``output_name``, ``empty_shape`` (length 0 along the sequence axis) before the first step."""
 
-    TYPE: ClassVar[str] = "job"
-    request_id: str
+    TYPE: ClassVar[str] = "state-slot"
+    stage_index: int
+    input_name: str
+    output_name: str
+    dtype: str
+    empty_shape: tuple[int, ...]
+
+    def as_entry(self) -> dict[str, object]:
+        """The slot as it travels in ``StageHop.states``."""
+        return {
+            "stage_index": self.stage_index,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "dtype": self.dtype,
+            "empty_shape": list(self.empty_shape),
+        }
+
+    @classmethod
+    def of_entry(cls, entry: dict[str, object]) -> StateSlot:
+        shape = entry["empty_shape"]
+        if not isinstance(shape, list | tuple):
+            raise SchemaError(f"state slot empty_shape must be a list, got {shape!r}")
+        return cls(
+            int(str(entry["stage_index"])),
+            str(entry["input_name"]),
+            str(entry["output_name"]),
+            str(entry["dtype"]),
+            tuple(int(d) for d in shape),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StageHop:
+    """One stage of one piece of work: run ``route[stage_index]``'s shard on ``tensors``.
+
+    The same message carries a request's job and a generation session's step. A job (``session_id`` empty)
+    goes to the stage stream, where any worker serving the stage takes it. A session step goes to the direct
+    stream of the worker whose page holds that stage's cache (``route[i]``; ``stages[i]`` is the stage stream
+    it serves the stage under), with each stage's cache tensors in ``states`` and ``fresh`` for an empty cache
+    (the prefill, a replay). ``restore_stage`` names the stage whose new holder (it replaced a lost worker)
+    rebuilds its cache from the copy in Redis before it runs the step."""
+
+    TYPE: ClassVar[str] = "hop"
+    request_id: str  # the request; for a session step "<session id>#<step>"
     plan_id: str
     stage_index: int
     route: tuple[str, ...]
@@ -70,11 +115,82 @@ class ShardJob:
     attempt: int = 1
     trace: tuple[StageTrace, ...] = ()
     target_platform: str = ""  # run on this execution provider instead of the stage's (change platform)
+    session_id: str = ""
+    step: int = 0  # the session's step (0: the prefill)
+    stages: tuple[str, ...] = ()
+    states: tuple[dict[str, object], ...] = ()  # StateSlot.as_entry() of every stage's cache tensors
+    fresh: bool = False
+    restore_stage: int = -1
+
+    @property
+    def is_session(self) -> bool:
+        return bool(self.session_id)
+
+    @property
+    def restoring(self) -> bool:
+        """Whether this hop's holder takes its stage over: its cache from the copy in Redis first."""
+        return self.restore_stage == self.stage_index
+
+    def slots(self, stage_index: int) -> tuple[StateSlot, ...]:
+        """The cache tensors of stage ``stage_index``."""
+        return tuple(s for s in map(StateSlot.of_entry, self.states) if s.stage_index == stage_index)
+
+    def onward(self, stage_index: int, tensors: Tensors, trace: tuple[StageTrace, ...], at_ms: float) -> StageHop:
+        """The hop to ``stage_index`` with what the stages before it produced (a job's is its first attempt)."""
+        attempt = self.attempt if self.is_session else 1
+        return replace(
+            self,
+            stage_index=stage_index,
+            tensors=tensors,
+            trace=trace,
+            enqueued_ms=at_ms,
+            attempt=attempt,
+            target_platform="",
+        )
+
+    def result(self, tensors: Tensors, trace: tuple[StageTrace, ...]) -> StageResult:
+        """The last stage's outputs, for the reply stream."""
+        return StageResult(self.request_id, self.plan_id, tensors, trace, self.attempt, self.session_id, self.step)
+
+    def failure(self, at: StageFault) -> StageFailure:
+        """Stage ``at.stage_index`` could not run on ``at.worker_id``, for the reply stream."""
+        return StageFailure(
+            request_id=self.request_id,
+            plan_id=self.plan_id,
+            stage_index=at.stage_index,
+            worker_id=at.worker_id,
+            attempt=at.attempt or self.attempt,
+            kind=at.kind,
+            error=at.error,
+            trace=at.trace if at.trace is not None else self.trace,
+            tensors=at.tensors if at.tensors is not None else ({} if self.is_session else self.tensors),
+            route=self.route,
+            reply_stream=self.reply_stream,
+            platform=at.platform,
+            refusal=at.refusal,
+            session_id=self.session_id,
+            step=self.step,
+        )
 
 
 @dataclass(frozen=True, slots=True)
-class ShardResult:
-    """The last stage's outputs, sent to the coordinator's reply stream."""
+class StageFault:
+    """What a worker knows of a stage that could not run (``StageHop.failure`` makes the message)."""
+
+    stage_index: int
+    worker_id: str
+    kind: FailureKind
+    error: str
+    platform: str = ""
+    refusal: str = ""  # a session step's ``SessionRefusal`` value, or empty
+    attempt: int = 0  # 0: the hop's
+    trace: tuple[StageTrace, ...] | None = None  # None: the hop's
+    tensors: Tensors | None = None  # the failed stage's inputs; None: the hop's (a job's), none (a session's)
+
+
+@dataclass(frozen=True, slots=True)
+class StageResult:
+    """The last stage's outputs, sent to the reply stream (a session step's: its non-state outputs)."""
 
     TYPE: ClassVar[str] = "result"
     request_id: str
@@ -82,11 +198,14 @@ class ShardResult:
     tensors: Tensors
     trace: tuple[StageTrace, ...]
     attempt: int = 1
+    session_id: str = ""
+    step: int = 0
 
 
 @dataclass(frozen=True, slots=True)
-class ShardFailure:
-    """A stage that could not run; ``kind`` is ``retryable``, ``kernel`` or ``input``."""
+class StageFailure:
+    """A stage that could not run, and why (``kind``); a job's carries the failed stage's inputs, to try it
+    again, a session step's the page's ``refusal`` where it refused it."""
 
     TYPE: ClassVar[str] = "failure"
     request_id: str
@@ -94,13 +213,19 @@ class ShardFailure:
     stage_index: int
     worker_id: str
     attempt: int
-    kind: str
+    kind: FailureKind
     error: str
     trace: tuple[StageTrace, ...] = ()
-    tensors: Tensors = field(default_factory=dict)  # the failed stage's inputs, to try it again
+    tensors: Tensors = field(default_factory=dict)
     route: tuple[str, ...] = ()
     reply_stream: str = ""
     platform: str = ""
+    refusal: str = ""
+    session_id: str = ""
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", FailureKind.parse(str(self.kind)))  # the wire holds its string value
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,11 +396,18 @@ class RecoveryEvent:
     worker_id: str
     browser: str
     platform: str
-    failure: str  # "crash" | "hang" | "kernel-error" | "worker-lost" | "broker-lost" | ...
-    action: str  # "retry" | "restart" | "reroute" | "change_platform" | "redistribute" | "dead_letter" | ...
+    failure: FailureKind
+    action: RecoveryAction
     success: bool
     duration_ms: float
     error: str = ""
+
+    def __post_init__(self) -> None:  # the wire holds their string values
+        object.__setattr__(self, "failure", FailureKind.parse(str(self.failure)))
+        try:
+            object.__setattr__(self, "action", RecoveryAction.parse(str(self.action)))
+        except SettingError as e:
+            raise SchemaError(str(e)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,9 +445,9 @@ class DagRequest:
 Event = ExecutionEvent | RequestEvent | RecoveryEvent | PrecisionEvent
 
 Message = (
-    ShardJob
-    | ShardResult
-    | ShardFailure
+    StageHop
+    | StageResult
+    | StageFailure
     | Assignment
     | Release
     | AssignmentReply
@@ -333,9 +465,9 @@ Message = (
 M = TypeVar("M", bound=Message)
 
 register(
-    ShardJob,
-    ShardResult,
-    ShardFailure,
+    StageHop,
+    StageResult,
+    StageFailure,
     Assignment,
     Release,
     AssignmentReply,
@@ -373,9 +505,11 @@ __all__ = [
     "RequestEvent",
     "Message",
     "Release",
-    "ShardFailure",
-    "ShardJob",
-    "ShardResult",
+    "StageFailure",
+    "StageFault",
+    "StageHop",
+    "StageResult",
+    "StateSlot",
     "StageTrace",
     "Tensors",
     "decode",

@@ -1,23 +1,29 @@
-"""Message types of generation sessions: one step of a session through the shards, its result, its failure,
-and its end. Registered with the message codec on import, like ``broker.messages``' own types.
+"""What only generation sessions have: the end of a session, why a page refuses a step, and the token history
+kept in Redis. A session's steps, results and failures are the ``StageHop``, ``StageResult`` and
+``StageFailure`` of every stage's work (``broker.messages``), with their session fields set.
 
-A session is pinned to one worker per stage: ``SessionStep.route[i]`` is the direct stream of the worker
+A session is pinned to one worker per stage: a step's ``route[i]`` is the direct stream of the worker
 whose page holds stage ``i``'s KV cache for the session (sticky routing), ``stages[i]`` the stage stream
 it serves that stage under. ``states`` names each stage's cache tensors (``StateSlot``): the page feeds
 them from what it holds (an empty past when ``fresh``), keeps what the stage returns for them, and only
 the other outputs travel on. A page that holds as many sessions as it may refuses a new one
 (``SessionRefusal.LIMIT``); a step for a session the page does not hold (its browser was restarted, the
-session expired) is refused with ``SessionRefusal.MISSING`` and the coordinator replays the session.
+session expired) is refused with ``SessionRefusal.MISSING``; the coordinator's recovery
+(``coordinator.recovery.session``) decides what next.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, ClassVar
 
-from .messages import StageTrace, Tensors
+import numpy as np
+
+from .codec import unpack
+from .keys import MESSAGE_FIELD
+from .messages import Message, encode
 from .wire import register
 
 if TYPE_CHECKING:
@@ -29,95 +35,6 @@ class SessionRefusal(StrEnum):
 
     LIMIT = "limit"  # the page holds as many sessions as it may: never retried on that worker
     MISSING = "missing"  # the page does not hold the session's cache: replay the session's history
-
-
-@dataclass(frozen=True, slots=True)
-class StateSlot:
-    """One cache tensor of stage ``stage_index``: fed as ``input_name``, returned as ``output_name``,
-    ``empty_shape`` (length 0 along the sequence axis) before the first step."""
-
-    TYPE: ClassVar[str] = "state-slot"
-    stage_index: int
-    input_name: str
-    output_name: str
-    dtype: str
-    empty_shape: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SessionStep:
-    """One step of session ``session_id`` (``step`` 0 is the prefill) at stage ``stage_index``."""
-
-    TYPE: ClassVar[str] = "session-step"
-    session_id: str
-    step: int
-    plan_id: str
-    stage_index: int
-    route: tuple[str, ...]  # per stage: the direct stream of the worker holding its cache
-    stages: tuple[str, ...]  # per stage: its stage stream (which shard the worker runs)
-    reply_stream: str
-    tensors: Tensors
-    states: tuple[dict[str, object], ...]  # StateSlot fields, every stage's
-    fresh: bool  # start from an empty cache (prefill, or a replay on a new holder)
-    enqueued_ms: float
-    attempt: int = 1
-    trace: tuple[StageTrace, ...] = ()
-
-    def slots(self, stage_index: int) -> tuple[StateSlot, ...]:
-        """The cache tensors of stage ``stage_index``."""
-        out = []
-        for s in self.states:
-            slot = StateSlot(
-                int(s["stage_index"]),  # type: ignore[call-overload]
-                str(s["input_name"]),
-                str(s["output_name"]),
-                str(s["dtype"]),
-                tuple(int(d) for d in s["empty_shape"]),  # type: ignore[attr-defined]
-            )
-            if slot.stage_index == stage_index:
-                out.append(slot)
-        return tuple(out)
-
-
-def state_entry(slot: StateSlot) -> dict[str, object]:
-    """``slot`` as it travels in ``SessionStep.states``."""
-    return {
-        "stage_index": slot.stage_index,
-        "input_name": slot.input_name,
-        "output_name": slot.output_name,
-        "dtype": slot.dtype,
-        "empty_shape": list(slot.empty_shape),
-    }
-
-
-@dataclass(frozen=True, slots=True)
-class SessionResult:
-    """The last stage's non-state outputs of one session step, sent to the coordinator's reply stream."""
-
-    TYPE: ClassVar[str] = "session-result"
-    session_id: str
-    step: int
-    plan_id: str
-    tensors: Tensors
-    trace: tuple[StageTrace, ...]
-    attempt: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class SessionFailure:
-    """A session step that could not run at ``stage_index`` on ``worker_id``; ``kind`` a ``FailureKind``."""
-
-    TYPE: ClassVar[str] = "session-failure"
-    session_id: str
-    step: int
-    plan_id: str
-    stage_index: int
-    worker_id: str
-    kind: str
-    error: str
-    refusal: str = ""  # a SessionRefusal value, or empty
-    trace: tuple[StageTrace, ...] = field(default=())
-    attempt: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,20 +82,59 @@ async def load_history(broker: Broker, session_id: str) -> SessionHistory | None
     return SessionHistory(text["plan"], tuple(json.loads(text["prompt"])), tuple(json.loads(text["generated"])))
 
 
-SessionMessage = SessionStep | SessionResult | SessionFailure | SessionEnd
-
-register(SessionStep, SessionResult, SessionFailure, SessionEnd)
+register(SessionEnd)
 
 __all__ = [
+    "CacheCopy",
     "SessionEnd",
-    "SessionFailure",
-    "SessionMessage",
     "SessionRefusal",
-    "SessionResult",
     "SessionHistory",
-    "SessionStep",
-    "StateSlot",
+    "copied_step",
+    "drop_cache_copies",
     "load_history",
+    "move_step",
+    "read_cache_copy",
     "save_history",
-    "state_entry",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheCopy:
+    """The Redis copy of one stage's cache of a session, as of step ``step``: each cache tensor's pieces,
+    one per step, in step order (concatenated, the cache)."""
+
+    step: int
+    pieces: dict[str, list[np.ndarray]]
+
+
+async def read_cache_copy(broker: Broker, session_id: str, stage_index: int) -> CacheCopy | None:
+    """The copy written by the stage's hand-offs (``Broker.hand_off``'s ``mirror``), or None."""
+    row = await broker.hash_fields(broker.keys.mirror(session_id, stage_index))
+    if "step" not in row:
+        return None
+    step = int(row.pop("step"))
+    by_name: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for field_name, data in row.items():
+        name, _, at = field_name.rpartition("@")
+        by_name.setdefault(name, []).append((int(at), unpack(data)))
+    pieces = {name: [t for _, t in sorted(items, key=lambda p: p[0])] for name, items in by_name.items()}
+    return CacheCopy(step, pieces)
+
+
+async def copied_step(broker: Broker, session_id: str, stage_index: int) -> int | None:
+    """The last step the Redis copy of the stage's cache holds, or None when there is none."""
+    value = await broker.hash_field(broker.keys.mirror(session_id, stage_index), "step")
+    return int(value) if value is not None else None
+
+
+async def drop_cache_copies(broker: Broker, session_id: str, stages: int) -> None:
+    """Delete the session's cache copies (its end)."""
+    await broker.delete(*(broker.keys.mirror(session_id, i) for i in range(stages)))
+
+
+async def move_step(broker: Broker, stream: str, entry_id: str, dst: str, hop: Message) -> None:
+    """The ``move session step`` change, one MULTI: ``hop`` onto ``dst`` and the entry it replaces off ``stream``
+    (a step stuck in a lost holder's stream, sent on to the worker that took its stage over)."""
+    async with broker.transaction("move session step") as tx:
+        tx.pipe.xadd(dst, {MESSAGE_FIELD: encode(hop)})
+        tx.pipe.xdel(stream, entry_id)

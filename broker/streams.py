@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.client import Pipeline
 
 from .address import connection_options, redact
-from .codec import DEFAULT_LIMITS, Limits
+from .codec import DEFAULT_LIMITS, Limits, pack
 from .errors import BrokerUnavailable, MessageError, SchemaError
 from .keys import MESSAGE_FIELD, Keys
 from .messages import Message, decode, encode
@@ -45,14 +46,41 @@ if not (ARGV[5] == '1' and has_request and redis.call('HGET', KEYS[3], 'status')
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-local n = tonumber(ARGV[7])
-for i = 8, 7 + n do redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'm', ARGV[i]) end
+local n_events, n_progress, ttl = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local a = 10
+for i = a, a + n_events - 1 do redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'm', ARGV[i]) end
+a = a + n_events
 if has_request then
-  for i = 8 + n, #ARGV - 1, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+  for i = a, a + 2 * n_progress - 1, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+end
+a = a + 2 * n_progress
+for k = 5, #KEYS do
+  local step, fresh, n = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  local held = redis.call('HGET', KEYS[k], 'step')
+  if fresh == '1' or held == false or tonumber(held) ~= step - 1 then redis.call('DEL', KEYS[k]) end
+  if fresh == '1' or (held ~= false and tonumber(held) == step - 1) then
+    for i = a + 3, a + 2 + 2 * n, 2 do redis.call('HSET', KEYS[k], ARGV[i], ARGV[i + 1]) end
+    redis.call('HSET', KEYS[k], 'step', step)
+    redis.call('EXPIRE', KEYS[k], ttl)
+  end
+  a = a + 3 + 2 * n
 end
 return id
 """
 SOCKET_TIMEOUT_S = 30.0
+MIRROR_TTL_S = 900  # a session cache copy unused this long is gone (longer than a session's page TTL)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorWrite:
+    """What one hand-off adds to the Redis copy of stage ``stage_index``'s cache of a session: the positions
+    step ``step`` added to each cache tensor (by input name)."""
+
+    session_id: str
+    stage_index: int
+    step: int
+    fresh: bool
+    pieces: Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +193,12 @@ class Broker:
             row = await self._redis.hgetall(key)
         return {_str(k): v for k, v in row.items()}
 
+    async def hash_field(self, key: str, name: str) -> bytes | None:
+        """HGET: one field of a hash, or None."""
+        async with _translated(f"HGET {key}"):
+            value = await self._redis.hget(key, name)
+        return value if value is None or isinstance(value, bytes) else str(value).encode()
+
     async def set_members(self, key: str) -> list[str]:
         """SMEMBERS, sorted."""
         async with _translated(f"SMEMBERS {key}"):
@@ -225,18 +259,26 @@ class Broker:
         request_id: str = "",
         progress: Sequence[tuple[str, str]] = (),
         final: bool = False,
+        mirror: Sequence[MirrorWrite] = (),
     ) -> str | None:
         """The ``hand_off`` change, one Lua script: if ``consumer`` still owns ``entry_id``, publish
         ``msg`` to ``dst``, ack and delete the entry, append ``events``, record ``progress`` ((field, value)
-        pairs; a worker that ran several stages in one go records one per stage) in the request's hash. A
-        ``final`` hand-off of a request already done publishes nothing.
+        pairs; a worker that ran several stages in one go records one per stage) in the request's hash, and
+        extend each session cache copy of ``mirror`` by its step (a fresh step starts the copy anew; a copy
+        that is not at the step before is dropped: it missed a step). A ``final`` hand-off of a request
+        already done publishes nothing.
 
         Returns the new entry id; ``"duplicate"`` when the request was already done; None when the entry
         is no longer this consumer's (reclaimed by recovery: a late result must not duplicate)."""
         keys = [src, dst, self.keys.request(request_id) if request_id else "", self.keys.events]
-        args: list[Any] = [group, entry_id, consumer, encode(msg), "1" if final else "0", EVENTS_MAXLEN, len(events)]
+        keys += [self.keys.mirror(m.session_id, m.stage_index) for m in mirror]
+        args: list[Any] = [group, entry_id, consumer, encode(msg), "1" if final else "0", EVENTS_MAXLEN]
+        args += [len(events), len(progress), MIRROR_TTL_S]
         args += [encode(e) for e in events]
         args += [x for pair in progress for x in pair]
+        for m in mirror:
+            args += [m.step, "1" if m.fresh else "0", len(m.pieces)]
+            args += [x for name, tensor in m.pieces.items() for x in (f"{name}@{m.step}", pack(tensor))]
         async with _translated(f"hand_off {src} -> {dst}"):
             result = await self._redis.eval(HAND_OFF_LUA, len(keys), *keys, *args)
         return None if result is None else _str(result)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from broker.messages import ShardJob, StageTrace
+from broker.messages import StageHop, StageTrace
 
 from .bridge import RunResult, Step, StepResult
 from .stage import Stage
@@ -38,7 +38,7 @@ class Link:
         return self.stage.session_key(self.platform)
 
 
-def chain_of(job: ShardJob, stages: Mapping[str, Stage], fuse: bool) -> tuple[Link, ...]:
+def chain_of(job: StageHop, stages: Mapping[str, Stage], fuse: bool) -> tuple[Link, ...]:
     """The job's own stage (which this worker serves) and, with ``fuse``, every consecutive stage after it
     in the route that this worker serves too. Only the job's own stage takes its ``target_platform``."""
     first = stages[job.route[job.stage_index]]
@@ -51,7 +51,7 @@ def chain_of(job: ShardJob, stages: Mapping[str, Stage], fuse: bool) -> tuple[Li
     return tuple(links)
 
 
-def page_inputs(job: ShardJob) -> Tensors:
+def page_inputs(job: StageHop) -> Tensors:
     """What the page is sent: every tensor of the job (the chain's stages feed from them and carry some
     past stages that do not use them); scalars as one-element vectors (onnxruntime-web mis-ranks rank-0
     feeds, and shard graphs take them so)."""

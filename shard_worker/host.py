@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from broker.kinds import FailureKind
 from broker.streams import Broker
 
 from .page import Page
@@ -32,3 +33,4 @@ class RunningHost(WorkerHost, Protocol):
 
     async def wait_ready(self) -> None: ...
     def restart_soon(self, reason: str) -> None: ...
+    def lost_cause(self) -> tuple[FailureKind, str]: ...

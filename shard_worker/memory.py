@@ -1,4 +1,4 @@
-"""Recognising a page that ran out of memory, and the page budget the worker registers. Pure.
+"""Recognising a page that ran out of memory, and the page budget the worker registers.
 
 onnxruntime-web and the browsers say it in several ways: a WebAssembly memory that cannot grow, an
 ArrayBuffer that cannot be allocated, onnxruntime's own allocator failing, emscripten's abort. Any of them
@@ -8,12 +8,16 @@ recovery policy then moves the stage to a larger page instead of retrying it on 
 The page budget is what the page's probe measured (``memory.budget_bytes`` in its capabilities: the
 WebAssembly memory ceiling of the runtime it loaded, lowered by the browser's own limits where it exposes
 them), capped by the worker's ``page_budget_bytes`` setting (``XSHARD_PAGE_BUDGET_BYTES``) when set.
+
+A browser the operating system kills for memory says nothing itself: it is gone. The kernel counts its OOM
+kills (``oom_kills``); a page lost while that count rose is reported as out of memory too.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 OUT_OF_MEMORY = re.compile(
@@ -35,3 +39,26 @@ def page_budget_bytes(capabilities: Mapping[str, Any], cap_bytes: int = 0) -> in
     if cap_bytes > 0:
         return min(measured, cap_bytes) if measured > 0 else cap_bytes
     return measured
+
+
+VMSTAT = Path("/proc/vmstat")
+
+
+def oom_kills(vmstat: Path = VMSTAT) -> int | None:
+    """How many processes the kernel's OOM killer has killed since boot (``oom_kill`` of ``/proc/vmstat``,
+    Linux 4.13+); None where that is not known."""
+    try:
+        for line in vmstat.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def lost_to_oom_killer(at_launch: int | None, now: int | None) -> bool:
+    """Whether a page lost since ``at_launch`` (``oom_kills()`` then) went with OOM kills: the kernel killed
+    a process for memory meanwhile. The counter is the machine's, so another process's kill in that window is
+    taken for the page's too; a browser killed by anything else leaves it unchanged."""
+    return at_launch is not None and now is not None and now > at_launch

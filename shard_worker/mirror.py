@@ -9,9 +9,11 @@ or the page no longer holds the session), the next step ``n`` of a session whose
 nothing had happened. Nothing is replayed through the other shards; the tokens are the same because the
 cache is the same, byte for byte.
 
-The copy lives in the worker process: a killed worker loses it with the page, and the coordinator
-replays the session (``coordinator.generation.session``). Copies are dropped at the session's end, after
-the session TTL unused, and when they stop matching the page (a step they missed).
+The copy lives in the worker process, and what each step adds also goes to Redis in the step's hand-off
+(``broker.sessions.read_cache_copy``): a killed worker loses its copy with the page, and the worker that takes
+its stage over ``adopt``s the one in Redis (a step sent with ``restore``), so again nothing is replayed.
+Copies are dropped at the session's end, after the session TTL unused, and when they stop matching the page
+(a step they missed).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from broker.sessions import StateSlot
+from broker.messages import StateSlot
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +77,35 @@ class Mirrors:
 
     def keep(
         self, session_id: str, step: int, fresh: bool, slots: Sequence[MirrorSlot], outputs: dict[str, np.ndarray]
-    ) -> None:
-        """Take the new positions the page returned (removing them from ``outputs``) into the copy."""
+    ) -> dict[MirrorSlot, np.ndarray]:
+        """Take the new positions the page returned (removing them from ``outputs``) into the copy; return
+        them (empty when the page sent none or not all: then no copy can follow, here or in Redis)."""
         new = {s: outputs.pop(s.wire_name) for s in slots if s.wire_name in outputs}
         if len(new) != len(slots):  # the page sent none (mirror off) or not all: the copy cannot follow
             self.drop(session_id)
-            return
+            return {}
         m = self._by_session.get(session_id)
         if fresh:
             m = self._by_session[session_id] = Mirror(step)
         elif m is None or m.step != step - 1:
             self.drop(session_id)
-            return
+            return new
         for s, piece in new.items():
             m.pieces.setdefault((s.key, s.slot.input_name), []).append(piece)
         m.step, m.used_s = step, time.monotonic()
+        return new
+
+    def adopt(
+        self, session_id: str, step: int, slots: Sequence[MirrorSlot], pieces: Mapping[str, list[np.ndarray]]
+    ) -> bool:
+        """Take a copy made elsewhere (Redis, by the stage's previous holder) as this session's copy as of
+        ``step``, its pieces by input name; False when it lacks one of ``slots``."""
+        if any(s.slot.input_name not in pieces for s in slots):
+            return False
+        m = self._by_session[session_id] = Mirror(step)
+        for s in slots:
+            m.pieces[(s.key, s.slot.input_name)] = list(pieces[s.slot.input_name])
+        return True
 
     def restorable(self, session_id: str, step: int, slots: Sequence[MirrorSlot]) -> bool:
         """Whether the copy is exactly the cache the page held before step ``step``, for every slot."""

@@ -15,11 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from broker.kinds import FailureKind
 from broker.shardfiles import data_files
 
 from .bridge import Bridge, RunResult, Step
 from .browser import BrowserProcess
 from .errors import BrowserError, WorkerError
+from .memory import lost_to_oom_killer, oom_kills
 from .server import StaticServer
 from .settings import WorkerSettings
 from .stage import Stage
@@ -33,6 +35,7 @@ class Page:
         self.server = server
         self.lost = asyncio.Event()
         self.lost_reason = ""
+        self.oom_kills_at_launch: int | None = None
         self.capabilities: dict[str, Any] = {}
         self.choice: dict[str, Any] = {}
         self.loaded: dict[str, dict[str, Any]] = {}  # session key -> load info
@@ -50,6 +53,7 @@ class Page:
 
     async def launch(self) -> Page:
         s = self.settings
+        self.oom_kills_at_launch = oom_kills()
         self._bridge = await Bridge().start()
         url = (
             f"http://127.0.0.1:{self.server.port}/#ws={self._bridge.port}&token={self._bridge.token}"
@@ -115,6 +119,15 @@ class Page:
         )
         self.loaded[key] = info
         return info
+
+    def lost_cause(self) -> tuple[FailureKind, str]:
+        """Why this page is gone, as a failure kind: out of memory when the kernel's OOM killer killed a process
+        since it started (``memory.lost_to_oom_killer``), else a lost browser; with what is known of it."""
+        before, now = self.oom_kills_at_launch, oom_kills()
+        if before is not None and now is not None and lost_to_oom_killer(before, now):
+            why = f"the kernel's OOM killer killed {now - before} process(es) since it started"
+            return FailureKind.OUT_OF_MEMORY, f"{why}; {self.lost_reason or 'bridge closed'}"
+        return FailureKind.BROWSER_LOST, self.lost_reason or "bridge closed"
 
     async def release(self, key: str) -> None:
         if self.loaded.pop(key, None) is not None:

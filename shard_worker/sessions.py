@@ -1,11 +1,12 @@
 """The session path: one step of a generation session, run in the page that keeps its KV cache, handed off.
 
-Session steps arrive on this worker's direct stream (sticky routing: ``SessionStep.route[i]`` names the
-worker whose page holds stage ``i``'s cache). The page feeds each stage its held past (an empty one when
-the step is ``fresh``), keeps the presents and returns only the other outputs (``web/kvcache.js``). As on
-the job path, the entry is acked only by the ``hand_off`` script that publishes the output, while this
-worker still owns it; consecutive stages this worker also holds for the session run in the same page op.
-A step that cannot run is handed back as a ``SessionFailure``: a page past its session limit refuses a
+Session steps are ``StageHop``s with a session, arriving on this worker's direct stream (sticky routing:
+``route[i]`` names the worker whose page holds stage ``i``'s cache). The page feeds each stage its held past
+(an empty one when the step is ``fresh``), keeps the presents and returns only the other outputs
+(``web/kvcache.js``). As on the job path, the entry is acked only by the hand-off that publishes the output
+(``stage_runner``), while this worker still owns it; consecutive stages this worker also holds for the
+session run in the same page op. A step that cannot run is handed back as a ``StageFailure``: a page past
+its session limit refuses a
 fresh session (``SessionRefusal.LIMIT``), a page that lost the cache (a restarted browser, an expired
 session) says so (``SessionRefusal.MISSING``) and the coordinator replays the session's history.
 """
@@ -14,11 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,24 +25,24 @@ from typing import Any
 import numpy as np
 
 from broker.clock import now_ms
-from broker.keys import STAGE_GROUP
 from broker.kinds import FailureKind
-from broker.messages import ExecutionEvent, Message, StageTrace
-from broker.retry import poll, retrying
-from broker.sessions import SessionEnd, SessionFailure, SessionRefusal, SessionResult, SessionStep, state_entry
-from broker.streams import Delivery
+from broker.messages import StageFault, StageHop
+from broker.retry import poll
+from broker.sessions import SessionEnd, SessionRefusal, read_cache_copy
+from broker.streams import Delivery, MirrorWrite
 
 from .bridge import RunResult, Step
-from .chain import Link, WorkerMarks, traces
+from .chain import Link, WorkerMarks
 from .errors import BridgeClosed, BridgeTimeout, PageError, StepFailed, WorkerError
 from .host import RunningHost
 from .mirror import Mirrors, MirrorSlot
 from .page import Page
-from .stage import Stage
+from .stage_runner import StageRunner
 
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
+MISSING = SessionRefusal.MISSING.value
 LIMIT_PREFIX = "session-limit:"  # web/kvcache.js LIMIT
 MISSING_PREFIX = "session-missing:"  # web/kvcache.js MISSING
 MAX_SESSIONS = 8
@@ -79,13 +78,14 @@ class Ran:
     result: RunResult
     recovered: str = ""
     recovery_ms: float = 0.0
+    copies: tuple[MirrorWrite, ...] = ()  # what the step adds to the session's cache copies in Redis
 
 
 SessionHost = RunningHost  # what the session path needs from its worker
 
 
 def is_session_entry(d: Delivery) -> bool:
-    return isinstance(d.message, SessionStep | SessionEnd)
+    return isinstance(d.message, SessionEnd) or (isinstance(d.message, StageHop) and d.message.is_session)
 
 
 def refusal_of(error: str) -> tuple[FailureKind, str]:
@@ -97,11 +97,11 @@ def refusal_of(error: str) -> tuple[FailureKind, str]:
     return FailureKind.KERNEL, ""
 
 
-class SessionRunner:
+class SessionRunner(StageRunner):
     """Runs the session steps of one worker, one at a time."""
 
     def __init__(self, host: SessionHost, settings: SessionSettings | None = None) -> None:
-        self.host = host
+        super().__init__(host)
         self.settings = settings or SessionSettings.from_env()
         self.mirrors = Mirrors(self.settings.session_ttl_s)
 
@@ -115,19 +115,28 @@ class SessionRunner:
             self.mirrors.drop(msg.session_id)
             with contextlib.suppress(WorkerError):
                 await h.page.end_session(msg.session_id)
-            await asyncio.shield(self._retried("ack", lambda: h.broker.ack(d.stream, STAGE_GROUP, d.entry_id)))
+            await self.ack(d)
             return
-        assert isinstance(msg, SessionStep)
-        links = self._links(msg)
+        assert isinstance(msg, StageHop) and msg.is_session
+        links = self._links(msg)[:1] if msg.restoring else self._links(msg)  # a restore: its own stage alone
         if not links:
             error = f"worker {h.id} does not serve stage {msg.stage_index}"
-            await self._fail(d, msg, msg.stage_index, FailureKind.UNAVAILABLE, error)
+            await self.fail(d, msg, StageFault(msg.stage_index, h.id, FailureKind.UNAVAILABLE, error), None)
             return
         ran = await self._run(d, msg, links)
         if ran is not None:
-            await self._forward(d, msg, links, ran, read_ms, started)
+            marks = WorkerMarks(
+                queue_ms=max(0.0, read_ms - msg.enqueued_ms),
+                read_ms=read_ms,
+                decode_ms=d.decode_ms,
+                worker_ms=(time.perf_counter() - started) * 1000.0,
+                handoff_ms=now_ms(),
+                bytes_in=sum(a.nbytes for a in msg.tensors.values()),
+                bytes_out=0,
+            )
+            await self.forward(d, msg, links, ran.result, marks, (ran.recovered, ran.recovery_ms), ran.copies)
 
-    def _links(self, msg: SessionStep) -> tuple[Link, ...]:
+    def _links(self, msg: StageHop) -> tuple[Link, ...]:
         """The step's own stage and the stages after it this worker holds for the session too."""
         stages, direct = self.host.stages, msg.route[msg.stage_index]
         links: list[Link] = []
@@ -144,11 +153,10 @@ class SessionRunner:
     def _loaded(self) -> Mapping[str, Any]:
         return self.host.page.loaded
 
-    async def _run(self, d: Delivery, msg: SessionStep, links: tuple[Link, ...]) -> Ran | None:
+    async def _run(self, d: Delivery, msg: StageHop, links: tuple[Link, ...]) -> Ran | None:
         h, first = self.host, links[0]
         steps = [
-            Step(k.key, k.stage.carry_names, None, tuple(state_entry(s) for s in msg.slots(k.stage_index)))
-            for k in links
+            Step(k.key, k.stage.carry_names, None, tuple(s.as_entry() for s in msg.slots(k.stage_index))) for k in links
         ]
         session = {
             "id": msg.session_id,
@@ -160,15 +168,56 @@ class SessionRunner:
         feeds = {n: a.reshape(1) if a.ndim == 0 else a for n, a in msg.tensors.items()}
         slots = mirror_slots(msg, links)
         page = h.page
+        if msg.restoring:
+            return await self._take_over(d, msg, links, steps, feeds, session, slots)
         try:
             result = await self._page_run(first, steps, feeds, session)
         except (StepFailed, PageError, BridgeTimeout, BridgeClosed, WorkerError) as e:
-            if (ran := await self._restore(msg, first, steps, feeds, session, slots, page, e)) is not None:
+            if (ran := await self._restore(msg, links, steps, feeds, session, slots, page, e)) is not None:
                 return ran
             await self._failed(d, msg, links, e)
             return None
-        self.mirrors.keep(msg.session_id, msg.step, msg.fresh, slots, result.outputs)
-        return Ran(result)
+        new = self.mirrors.keep(msg.session_id, msg.step, msg.fresh, slots, result.outputs)
+        return Ran(result, copies=copies_of(msg, links, new))
+
+    async def _take_over(
+        self,
+        d: Delivery,
+        msg: StageHop,
+        links: tuple[Link, ...],
+        steps: list[Step],
+        feeds: dict[str, np.ndarray],
+        session: dict[str, Any],
+        slots: tuple[MirrorSlot, ...],
+    ) -> Ran | None:
+        """Take the stage over from a lost holder: its cache from the copy in Redis (as of the step before),
+        then the step; None once a failure is handed back (no usable copy: the coordinator replays)."""
+        h, started = self.host, time.perf_counter()
+        copy = await self.retried(
+            "read the cache copy", lambda: read_cache_copy(h.broker, msg.session_id, msg.stage_index)
+        )
+        if (
+            copy is None
+            or copy.step != msg.step - 1
+            or not self.mirrors.adopt(msg.session_id, copy.step, slots, copy.pieces)
+        ):
+            held = "none" if copy is None else f"one of step {copy.step}"
+            error = f"no copy of stage {msg.stage_index}'s cache at step {msg.step - 1} in Redis ({held})"
+            await self.fail(
+                d, msg, StageFault(msg.stage_index, h.id, FailureKind.UNAVAILABLE, error, refusal=MISSING), None
+            )
+            return None
+        restore = {**feeds, **self.mirrors.feeds(msg.session_id, slots)}
+        try:
+            result = await self._page_run(links[0], steps, restore, {**session, "restore": True})
+        except (StepFailed, PageError, BridgeTimeout, BridgeClosed, WorkerError) as e:
+            await self._failed(d, msg, links, e)
+            return None
+        new = self.mirrors.keep(msg.session_id, msg.step, False, slots, result.outputs)
+        ms = (time.perf_counter() - started) * 1000.0
+        why = f"took stage {msg.stage_index} over; cache restored from its copy in Redis (step {copy.step})"
+        log.warning("worker %s: session %s step %d: %s in %.0f ms", h.id, msg.session_id, msg.step, why, ms)
+        return Ran(result, why, ms, copies_of(msg, links, new))
 
     async def _page_run(
         self, first: Link, steps: list[Step], feeds: dict[str, np.ndarray], session: dict[str, Any]
@@ -180,8 +229,8 @@ class SessionRunner:
 
     async def _restore(
         self,
-        msg: SessionStep,
-        first: Link,
+        msg: StageHop,
+        links: tuple[Link, ...],
         steps: list[Step],
         feeds: dict[str, np.ndarray],
         session: dict[str, Any],
@@ -198,6 +247,7 @@ class SessionRunner:
         page_lost = isinstance(error, BridgeClosed) or not isinstance(error, PageError | BridgeTimeout)
         if msg.fresh or not (page_lost or missing) or not self.mirrors.restorable(msg.session_id, msg.step, slots):
             return None
+        first = links[0]
         started = time.perf_counter()
         if page_lost and not await self._new_page(page):
             return None
@@ -208,7 +258,7 @@ class SessionRunner:
             log.warning("worker %s: restoring session %s failed: %s", self.host.id, msg.session_id, e)
             self.mirrors.drop(msg.session_id)
             return None
-        self.mirrors.keep(msg.session_id, msg.step, False, slots, result.outputs)
+        new = self.mirrors.keep(msg.session_id, msg.step, False, slots, result.outputs)
         ms = (time.perf_counter() - started) * 1000.0
         why = "browser lost" if page_lost else "page lost the session"
         log.warning(
@@ -219,7 +269,7 @@ class SessionRunner:
             why,
             ms,
         )
-        return Ran(result, f"{why}: {error}; cache restored from the worker's copy", ms)
+        return Ran(result, f"{why}: {error}; cache restored from the worker's copy", ms, copies_of(msg, links, new))
 
     async def _new_page(self, old: Page) -> bool:
         """Wait until the worker replaced the lost page ``old`` and is ready again (``restore_wait_s``)."""
@@ -233,146 +283,36 @@ class SessionRunner:
                     return True
         return False
 
-    async def _failed(self, d: Delivery, msg: SessionStep, links: tuple[Link, ...], e: Exception) -> None:
+    async def _failed(self, d: Delivery, msg: StageHop, links: tuple[Link, ...], e: Exception) -> None:
         """Hand the step back as the failure ``e`` says."""
         h, first = self.host, links[0]
         self.mirrors.drop(msg.session_id)
-        if isinstance(e, StepFailed):
+        at = links[e.step] if isinstance(e, StepFailed) else first
+        given = dict(e.tensors) if isinstance(e, StepFailed) else dict(msg.tensors)  # to go on from that stage
+        if isinstance(e, StepFailed | PageError):
             kind, refusal = refusal_of(str(e))
-            await self._fail(d, msg, links[e.step].stage_index, kind, str(e), refusal)
-        elif isinstance(e, PageError):
-            kind, refusal = refusal_of(str(e))
-            await self._fail(d, msg, first.stage_index, kind, str(e), refusal)
+            fault = StageFault(at.stage_index, h.id, kind, str(e), refusal=refusal, tensors=given)
         elif isinstance(e, BridgeTimeout):
-            await self._fail(d, msg, first.stage_index, FailureKind.TIMEOUT, str(e))
+            fault = StageFault(at.stage_index, h.id, FailureKind.TIMEOUT, str(e), tensors=given)
             h.restart_soon(f"session step timed out: {e}")
         else:
-            error = f"{h.settings.browser} lost mid-step: {e}"
-            await self._fail(d, msg, first.stage_index, FailureKind.BROWSER_LOST, error, SessionRefusal.MISSING.value)
-
-    async def _forward(
-        self, d: Delivery, msg: SessionStep, links: tuple[Link, ...], ran: Ran, read_ms: float, started: float
-    ) -> None:
-        last, result = links[-1], ran.result
-        lacking = [n for n in last.stage.carry_names if n not in result.outputs]
-        if lacking:
-            error = f"shard {last.stage.shard_index} did not produce {lacking}"
-            await self._fail(d, msg, last.stage_index, FailureKind.KERNEL, error)
-            return
-        out: Tensors = {n: result.outputs[n] for n in last.stage.carry_names}
-        marks = WorkerMarks(
-            queue_ms=max(0.0, read_ms - msg.enqueued_ms),
-            read_ms=read_ms,
-            decode_ms=d.decode_ms,
-            worker_ms=(time.perf_counter() - started) * 1000.0,
-            handoff_ms=now_ms(),
-            bytes_in=sum(a.nbytes for a in msg.tensors.values()),
-            bytes_out=sum(a.nbytes for a in out.values()),
-        )
-        new = traces(links, result.steps, result, marks, self._base(msg))
-        if ran.recovered:  # the first stage's trace says what its worker recovered from before it ran
-            new = (dataclasses.replace(new[0], recovered=ran.recovered, recovery_ms=ran.recovery_ms), *new[1:])
-        trace = (*msg.trace, *new)
-        nxt = last.stage_index + 1
-        reply: Message
-        if nxt >= len(msg.route):
-            dst = msg.reply_stream
-            reply = SessionResult(msg.session_id, msg.step, msg.plan_id, out, trace, msg.attempt)  # type: ignore[assignment]
-        else:
-            dst = msg.route[nxt]
-            reply = dataclasses.replace(  # type: ignore[assignment]
-                msg, stage_index=nxt, tensors=out, trace=trace, enqueued_ms=now_ms()
-            )
-        events = [self._event(k.stage, msg, t, "success") for k, t in zip(links, new, strict=True)]
-        await self._hand_off(d, msg, dst, reply, events)
-
-    async def _fail(
-        self, d: Delivery, msg: SessionStep, stage_index: int, kind: FailureKind, error: str, refusal: str = ""
-    ) -> None:
-        h = self.host
-        log.warning(
-            "worker %s: session %s step %d stage %d failed (%s): %s",
-            h.id,
-            msg.session_id,
-            msg.step,
-            stage_index,
-            kind,
-            error,
-        )
-        failure = SessionFailure(
-            msg.session_id, msg.step, msg.plan_id, stage_index, h.id, kind.value, error, refusal, msg.trace, msg.attempt
-        )
-        stage = self.host.stages.get(msg.stages[stage_index]) if stage_index < len(msg.stages) else None
-        base = dataclasses.replace(self._base(msg), shard_index=stage_index)
-        await self._hand_off(d, msg, msg.reply_stream, failure, [self._event(stage, msg, base, "error", error)])  # type: ignore[arg-type]
-
-    async def _hand_off(
-        self, d: Delivery, msg: SessionStep, dst: str, out: Message, events: list[ExecutionEvent]
-    ) -> None:
-        """Publish ``out`` to ``dst`` and ack ``d`` in one script, only while this worker owns ``d``."""
-        h = self.host
-
-        async def op() -> str | None:
-            return await h.broker.hand_off(d.stream, STAGE_GROUP, d.entry_id, h.id, dst, out, events=events)
-
-        if await asyncio.shield(self._retried(f"hand off session {msg.session_id}", op)) is None:
-            log.warning(
-                "worker %s: session %s step %d was reclaimed while this worker held it; its late result is dropped",
-                h.id,
-                msg.session_id,
-                msg.step,
-            )
-
-    async def _retried(self, what: str, op: Any) -> Any:
-        deadline_s = self.host.settings.broker_op_deadline_s
-        return await retrying(op, what=f"worker {self.host.id}: {what}", deadline_s=deadline_s)
-
-    def _base(self, msg: SessionStep) -> StageTrace:
-        h = self.host
-        return StageTrace(
-            shard_index=msg.stage_index,
-            worker_id=h.id,
-            browser=h.settings.browser,
-            user_agent=h.page.user_agent,
-            execution_provider="",
-            adapter="",
-            kernel_ms=0.0,
-            queue_ms=0.0,
-            worker_ms=0.0,
-            bytes_in=0,
-            bytes_out=0,
-            attempt=msg.attempt,
-        )
-
-    def _event(
-        self, stage: Stage | None, msg: SessionStep, t: StageTrace, outcome: str, error: str = ""
-    ) -> ExecutionEvent:
-        h = self.host
-        return ExecutionEvent(
-            event_id=uuid.uuid4().hex,
-            ts_ms=now_ms(),
-            request_id=f"{msg.session_id}#{msg.step}",
-            plan_id=msg.plan_id,
-            model_name=stage.model_name if stage else "",
-            shard_index=t.shard_index,
-            shard_type=stage.shard_type if stage else "",
-            kind=stage.kind if stage else "",
-            dtype=stage.dtype if stage else "",
-            worker_id=h.id,
-            browser=h.settings.browser,
-            platform=t.execution_provider,
-            adapter=t.adapter,
-            kernel_ms=t.kernel_ms,
-            queue_ms=t.queue_ms,
-            transfer_ms=t.worker_ms - t.kernel_ms,
-            bytes_in=t.bytes_in,
-            bytes_out=t.bytes_out,
-            attempt=t.attempt,
-            outcome=outcome,
-            error=error,
-        )
+            kind, why = h.lost_cause()
+            error = f"{h.settings.browser} lost mid-step ({why}): {e}"
+            fault = StageFault(at.stage_index, h.id, kind, error, refusal=MISSING, tensors=given)
+        stage = self.host.stages.get(msg.stages[at.stage_index]) if at.stage_index < len(msg.stages) else None
+        await self.fail(d, msg, fault, stage)
 
 
-def mirror_slots(msg: SessionStep, links: Sequence[Link]) -> tuple[MirrorSlot, ...]:
+def mirror_slots(msg: StageHop, links: Sequence[Link]) -> tuple[MirrorSlot, ...]:
     """Every state of the step's page run, with its position in the run and its stage's page key."""
     return tuple(MirrorSlot(i, k.key, slot) for i, k in enumerate(links) for slot in msg.slots(k.stage_index))
+
+
+def copies_of(msg: StageHop, links: Sequence[Link], new: Mapping[MirrorSlot, np.ndarray]) -> tuple[MirrorWrite, ...]:
+    """The Redis copy writes of a step's new cache positions, one per stage of the run (none without them)."""
+    if not new:
+        return ()
+    by_stage: dict[int, dict[str, np.ndarray]] = {}
+    for s, piece in new.items():
+        by_stage.setdefault(links[s.position].stage_index, {})[s.slot.input_name] = piece
+    return tuple(MirrorWrite(msg.session_id, i, msg.step, msg.fresh, pieces) for i, pieces in by_stage.items())

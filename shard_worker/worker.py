@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from broker.browsers import find_ort_dist
 from broker.errors import BrokerUnavailable
 from broker.keys import STAGE_GROUP
+from broker.kinds import FailureKind
 from broker.registry import WorkerInfo, WorkerState, transition
 from broker.retry import Stopped, poll, retrying
 from broker.streams import Broker
@@ -265,6 +266,10 @@ class ShardWorker:
                 await self.restart_page(f"browser lost: {page.lost_reason}")
 
     # -- the page ----------------------------------------------------------------------------
+
+    def lost_cause(self) -> tuple[FailureKind, str]:
+        """Why the page of a failed run is gone (``Page.lost_cause``): out of memory, or a lost browser."""
+        return self.page.lost_cause()
 
     def restart_soon(self, reason: str) -> None:
         """Restart the browser in the background (the caller goes on)."""

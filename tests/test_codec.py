@@ -8,7 +8,7 @@ import pytest
 
 from broker.codec import TENSOR_EXT, Limits, pack, unpack
 from broker.errors import MessageError, SchemaError, TensorError
-from broker.messages import SCHEMA_VERSION, ShardJob, ShardResult, decode, decode_as, encode
+from broker.messages import SCHEMA_VERSION, StageHop, StageResult, decode, decode_as, encode
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"])
@@ -32,8 +32,8 @@ def test_tensor_is_an_ext_type_not_a_list() -> None:
 
 
 def test_job_message_round_trip() -> None:
-    job = ShardJob("r1", "p1", 0, ("a", "b"), "reply", {"x": np.ones((1, 2), np.float32)}, 12.5, attempt=2)
-    back = decode_as(encode(job), ShardJob)
+    job = StageHop("r1", "p1", 0, ("a", "b"), "reply", {"x": np.ones((1, 2), np.float32)}, 12.5, attempt=2)
+    back = decode_as(encode(job), StageHop)
     assert back.route == ("a", "b") and back.attempt == 2
     np.testing.assert_array_equal(back.tensors["x"], job.tensors["x"])
 
@@ -48,7 +48,7 @@ def test_unknown_fields_are_ignored_and_missing_fields_rejected() -> None:
         "trace": [],
         "future_field": 1,
     }
-    assert isinstance(decode(pack(body)), ShardResult)
+    assert isinstance(decode(pack(body)), StageResult)
     del body["plan_id"]
     with pytest.raises(SchemaError, match="plan_id"):
         decode(pack(body))
@@ -62,9 +62,9 @@ def test_wrong_schema_version_and_unknown_type_are_rejected() -> None:
 
 
 def test_decode_as_rejects_another_type() -> None:
-    res = ShardResult("r", "p", {}, ())
-    with pytest.raises(SchemaError, match="expected a job"):
-        decode_as(encode(res), ShardJob)
+    res = StageResult("r", "p", {}, ())
+    with pytest.raises(SchemaError, match="expected a hop message"):
+        decode_as(encode(res), StageHop)
 
 
 def test_tensor_size_limits_and_lies_are_rejected() -> None:

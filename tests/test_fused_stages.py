@@ -25,9 +25,9 @@ from broker.messages import (
     Inject,
     InjectReply,
     Message,
-    ShardFailure,
-    ShardJob,
-    ShardResult,
+    StageFailure,
+    StageHop,
+    StageResult,
 )
 from broker.streams import Broker
 from coordinator.manager import ModelShardingManager
@@ -60,7 +60,7 @@ class Chain:
     second: str  # the worker serving stages 1 and 2
 
     async def submit(self, inputs: dict[str, np.ndarray], stage: int = 0) -> Message:
-        job = ShardJob(uuid.uuid4().hex, self.shards.plan.plan_id, stage, self.route, self.reply, inputs, now_ms())
+        job = StageHop(uuid.uuid4().hex, self.shards.plan.plan_id, stage, self.route, self.reply, inputs, now_ms())
         await self.broker.add(self.route[stage], job)
         return await read_one(self.broker, self.reply)
 
@@ -107,7 +107,7 @@ async def test_two_consecutive_stages_of_one_worker_run_in_its_page_and_match_na
     async with chain(model, valkey.url, namespace, tmp_path) as c:
         inputs = sample_tokens(2, 7, seed=11)
         reply = await c.submit(inputs)
-        assert isinstance(reply, ShardResult), reply
+        assert isinstance(reply, StageResult), reply
         want = run_whole(model, inputs)["hidden"]
         np.testing.assert_allclose(reply.tensors["hidden"], want, rtol=0, atol=TOLERANCE)
         assert [t.shard_index for t in reply.trace] == [0, 1, 2]
@@ -132,7 +132,7 @@ async def test_a_failure_in_the_later_stage_hands_back_that_stages_inputs(
         assert isinstance(armed, InjectReply) and armed.accepted, armed
         inputs = sample_tokens(1, 6, seed=12)
         failure = await c.submit(inputs)
-        assert isinstance(failure, ShardFailure), failure
+        assert isinstance(failure, StageFailure), failure
         assert (failure.stage_index, failure.worker_id, failure.attempt) == (2, c.second, 1)
         assert "injected kernel error" in failure.error
         assert [t.shard_index for t in failure.trace] == [0, 1]
@@ -143,7 +143,7 @@ async def test_a_failure_in_the_later_stage_hands_back_that_stages_inputs(
         assert await c.broker.pending_count(c.route[1], STAGE_GROUP) == 0, "the stage-1 job was not acked"
         # what recovery does next: stage 2 again on its inputs; the armed fault is spent
         result = await c.submit(dict(failure.tensors), stage=2)
-        assert isinstance(result, ShardResult), result
+        assert isinstance(result, StageResult), result
         np.testing.assert_allclose(result.tensors["hidden"], run_whole(model, inputs)["hidden"], rtol=0, atol=TOLERANCE)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from broker.messages import ShardJob, ShardResult
+from broker.messages import StageHop, StageResult
 from broker.registry import WorkerState
 from broker.streams import Broker
 from coordinator.planning.shardset import build_shard_set
@@ -81,10 +81,10 @@ async def test_a_killed_browser_is_replaced_by_the_warm_spare_that_was_already_u
             assert after is not None and after.browser_pid in before, (after.browser_pid, before)
             inputs = sample_tokens(2, 5, seed=21)
             reply_stream = broker.keys.reply(f"test{namespace}")
-            job = ShardJob(uuid.uuid4().hex, shards.plan.plan_id, 0, route, reply_stream, inputs, now_ms())
+            job = StageHop(uuid.uuid4().hex, shards.plan.plan_id, 0, route, reply_stream, inputs, now_ms())
             await broker.add(route[0], job)
             result = await read_one(broker, reply_stream)
-            assert isinstance(result, ShardResult), result
+            assert isinstance(result, StageResult), result
             np.testing.assert_allclose(result.tensors["hidden"], run_whole(model, inputs)["hidden"], atol=1e-4, rtol=0)
     finally:
         await asyncio.to_thread(stop_processes, [proc])

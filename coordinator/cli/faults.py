@@ -15,7 +15,7 @@ from typing import Any
 from broker.errors import BrokerError
 from broker.keys import REPLY_GROUP, Keys
 from broker.ledger import Ledger
-from broker.messages import DeadLetter, ShardFailure, ShardJob, ShardResult
+from broker.messages import DeadLetter, StageFailure, StageHop, StageResult
 from broker.streams import Broker
 from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE
 from coordinator.cli.console import fail, format_table
@@ -168,7 +168,7 @@ def _refailer(broker: Broker, ledger: Ledger, tracker: RequestTracker) -> OnFail
     """What a replayed job that fails again does: back to the dead letter, with the new failure."""
     coordinator_id = tracker.coordinator_id
 
-    async def refail(f: ShardFailure, entry: Entry) -> None:
+    async def refail(f: StageFailure, entry: Entry) -> None:
         dead = DeadLetter(
             request_id=f.request_id,
             plan_id=f.plan_id,
@@ -198,7 +198,7 @@ async def _exhume(
     for entry_id, dead, _ in await ledger.dead_letters():
         if dead is None or (wanted is not None and entry_id not in wanted):
             continue
-        job = ShardJob(
+        job = StageHop(
             request_id=dead.request_id,
             plan_id=dead.plan_id,
             stage_index=dead.stage_index,
@@ -218,7 +218,7 @@ async def _replay_row(entry_id: str, fut: asyncio.Future[Outcome], timeout_s: fl
         outcome: Outcome | None = await asyncio.wait_for(fut, timeout_s)
     except TimeoutError:
         outcome = None
-    if isinstance(outcome, ShardResult):
+    if isinstance(outcome, StageResult):
         return (entry_id, outcome.request_id[:12], "completed", "")
     why = outcome.reason if isinstance(outcome, DeadLetter) else f"no result in {timeout_s}s"
     return (entry_id, "", "failed", why[:100])

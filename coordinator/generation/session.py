@@ -27,22 +27,22 @@ from typing import Protocol
 import numpy as np
 
 from broker.clock import now_ms
-from broker.kinds import FailureKind
-from broker.messages import Message, StageTrace
+from broker.kinds import FailureKind, RecoveryAction
+from broker.messages import Message, StageFailure, StageHop, StageResult, StageTrace, StateSlot
 from broker.sessions import (
     SessionEnd,
-    SessionFailure,
     SessionHistory,
     SessionRefusal,
-    SessionResult,
-    SessionStep,
-    StateSlot,
+    copied_step,
+    drop_cache_copies,
     load_history,
+    move_step,
     save_history,
-    state_entry,
 )
 from broker.streams import Broker
 from coordinator.errors import ModelError
+from coordinator.recovery.policy import Policy
+from coordinator.recovery.session import Fail, Replay, Reroute, Restore, SessionFault, decide_session
 
 from .sampling import Sampling, choose_token
 
@@ -50,9 +50,6 @@ log = logging.getLogger(__name__)
 
 HISTORY_TTL_S = 3600  # how long a session's token history stays in Redis after its last token
 
-REPLAYABLE = frozenset(
-    {FailureKind.BROWSER_LOST, FailureKind.TIMEOUT, FailureKind.UNAVAILABLE, FailureKind.WORKER_LOST}
-)
 
 
 class GenerationError(ModelError):
@@ -72,16 +69,17 @@ class SessionRoute:
     workers: tuple[str, ...] = ()  # per stage: the holder's worker id (watched for liveness when given)
 
 
-class Rerouter(Protocol):
-    """Picks new holders for a session whose holder of ``stage`` was lost (or keeps the route)."""
+class Holders(Protocol):
+    """What the driver needs of the deployment to recover a session: which holders live, which workers could
+    take a stage over, and the route with one that did (``take_over``; None: none could)."""
 
-    async def __call__(self, route: SessionRoute, stage: int) -> SessionRoute: ...
+    async def alive(self, worker_ids: Sequence[str]) -> set[str]: ...
 
+    async def candidates(self, route: SessionRoute, stage: int) -> tuple[bool, bool]:
+        """(a live worker other than the holder already serves the stage, a live spare could be given it)."""
+        ...
 
-class Liveness(Protocol):
-    """Which of ``worker_ids`` are alive now (heartbeats in the registry)."""
-
-    async def __call__(self, worker_ids: Sequence[str]) -> set[str]: ...
+    async def take_over(self, route: SessionRoute, stage: int, redistribute: bool) -> SessionRoute | None: ...
 
 
 class LogitsRule(Protocol):
@@ -103,23 +101,24 @@ class Conditioning:
 
 
 @dataclass(frozen=True, slots=True)
-class Replay:
-    """A session step that lost a stage's cache and was replayed (what the recovery event records)."""
+class Recovery:
+    """What a session did about a lost cache (what its recovery event records): the step, the stage, the holder
+    it lost, why, and the action (``coordinator.recovery.session``, or a worker's own restore)."""
 
     step: int
     stage: int
     worker_id: str
-    failure: str
+    failure: FailureKind
     error: str
     duration_ms: float = 0.0
-    action: str = "replay"  # or "restore": the holder's worker put its copy of the cache into a new page
+    action: RecoveryAction = RecoveryAction.REPLAY
 
 
 @dataclass
 class SessionLog:
     """What happened in one session: its replays (why, at which step) and the last step's traces."""
 
-    replays: list[Replay] = field(default_factory=list)
+    replays: list[Recovery] = field(default_factory=list)
     traces: list[StageTrace] = field(default_factory=list)
     kernel_ms: dict[int, float] = field(default_factory=dict)  # per shard, all steps
     step_kernel_ms: list[float] = field(default_factory=list)  # per step that succeeded: all shards' kernels
@@ -135,23 +134,23 @@ class GenerationSession:
         route: SessionRoute,
         session_id: str = "",
         step_timeout_s: float = 120.0,
-        max_replays: int = 3,
-        reroute: Rerouter | None = None,
-        alive: Liveness | None = None,
+        policy: Policy | None = None,
+        holders: Holders | None = None,
     ) -> None:
         self.broker = broker
         self.route = route
         self.session_id = session_id or uuid.uuid4().hex
         self.reply_stream = broker.keys.reply(f"session-{self.session_id}")
         self.step_timeout_s = step_timeout_s
-        self.max_replays = max_replays
+        self.policy = policy or Policy()
         self.log = SessionLog()
-        self.reroute = reroute
+        self.holders = holders
         self.history_ttl_s = HISTORY_TTL_S
-        self.alive = alive
         self._last_id = "0"
         self._sent = 0
         self._conditioning = Conditioning()
+        self._taken: dict[int, str] = {}  # stage -> the lost holder's stream its new holder takes steps from
+        self._restore_stage = -1  # the stage whose new holder restores its cache at the next step through it
 
     async def tokens(
         self,
@@ -203,51 +202,136 @@ class GenerationSession:
         await self.broker.delete(self.broker.keys.session(self.session_id))
 
     async def _step_or_replay(self, fed: list[int], pending: list[int]) -> np.ndarray:
-        """The logits of ``pending``'s positions ([positions, vocab]); a lost cache is rebuilt from ``fed`` first."""
-        replays, fresh, lost_at = 0, not fed, 0.0
+        """The logits of ``pending``'s positions ([positions, vocab]); a lost cache is recovered as
+        ``recovery.session.decide_session`` says (a restore, a replay of ``fed`` first, a reroute)."""
+        fresh, lost_at = not fed, 0.0
+        resend = True
         while True:
             history = [] if fresh else fed
-            reply = await self._step(history, pending if not fresh else [*fed, *pending], fresh)
-            if isinstance(reply, SessionResult):
+            reply = await self._step(history, pending if not fresh else [*fed, *pending], fresh, resend)
+            if isinstance(reply, StageResult):
                 if lost_at:
                     last = self.log.replays[-1]
                     self.log.replays[-1] = dataclasses.replace(last, duration_ms=now_ms() - lost_at)
-                self.log.steps += 1
-                self.log.traces = list(reply.trace)
-                self.log.step_kernel_ms.append(sum(t.kernel_ms for t in reply.trace))
-                self.log.replays += [  # a holder's worker restored its page's cache from its copy (no replay)
-                    Replay(
-                        self.log.steps - 1,
-                        t.shard_index,
-                        t.worker_id,
-                        FailureKind.BROWSER_LOST.value,
-                        t.recovered,
-                        t.recovery_ms,
-                        "restore",
-                    )
-                    for t in reply.trace
-                    if t.recovered
-                ]
-                for t in reply.trace:
-                    self.log.kernel_ms[t.shard_index] = self.log.kernel_ms.get(t.shard_index, 0.0) + t.kernel_ms
+                self._record(reply)
                 return np.asarray(reply.tensors[self.route.logits_name])[0]
-            replayable = reply.refusal == SessionRefusal.MISSING or FailureKind.parse(reply.kind) in REPLAYABLE
-            if not replayable or replays >= self.max_replays:
-                raise GenerationError(f"session {self.session_id} step {self.log.steps}: {reply.error}")
-            replays, fresh, lost_at = replays + 1, True, lost_at or now_ms()
-            self.log.replays.append(Replay(self.log.steps, reply.stage_index, reply.worker_id, reply.kind, reply.error))
-            log.warning(
-                "session %s: stage %d lost its cache on %s (%s); replaying %d tokens",
-                self.session_id,
-                reply.stage_index,
-                reply.worker_id,
-                reply.error,
-                len(fed) + len(pending),
+            lost_at = lost_at or now_ms()
+            decision = decide_session(await self._fault(reply), self.policy)
+            action = {Restore: RecoveryAction.RESTORE, Replay: RecoveryAction.REPLAY, Reroute: RecoveryAction.REPLAY}
+            kind = FailureKind.parse(reply.kind)
+            self.log.replays.append(
+                Recovery(
+                    self.log.steps,
+                    reply.stage_index,
+                    reply.worker_id,
+                    kind,
+                    reply.error,
+                    action=action.get(type(decision), RecoveryAction.FAIL),
+                )
             )
-            if self.reroute is not None:
-                self.route = await self.reroute(self.route, reply.stage_index)
+            log.warning("session %s step %d: %s", self.session_id, self.log.steps, decision)
+            if isinstance(decision, Fail):
+                raise GenerationError(f"session {self.session_id} step {self.log.steps}: {decision.reason}")
+            if isinstance(decision, Restore | Reroute):
+                await self._take_over(decision.stage, decision.redistribute)
+            if isinstance(decision, Restore) and reply.tensors:  # the step came back: on from the failed stage
+                await self._resend_at(reply)
+            fresh, resend = isinstance(decision, Replay | Reroute) or fresh, not isinstance(decision, Restore)
 
-    async def _step(self, history: list[int], new: list[int], fresh: bool) -> SessionResult | SessionFailure:
+    def _record(self, reply: StageResult) -> None:
+        """A step done: its traces, kernel times, and any restore a holder's worker made on its own."""
+        self.log.steps += 1
+        self.log.traces = list(reply.trace)
+        self.log.step_kernel_ms.append(sum(t.kernel_ms for t in reply.trace))
+        self.log.replays += [
+            Recovery(
+                self.log.steps - 1,
+                t.shard_index,
+                t.worker_id,
+                FailureKind.BROWSER_LOST,
+                t.recovered,
+                t.recovery_ms,
+                RecoveryAction.RESTORE,
+            )
+            for t in reply.trace
+            if t.recovered
+        ]
+        if any(t.shard_index == self._restore_stage and t.recovered for t in reply.trace):
+            self._restore_stage = -1  # the new holder has the cache now
+        for t in reply.trace:
+            self.log.kernel_ms[t.shard_index] = self.log.kernel_ms.get(t.shard_index, 0.0) + t.kernel_ms
+
+    async def _fault(self, reply: StageFailure) -> SessionFault:
+        """The failure as ``decide_session`` weighs it: is the holder alive, is there a copy, who could help."""
+        stage = reply.stage_index
+        worker = self.route.workers[stage] if stage < len(self.route.workers) else reply.worker_id
+        alive = self.holders is None or worker in await self.holders.alive([worker])
+        replica, spare = await self.holders.candidates(self.route, stage) if self.holders else (False, False)
+        copied = await copied_step(self.broker, self.session_id, stage)
+        return SessionFault(
+            stage=stage,
+            kind=FailureKind.parse(reply.kind),
+            error=reply.error,
+            holder_alive=alive,
+            refused=reply.refusal == SessionRefusal.LIMIT,
+            mirrored=copied is not None and copied in (self.log.steps - 1, self.log.steps),
+            replica=replica,
+            spare=spare,
+            recoveries=sum(r.action is not RecoveryAction.RESTORE for r in self.log.replays),
+        )
+
+    async def _take_over(self, stage: int, redistribute: bool) -> None:
+        """Give ``stage`` a new holder; steps stuck in the lost holder's stream are moved to it (``_chase``)."""
+        assert self.holders is not None
+        old = self.route.holders[stage]
+        route = await self.holders.take_over(self.route, stage, redistribute)
+        if route is None:
+            raise GenerationError(f"session {self.session_id}: no worker could take stage {stage} over")
+        self.route, self._taken[stage], self._restore_stage = route, old, stage
+
+    async def _chase(self, step: int) -> None:
+        """Send this step's hops that reached a lost holder's stream on to its stage's new holder, to restore
+        the stage's cache from its copy in Redis there."""
+        for stage, old in list(self._taken.items()):
+            for d in await self.broker.range_entries(old, 64):
+                hop = d.message
+                if not isinstance(hop, StageHop) or (hop.session_id, hop.step) != (self.session_id, step):
+                    continue
+                self._sent += 1
+                moved = dataclasses.replace(
+                    hop, route=self.route.holders, attempt=self._sent, restore_stage=stage, enqueued_ms=now_ms()
+                )
+                await move_step(self.broker, old, d.entry_id, self.route.holders[stage], moved)
+                log.warning("session %s step %d: moved to the new holder of stage %d", self.session_id, step, stage)
+
+    async def _resend_at(self, failure: StageFailure) -> None:
+        """The step again from the stage that failed, with the inputs it was given, to the stage's new holder,
+        which restores the cache first (the stages before it already ran this step)."""
+        r, stage = self.route, failure.stage_index
+        self._sent += 1
+        hop = StageHop(
+            request_id=failure.request_id,
+            plan_id=r.plan_id,
+            stage_index=stage,
+            route=r.holders,
+            reply_stream=self.reply_stream,
+            tensors=dict(failure.tensors),
+            enqueued_ms=now_ms(),
+            attempt=self._sent,
+            trace=failure.trace,
+            session_id=self.session_id,
+            step=failure.step,
+            stages=r.stages,
+            states=tuple(s.as_entry() for s in r.slots),
+            restore_stage=stage,
+        )
+        await self.broker.add(r.holders[stage], hop)
+
+    async def _step(
+        self, history: list[int], new: list[int], fresh: bool, resend: bool = True
+    ) -> StageResult | StageFailure:
+        if not resend:  # a restore: the step in flight is moved on, not sent again
+            return await self._reply(self.log.steps)
         total = len(history) + len(new)
         feeds = {
             "input_ids": np.asarray([new], np.int64),
@@ -256,52 +340,66 @@ class GenerationSession:
             **self._conditioning.tensors(fresh),
         }
         r = self.route
-        step = SessionStep(
-            session_id=self.session_id,
-            step=self.log.steps,
+        step = StageHop(
+            request_id=f"{self.session_id}#{self.log.steps}",
             plan_id=r.plan_id,
             stage_index=0,
             route=r.holders,
-            stages=r.stages,
             reply_stream=self.reply_stream,
             tensors=feeds,
-            states=tuple(state_entry(s) for s in r.slots),
-            fresh=fresh,
             enqueued_ms=now_ms(),
             attempt=self._sent + 1,
+            session_id=self.session_id,
+            step=self.log.steps,
+            stages=r.stages,
+            states=tuple(s.as_entry() for s in r.slots),
+            fresh=fresh,
+            restore_stage=-1 if fresh else self._restore_stage,
         )
         self._sent += 1  # each send its own attempt: a late reply to an earlier one is never taken
-        await self.broker.add(r.holders[0], step)  # type: ignore[arg-type]
+        await self.broker.add(r.holders[0], step)
         return await self._reply(self.log.steps)
 
-    async def _reply(self, step: int) -> SessionResult | SessionFailure:
+    async def _reply(self, step: int) -> StageResult | StageFailure:
         """The step's reply; a holder that stops heartbeating meanwhile is a lost cache (``WORKER_LOST``)."""
         deadline = time.monotonic() + self.step_timeout_s
         while time.monotonic() < deadline:
             for d in await self.broker.read(self.reply_stream, self._last_id, count=16, block_ms=500):
                 self._last_id = d.entry_id
-                msg: Message | None = d.message  # type: ignore[assignment]
-                if isinstance(msg, SessionResult | SessionFailure) and (msg.step, msg.attempt) == (step, self._sent):
+                msg: Message | None = d.message
+                if isinstance(msg, StageResult | StageFailure) and (msg.step, msg.attempt) == (step, self._sent):
                     return msg
+            await self._chase(step)
             lost = await self._lost_holder()
             if lost is not None:
                 stage, worker = lost
                 error = f"worker {worker} holding stage {stage} stopped heartbeating"
                 r = self.route
-                return SessionFailure(self.session_id, step, r.plan_id, stage, worker, FailureKind.WORKER_LOST, error)
+                return StageFailure(
+                    f"{self.session_id}#{step}",
+                    r.plan_id,
+                    stage,
+                    worker,
+                    self._sent,
+                    FailureKind.WORKER_LOST,
+                    error,
+                    session_id=self.session_id,
+                    step=step,
+                )
         raise GenerationError(f"session {self.session_id} step {step}: no reply within {self.step_timeout_s}s")
 
     async def _lost_holder(self) -> tuple[int, str] | None:
         workers = self.route.workers
-        if self.alive is None or not workers:
+        if self.holders is None or not workers:
             return None
-        live = await self.alive(workers)
+        live = await self.holders.alive(workers)
         return next(((i, w) for i, w in enumerate(workers) if w not in live), None)
 
     async def close(self) -> None:
-        """Free the session's caches in every holder's page and drop its reply stream."""
+        """Free the session's caches in every holder's page and in Redis, and drop its reply stream."""
         for holder in dict.fromkeys(self.route.holders):
             await self.broker.add(holder, SessionEnd(self.session_id))  # type: ignore[arg-type]
+        await drop_cache_copies(self.broker, self.session_id, len(self.route.holders))
         await self.broker.delete(self.reply_stream)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from broker.errors import BrokerError
-from broker.messages import DagRequest, DeadLetter, RequestEvent, ShardJob, ShardResult
+from broker.messages import DagRequest, DeadLetter, RequestEvent, StageHop, StageResult
 from coordinator.planning.shardset import ShardSet
 from coordinator.runtime import results
 from coordinator.runtime.dag import run_dag
@@ -56,7 +56,7 @@ class RequestClient:
         self._rt = deployment.runtime
         self._dag = shards if shards is not None and not shards.plan.is_chain else None
         self.dag_parallel = True  # a DAG's independent segments at once; False: one after another (benchmarks)
-        self._resumed_dags: dict[str, asyncio.Future[ShardResult | DeadLetter]] = {}  # by resume(), by request id
+        self._resumed_dags: dict[str, asyncio.Future[StageResult | DeadLetter]] = {}  # by resume(), by request id
         self._spawn = deployment.spawn
         self.metrics = metrics
         self.labels = labels
@@ -68,7 +68,7 @@ class RequestClient:
             return await self._run_dag(self._dag, arrays, max_retries)
         rt = self._rt
         request_id = uuid.uuid4().hex
-        job = ShardJob(
+        job = StageHop(
             request_id=request_id,
             plan_id=rt.plan_id,
             stage_index=0,
@@ -100,18 +100,18 @@ class RequestClient:
 
     async def _drive_dag(
         self, shards: ShardSet, request: DagRequest, max_retries: int, resumed: bool
-    ) -> ShardResult | DeadLetter:
+    ) -> StageResult | DeadLetter:
         """Run the DAG's segments and record the request's outcome; ``resumed``: a segment the ledger knows
         (done, dead or in flight, from before a restart) is taken from there, not submitted again."""
         rt = self._rt
 
         async def submit(
             sub_id: str, tensors: dict[str, np.ndarray], first: int, route: tuple[str, ...]
-        ) -> ShardResult | DeadLetter:
+        ) -> StageResult | DeadLetter:
             rt.recoverer.max_attempts[sub_id] = max(0, max_retries) + 1
             if resumed and (known := await self._known(sub_id)) is not None:
                 return known
-            job = ShardJob(
+            job = StageHop(
                 request_id=sub_id,
                 plan_id=rt.plan_id,
                 stage_index=first,
@@ -125,20 +125,20 @@ class RequestClient:
         outputs = [o.name for o in shards.profile.outputs]
         rid = request.request_id
         outcome = await run_dag(shards.plan, rt.route, rid, request.tensors, outputs, submit, self.dag_parallel)
-        status = "done" if isinstance(outcome, ShardResult) else "dead"
+        status = "done" if isinstance(outcome, StageResult) else "dead"
         await rt.ledger.finish(rid, self.labels.coordinator_id, status, outcome)
         return outcome
 
-    async def _known(self, sub_id: str) -> ShardResult | DeadLetter | None:
+    async def _known(self, sub_id: str) -> StageResult | DeadLetter | None:
         """A sub-request's outcome as the ledger has it (waiting for it while in flight); None if unknown."""
         rt = self._rt
         fut = rt.tracker.watch(sub_id)  # before reading the state: a result may land in between
         state = await rt.ledger.state(sub_id)
-        if state is None or isinstance(state.result, ShardResult) or state.status == "dead":
+        if state is None or isinstance(state.result, StageResult) or state.status == "dead":
             rt.tracker.forget(sub_id)
         if state is None:
             return None
-        if isinstance(state.result, ShardResult):
+        if isinstance(state.result, StageResult):
             return state.result
         if state.status == "dead":
             return self._dead_before(sub_id, state.reason or "dead-lettered before the coordinator restarted")
@@ -190,7 +190,7 @@ class RequestClient:
             return self._finish(request_id, outcome, time.perf_counter())
         fut = tracker.watch(request_id)  # before reading the state: a result may land in between
         state = await ledger.state(request_id)
-        if state is not None and isinstance(state.result, ShardResult):
+        if state is not None and isinstance(state.result, StageResult):
             tracker.forget(request_id)
             return self._success(request_id, state.result, time.perf_counter(), 1)
         if state is None or state.status == "dead":
@@ -210,7 +210,7 @@ class RequestClient:
         for entry_id, dead, _ in await rt.ledger.dead_letters():
             if dead is None or (wanted is not None and entry_id not in wanted) or dead.route[:1] != rt.route[:1]:
                 continue
-            job = ShardJob(
+            job = StageHop(
                 request_id=dead.request_id,
                 plan_id=dead.plan_id,
                 stage_index=dead.stage_index,
@@ -230,17 +230,17 @@ class RequestClient:
     async def _outcome(self, request_id: str, fut: asyncio.Future[Any], started: float) -> dict[str, Any]:
         return self._finish(request_id, await self._wait(request_id, fut), started)
 
-    async def _wait(self, request_id: str, fut: asyncio.Future[Any]) -> ShardResult | DeadLetter:
+    async def _wait(self, request_id: str, fut: asyncio.Future[Any]) -> StageResult | DeadLetter:
         """The result or dead letter; a request past ``timeout_s`` is buried."""
         try:
-            outcome: ShardResult | DeadLetter = await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+            outcome: StageResult | DeadLetter = await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
             self._rt.tracker.forget(request_id)
             outcome = await self._bury_timed_out(request_id)
         return outcome
 
-    def _finish(self, request_id: str, outcome: ShardResult | DeadLetter, started: float) -> dict[str, Any]:
-        if isinstance(outcome, ShardResult):
+    def _finish(self, request_id: str, outcome: StageResult | DeadLetter, started: float) -> dict[str, Any]:
+        if isinstance(outcome, StageResult):
             return self._success(request_id, outcome, started, max((t.attempt for t in outcome.trace), default=1))
         latency_ms = (time.perf_counter() - started) * 1000.0
         error = results.dead_letter_error(outcome)
@@ -270,7 +270,7 @@ class RequestClient:
         rt.recoverer.finished(request_id, ok=False)
         return dead
 
-    def _success(self, request_id: str, reply: ShardResult, started: float, attempts: int) -> dict[str, Any]:
+    def _success(self, request_id: str, reply: StageResult, started: float, attempts: int) -> dict[str, Any]:
         latency_ms = (time.perf_counter() - started) * 1000.0
         for t in reply.trace:
             info = results.component_info(t, self.labels.shard_type)

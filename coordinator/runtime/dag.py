@@ -2,7 +2,7 @@
 
 A DAG plan is cut into *segments*: maximal chains of stages in which each stage's only upstream is the
 one before it (CLIP with 4 shards: text 0 -> text 1, vision 2, fusion 3). Each segment runs as a
-sub-request of its own (``<request id>-s<first stage>``), a ``ShardJob`` whose route ends at the
+sub-request of its own (``<request id>-s<first stage>``), a ``StageHop`` whose route ends at the
 segment's last stage, so the worker of that stage returns its outputs as the sub-request's result. Every
 sub-request goes through the ledger, the tracker and recovery exactly as a chain's request does, so a
 retry, reroute or redistribution covers every node of the DAG.
@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from broker.messages import DeadLetter, ShardResult
+from broker.messages import DeadLetter, StageResult
 from coordinator.planning.planner import Plan
 
 log = logging.getLogger(__name__)
 
 #: (sub-request id, tensors, first stage index, route up to the segment's last stage) -> its outcome
-SubmitSegment = Callable[[str, dict[str, np.ndarray], int, tuple[str, ...]], Awaitable[ShardResult | DeadLetter]]
+SubmitSegment = Callable[[str, dict[str, np.ndarray], int, tuple[str, ...]], Awaitable[StageResult | DeadLetter]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +77,15 @@ async def run_dag(
     output_names: Sequence[str],
     submit: SubmitSegment,
     parallel: bool = True,
-) -> ShardResult | DeadLetter:
+) -> StageResult | DeadLetter:
     """Run every segment, each as soon as its upstream segments are done; the merged result (the graph's
     outputs, wherever they were produced, and every stage's trace) or the first dead letter.
 
     Not ``parallel``: each segment waits for the one before it too (the towers one after another, as
     ``benchmarks/component_dag.py`` compares)."""
-    tasks: dict[int, asyncio.Task[ShardResult]] = {}
+    tasks: dict[int, asyncio.Task[StageResult]] = {}
 
-    async def segment(seg: Segment) -> ShardResult:
+    async def segment(seg: Segment) -> StageResult:
         parts = [await tasks[u] for u in seg.upstream]  # the join: every upstream segment's result
         tensors = dict(arrays)
         for part in parts:
@@ -111,4 +111,4 @@ async def run_dag(
         return e.dead
     merged = {n: t for r in done for n, t in r.tensors.items() if n in output_names}
     trace = tuple(sorted((t for r in done for t in r.trace), key=lambda t: t.shard_index))
-    return ShardResult(request_id, plan.plan_id, merged, trace, max(r.attempt for r in done))
+    return StageResult(request_id, plan.plan_id, merged, trace, max(r.attempt for r in done))

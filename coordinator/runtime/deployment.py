@@ -30,7 +30,7 @@ from broker.clock import now_ms
 from broker.embedded import EmbeddedValkey
 from broker.errors import BrokerError
 from broker.ledger import Ledger
-from broker.messages import Release, ShardResult
+from broker.messages import Release, StageResult
 from broker.registry import WorkerInfo
 from broker.retry import poll
 from broker.streams import Broker
@@ -305,7 +305,7 @@ class Deployment:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _on_result(self, msg: ShardResult, entry: Entry) -> None:
+    async def _on_result(self, msg: StageResult, entry: Entry) -> None:
         rt = self.runtime
         for t in msg.trace:
             self.fleet.record(t.worker_id, t.execution_provider, ok=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from broker.errors import BrokerUnavailable
 from broker.keys import REPLY_GROUP
-from broker.messages import Assignment, AssignmentReply, ShardFailure, ShardResult
+from broker.messages import Assignment, AssignmentReply, StageFailure, StageResult
 from broker.retry import Stopped, poll, retrying
 from broker.streams import Broker
 
@@ -24,8 +24,8 @@ READ_BLOCK_MS = 500
 READ_COUNT = 64
 
 Entry = tuple[str, str]  # (stream, entry id)
-OnResult = Callable[[ShardResult, Entry], Awaitable[None]]
-OnFailure = Callable[[ShardFailure, Entry], Awaitable[None]]
+OnResult = Callable[[StageResult, Entry], Awaitable[None]]
+OnFailure = Callable[[StageFailure, Entry], Awaitable[None]]
 
 
 class Dispatcher:
@@ -64,7 +64,7 @@ class Dispatcher:
         await self.broker.add(self.broker.keys.control(worker_id), a)
         return fut
 
-    async def _recover(self, msg: ShardFailure, entry: Entry) -> None:
+    async def _recover(self, msg: StageFailure, entry: Entry) -> None:
         try:
             await self._on_failure(msg, entry)
         except Exception:
@@ -99,10 +99,10 @@ class Dispatcher:
                 self._reread_pending = True
 
     async def _handle(self, msg: Any, entry: Entry, error: str | None) -> None:
-        if isinstance(msg, ShardResult):
+        if isinstance(msg, StageResult):
             await asyncio.shield(self._on_result(msg, entry))
             return
-        if isinstance(msg, ShardFailure):
+        if isinstance(msg, StageFailure):
             # recovery may wait on replies read by this very loop (redistribution): run it beside the loop
             task = asyncio.get_running_loop().create_task(self._recover(msg, entry))
             self._recoveries.add(task)

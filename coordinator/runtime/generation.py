@@ -23,7 +23,7 @@ from broker.clock import now_ms
 from broker.messages import RecoveryEvent
 from coordinator.errors import InputError
 from coordinator.generation.sampling import Sampling
-from coordinator.generation.session import Conditioning, GenerationSession, Replay, SessionRoute, slots_of
+from coordinator.generation.session import Conditioning, GenerationSession, Recovery, SessionRoute, slots_of
 from coordinator.model.resolve import ResolvedModel
 from coordinator.planning.shardset import ShardSet
 from coordinator.runtime.deployment import Deployment
@@ -130,36 +130,44 @@ class GenerationClient:
             self.shards.plan.plan_id, dep.route, holders, slots_of(self.shards.plan.stages), "logits", workers
         )
 
-    async def _alive(self, worker_ids: Sequence[str]) -> set[str]:
+    async def alive(self, worker_ids: Sequence[str]) -> set[str]:
         live = await self.deployment.live_workers()
         return {w.worker_id for w in live} & set(worker_ids)
 
-    async def _reroute(self, route: SessionRoute, stage: int) -> SessionRoute:
-        """A live worker serving ``stage`` instead of a lost holder (the same one while it is alive); with
-        none, a live worker is assigned the stage (redistribution) first."""
+    async def candidates(self, route: SessionRoute, stage: int) -> tuple[bool, bool]:
+        """Whether a live worker other than the holder serves ``stage``, and whether a live spare could."""
+        replicas = await self._replicas(route, stage)
+        return bool(replicas), bool(await self._spares(route))
+
+    async def take_over(self, route: SessionRoute, stage: int, redistribute: bool) -> SessionRoute | None:
+        """``route`` with ``stage`` held by a live worker already serving it, or (``redistribute``) by a spare
+        given the stage first; None when there is none."""
         dep = self.deployment
         assert dep.broker is not None
-        if route.workers[stage] in await self._alive(route.workers[stage : stage + 1]):
-            return route
-        live = await self._alive(dep.fleet.serving.get(stage, []))
-        if not live:
-            known = await dep.live_workers()
-            for spare in sorted(w.worker_id for w in known if w.worker_id not in route.workers):
+        chosen = next(iter(sorted(await self._replicas(route, stage))), None)
+        if chosen is None and redistribute:
+            for spare in await self._spares(route):
                 if await dep.assign_stage(stage, spare):
-                    live = {spare}
+                    chosen = spare
                     break
-        if not live:
-            return route
-        new = sorted(live)[0]
-        workers = tuple(new if i == stage else w for i, w in enumerate(route.workers))
+        if chosen is None:
+            return None
+        workers = tuple(chosen if i == stage else w for i, w in enumerate(route.workers))
         holders = tuple(dep.broker.keys.direct(w) for w in workers)
         return SessionRoute(route.plan_id, route.stages, holders, route.slots, route.logits_name, workers)
+
+    async def _replicas(self, route: SessionRoute, stage: int) -> set[str]:
+        return await self.alive([w for w in self.deployment.fleet.serving.get(stage, []) if w != route.workers[stage]])
+
+    async def _spares(self, route: SessionRoute) -> list[str]:
+        known = await self.deployment.live_workers()
+        return sorted(w.worker_id for w in known if w.worker_id not in route.workers)
 
     async def score(self, prompt_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits at every position of ``prompt_ids`` ([positions, vocab])."""
         dep = self.deployment
         assert dep.broker is not None
-        session = GenerationSession(dep.broker, self.route(), uuid.uuid4().hex, self.timeout_s, alive=self._alive)
+        session = GenerationSession(dep.broker, self.route(), uuid.uuid4().hex, self.timeout_s, dep.policy, self)
         try:
             return await session.score(prompt_ids)
         finally:
@@ -177,9 +185,7 @@ class GenerationClient:
         the result. ``conditioning``: feeds besides the tokens (an encoder's output) and a logits rule."""
         dep = self.deployment
         assert dep.broker is not None
-        session = GenerationSession(
-            dep.broker, self.route(), uuid.uuid4().hex, self.timeout_s, reroute=self._reroute, alive=self._alive
-        )
+        session = GenerationSession(dep.broker, self.route(), uuid.uuid4().hex, self.timeout_s, dep.policy, self)
         started, first_ms, new, text = time.perf_counter(), 0.0, [], ""
         try:
             eos = self.tokenizer.eos_token_id
@@ -231,7 +237,7 @@ class GenerationClient:
             "recovery_events": events,
         }
 
-    async def _record(self, session_id: str, r: Replay) -> dict[str, Any]:
+    async def _record(self, session_id: str, r: Recovery) -> dict[str, Any]:
         """A replay (or a restore) as a recovery event: in the live metrics and on the events stream (so in DuckDB)."""
         dep = self.deployment
         assert dep.broker is not None

@@ -18,11 +18,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from broker.keys import STAGE_GROUP
-from broker.kinds import FailureKind
-from broker.messages import ShardJob
+from broker.kinds import FailureKind, RecoveryAction
+from broker.messages import StageHop
 from broker.retry import Stopped, poll, retrying
 from broker.streams import Broker
-from coordinator.recovery import Rung, decide_orphan
+from coordinator.recovery import decide_orphan
 from coordinator.runtime.fleet import Fleet
 from coordinator.runtime.liveness import Liveness
 from coordinator.runtime.recoverer import Recoverer
@@ -100,7 +100,7 @@ class Monitor:
         log.warning("worker %s: %s; reclaiming its jobs", worker_id, why)
         for stream in self._streams_of(worker_id):
             for d, deliveries in await self.broker.claim_from(stream, STAGE_GROUP, worker_id, self.recoverer.claimer):
-                if isinstance(d.message, ShardJob):
+                if isinstance(d.message, StageHop):
                     log.warning(
                         "request %s stage %d: claimed from %s (delivery %d)",
                         d.message.request_id,
@@ -114,7 +114,7 @@ class Monitor:
         # jobs routed to this worker alone (retries) that it never read: it was their only reader
         direct = self.broker.keys.direct(worker_id)
         for d in await self.broker.read_group(STAGE_GROUP, self.recoverer.claimer, [direct], count=1000, block_ms=None):
-            if isinstance(d.message, ShardJob):
+            if isinstance(d.message, StageHop):
                 log.warning(
                     "request %s stage %d: unread on lost %s; recovering",
                     d.message.request_id,
@@ -140,7 +140,7 @@ class Monitor:
                     break
             if not plan.tries:
                 log.error("%s", plan.reason)
-            action = Rung.REDISTRIBUTE.name.lower()
+            action = RecoveryAction.REDISTRIBUTE
             self.recoverer.note(index, plan.lost_worker, FailureKind.WORKER_LOST, action, ok, started, plan.reason)
 
     async def _sweep(self) -> None:
@@ -149,7 +149,7 @@ class Monitor:
         )
         for stream in streams:
             for d in await self.broker.claim_stale(stream, STAGE_GROUP, self.recoverer.claimer, self.min_idle_ms):
-                if isinstance(d.message, ShardJob):
+                if isinstance(d.message, StageHop):
                     await self.recoverer.on_claimed(d.stream, d.entry_id, d.message, FailureKind.TIMEOUT, "")
                 else:
                     await self.broker.ack(d.stream, STAGE_GROUP, d.entry_id)

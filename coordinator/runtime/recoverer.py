@@ -1,6 +1,6 @@
 """Carrying out recovery: the one place where failed stages are tried again.
 
-A failure reaches it two ways: a worker hands a job back (``ShardFailure`` on the reply stream:
+A failure reaches it two ways: a worker hands a job back (``StageFailure`` on the reply stream:
 kernel error, lost browser, timeout), or the monitor claims a job from a worker that died or hung
 (XCLAIM into this coordinator's recovery consumer). Either way the pure ``Policy.decide`` picks the
 rung; this module gathers the options, acts (re-enqueue, restart, reroute, change platform, load the
@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from broker.keys import STAGE_GROUP
-from broker.kinds import FailureKind
+from broker.kinds import FailureKind, RecoveryAction
 from broker.ledger import Ledger
 from broker.messages import DeadLetter as DeadLetterMessage
-from broker.messages import RecoveryEvent, Restart, ShardFailure, ShardJob
+from broker.messages import RecoveryEvent, Restart, StageFailure, StageHop
 from broker.streams import Broker
 from coordinator.recovery import (
     ChangePlatform,
@@ -48,8 +48,8 @@ Assign = Callable[[int, str], Awaitable[bool]]
 
 @dataclass
 class OpenRecovery:
-    failure: str
-    action: str
+    failure: FailureKind
+    action: RecoveryAction
     worker_id: str
     browser: str
     platform: str
@@ -93,9 +93,9 @@ class Recoverer:
 
     # -- entry points ----------------------------------------------------------------------------
 
-    async def on_failure(self, f: ShardFailure, entry: tuple[str, str]) -> None:
+    async def on_failure(self, f: StageFailure, entry: tuple[str, str]) -> None:
         """A worker handed a job back (reply stream)."""
-        job = ShardJob(
+        job = StageHop(
             request_id=f.request_id,
             plan_id=f.plan_id,
             stage_index=f.stage_index,
@@ -124,13 +124,20 @@ class Recoverer:
             log.error("request %s: failure without a route cannot be recovered: %s", f.request_id, f.error)
         await self.broker.ack(entry[0], "coordinator", entry[1])
 
-    async def on_claimed(self, stream: str, entry_id: str, job: ShardJob, kind: str, worker_id: str) -> None:
+    async def on_claimed(self, stream: str, entry_id: str, job: StageHop, kind: str, worker_id: str) -> None:
         """The monitor claimed a job held by a worker that died or hung."""
         platform = self.fleet.provider(worker_id)
         await self.recover(job, kind, worker_id, platform, f"worker {worker_id} {kind}", (stream, entry_id))
 
     def note(
-        self, shard_index: int, worker_id: str, failure: str, action: str, ok: bool, started_s: float, error: str
+        self,
+        shard_index: int,
+        worker_id: str,
+        failure: FailureKind,
+        action: RecoveryAction,
+        ok: bool,
+        started_s: float,
+        error: str,
     ) -> None:
         """Record a recovery that belongs to no single request (a stage left without a worker)."""
         rec = OpenRecovery(
@@ -157,7 +164,7 @@ class Recoverer:
     # -- the decision and the action ---------------------------------------------------------------
 
     async def recover(
-        self, job: ShardJob, kind: str, worker_id: str, platform: str, error: str, src: tuple[str, str] | None
+        self, job: StageHop, kind: str, worker_id: str, platform: str, error: str, src: tuple[str, str] | None
     ) -> None:
         stage = job.stage_index
         browser = self.fleet.browser(worker_id)
@@ -177,8 +184,9 @@ class Recoverer:
         history = self._histories.get((job.request_id, stage), StageHistory())
         decision = self.policy.decide(failure, history, self._options(stage, worker_id), self._rng)
         started = time.monotonic()
+        action = RecoveryAction(decision.rung.name.lower())
         rec = OpenRecovery(
-            kind, decision.rung.name.lower(), worker_id, browser, platform, stage, error, started, time.time() * 1000.0
+            FailureKind.parse(kind), action, worker_id, browser, platform, stage, error, started, time.time() * 1000.0
         )
         self._open.setdefault(job.request_id, []).append(rec)
         log.warning("request %s stage %d: %s on %s -> %s", job.request_id, stage, kind, worker_id or "?", decision)
@@ -190,7 +198,7 @@ class Recoverer:
         if dst is None:
             await self._bury(job, f"recovery could not act on {decision}", error, history, src)
             return
-        retry = ShardJob(
+        retry = StageHop(
             request_id=job.request_id,
             plan_id=job.plan_id,
             stage_index=stage,
@@ -212,7 +220,7 @@ class Recoverer:
             if twin != dst:
                 await self.broker.add(twin, retry)
 
-    async def _act(self, decision: Decision, job: ShardJob) -> tuple[str | None, str]:
+    async def _act(self, decision: Decision, job: StageHop) -> tuple[str | None, str]:
         keys = self.broker.keys
         if isinstance(decision, Retry):
             await asyncio.sleep(decision.delay_s)
@@ -245,7 +253,7 @@ class Recoverer:
         )
 
     async def _bury(
-        self, job: ShardJob, reason: str, error: str, history: StageHistory, src: tuple[str, str] | None
+        self, job: StageHop, reason: str, error: str, history: StageHistory, src: tuple[str, str] | None
     ) -> None:
         dead = DeadLetterMessage(
             request_id=job.request_id,

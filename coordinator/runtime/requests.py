@@ -9,7 +9,7 @@ from collections import Counter
 
 from broker.errors import BrokerUnavailable
 from broker.ledger import Ledger
-from broker.messages import DeadLetter, ShardJob, ShardResult
+from broker.messages import DeadLetter, StageHop, StageResult
 from broker.retry import retrying
 from coordinator.runtime.dispatch import Entry
 
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 SUBMIT_DEADLINE_S = 30.0
 
-Outcome = ShardResult | DeadLetter
+Outcome = StageResult | DeadLetter
 
 
 class RequestTracker:
@@ -37,7 +37,7 @@ class RequestTracker:
     def forget(self, request_id: str) -> None:
         self._futures.pop(request_id, None)
 
-    async def submit(self, job: ShardJob) -> asyncio.Future[Outcome]:
+    async def submit(self, job: StageHop) -> asyncio.Future[Outcome]:
         """Accept the request (one MULTI); rides out a broker outage for up to ``SUBMIT_DEADLINE_S``."""
         fut = self.watch(job.request_id)
         try:
@@ -51,7 +51,7 @@ class RequestTracker:
             raise
         return fut
 
-    async def on_result(self, msg: ShardResult, entry: Entry) -> None:
+    async def on_result(self, msg: StageResult, entry: Entry) -> None:
         self.deliveries[msg.request_id] += 1
         await self.ledger.finish(msg.request_id, self.coordinator_id, "done", msg, entry)
         fut = self._futures.pop(msg.request_id, None)

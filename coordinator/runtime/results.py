@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.messages import DeadLetter, ShardResult, StageTrace
+from broker.messages import DeadLetter, StageResult, StageTrace
 from coordinator.model.modality import cosine_similarity
 
 
@@ -60,7 +60,7 @@ def kernel_ms(trace: Sequence[StageTrace]) -> float:
     return sum(t.kernel_ms for t in trace)
 
 
-def success(request_id: str, reply: ShardResult, latency_ms: float, attempts: int, num_shards: int) -> dict[str, Any]:
+def success(request_id: str, reply: StageResult, latency_ms: float, attempts: int, num_shards: int) -> dict[str, Any]:
     components = component_results(reply.trace)
     kernel = kernel_ms(reply.trace)
     result = {name: np.array(arr) for name, arr in reply.tensors.items()}

@@ -25,7 +25,7 @@ from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
 
 from broker.ledger import Ledger
-from broker.messages import ShardResult
+from broker.messages import StageResult
 from broker.retry import sleep_unless_stopped
 from broker.streams import Broker
 from coordinator.manager import ModelShardingManager
@@ -110,7 +110,7 @@ class JobView:
 async def _replayed(broker: Broker, job_id: str, failure: DeadLettered) -> JobView:
     """A dead-lettered job seen through the ledger: replayed since (complete, or still running) or not."""
     state = await Ledger(broker).state(failure.request_id) if failure.request_id else None
-    if state is not None and isinstance(state.result, ShardResult):
+    if state is not None and isinstance(state.result, StageResult):
         metrics = {"request_id": failure.request_id, "replayed": True, "attempts": state.result.attempt}
         return JobView(job_id, "complete", dict(state.result.tensors), metrics)
     if state is not None and state.status == "pending":
