@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from .codec import unpack
-from .keys import MESSAGE_FIELD
+from .keys import MESSAGE_FIELD, STAGE_GROUP
 from .messages import Message, encode
 from .wire import register
 
@@ -137,4 +137,5 @@ async def move_step(broker: Broker, stream: str, entry_id: str, dst: str, hop: M
     (a step stuck in a lost holder's stream, sent on to the worker that took its stage over)."""
     async with broker.transaction("move session step") as tx:
         tx.pipe.xadd(dst, {MESSAGE_FIELD: encode(hop)})
+        tx.pipe.xack(stream, STAGE_GROUP, entry_id)
         tx.pipe.xdel(stream, entry_id)

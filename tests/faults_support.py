@@ -78,7 +78,11 @@ def start_xshard_worker(url: str, browser: str, namespace: str, cache_dir: Path,
     cmd += ["--namespace", namespace, "--cache-dir", str(cache_dir), "--worker-id", worker_id]
     cmd += ["--log-level", "WARNING", "--allow-fault-injection"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    logs = os.environ.get("XSHARD_TEST_LOG_DIR")  # set it to keep each worker's log there (when debugging)
+    if not logs:
+        return Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    with open(Path(logs) / f"{worker_id}.log", "ab") as out:
+        return Popen(cmd, stdout=out, stderr=out, env=env)
 
 
 def stop_processes(procs: Iterable[Popen[bytes]], timeout_s: float = 15.0) -> None:

@@ -234,6 +234,9 @@ class GenerationSession:
                 raise GenerationError(f"session {self.session_id} step {self.log.steps}: {decision.reason}")
             if isinstance(decision, Restore | Reroute):
                 await self._take_over(decision.stage, decision.redistribute)
+            if not isinstance(decision, Restore):  # a replay from the prompt: nothing to restore or to chase
+                self._taken.clear()
+                self._restore_stage = -1
             if isinstance(decision, Restore) and reply.tensors:  # the step came back: on from the failed stage
                 await self._resend_at(reply)
             fresh, resend = isinstance(decision, Replay | Reroute) or fresh, not isinstance(decision, Restore)

@@ -96,10 +96,14 @@ class Monitor:
         return [self.route[i] for i in self.fleet.stages_of(worker_id)] + [self.broker.keys.direct(worker_id)]
 
     async def _reclaim(self, worker_id: str, kind: str) -> None:
+        """A lost worker's jobs go to the recovery policy; a generation session's hops are left in the stream
+        for their session, whose own decision (``recovery.session``) moves them to the stage's new holder."""
         why = self._why.get(worker_id) or f"heartbeat lapsed (> {self.fleet.heartbeat_timeout_ms} ms)"
         log.warning("worker %s: %s; reclaiming its jobs", worker_id, why)
         for stream in self._streams_of(worker_id):
             for d, deliveries in await self.broker.claim_from(stream, STAGE_GROUP, worker_id, self.recoverer.claimer):
+                if _of_a_session(d.message):
+                    continue
                 if isinstance(d.message, StageHop):
                     log.warning(
                         "request %s stage %d: claimed from %s (delivery %d)",
@@ -114,6 +118,8 @@ class Monitor:
         # jobs routed to this worker alone (retries) that it never read: it was their only reader
         direct = self.broker.keys.direct(worker_id)
         for d in await self.broker.read_group(STAGE_GROUP, self.recoverer.claimer, [direct], count=1000, block_ms=None):
+            if _of_a_session(d.message):
+                continue
             if isinstance(d.message, StageHop):
                 log.warning(
                     "request %s stage %d: unread on lost %s; recovering",
@@ -149,7 +155,14 @@ class Monitor:
         )
         for stream in streams:
             for d in await self.broker.claim_stale(stream, STAGE_GROUP, self.recoverer.claimer, self.min_idle_ms):
+                if _of_a_session(d.message):
+                    continue
                 if isinstance(d.message, StageHop):
                     await self.recoverer.on_claimed(d.stream, d.entry_id, d.message, FailureKind.TIMEOUT, "")
                 else:
                     await self.broker.ack(d.stream, STAGE_GROUP, d.entry_id)
+
+
+def _of_a_session(msg: object) -> bool:
+    """A generation session's hop: its session decides its recovery (and moves it), not the job policy."""
+    return isinstance(msg, StageHop) and msg.is_session
