@@ -8,7 +8,19 @@ import pytest
 
 from broker.codec import TENSOR_EXT, Limits, pack, unpack
 from broker.errors import MessageError, SchemaError, TensorError
-from broker.messages import SCHEMA_VERSION, StageHop, StageResult, decode, decode_as, encode
+from broker.kinds import FailureKind, RecoveryAction
+from broker.messages import (
+    SCHEMA_VERSION,
+    RecoveryEvent,
+    StageFailure,
+    StageFault,
+    StageHop,
+    StageResult,
+    StateSlot,
+    decode,
+    decode_as,
+    encode,
+)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"])
@@ -36,6 +48,44 @@ def test_job_message_round_trip() -> None:
     back = decode_as(encode(job), StageHop)
     assert back.route == ("a", "b") and back.attempt == 2
     np.testing.assert_array_equal(back.tensors["x"], job.tensors["x"])
+
+
+def test_a_session_step_is_the_same_hop_with_its_session_fields() -> None:
+    slot = StateSlot(1, "past_key_values.0.key", "present.0.key", "float32", (1, 4, 0, 8))
+    hop = StageHop(
+        "s#3", "p", 0, ("a", "b"), "reply", {"input_ids": np.ones((1, 1), np.int64)}, 1.0, attempt=5,
+        session_id="s", step=3, stages=("a", "b"), states=(slot.as_entry(),), restore_stage=1,
+    )  # fmt: skip
+    back = decode_as(encode(hop), StageHop)
+    assert back.is_session and not back.restoring and back.slots(1) == (slot,) and back.slots(0) == ()
+    onward = back.onward(1, {"h": np.zeros((1, 1, 8), np.float32)}, (), 2.0)
+    assert onward.restoring and onward.attempt == 5 and onward.step == 3  # a session's attempt is kept
+    job = StageHop("r", "p", 0, ("a", "b"), "reply", {}, 1.0, attempt=3)
+    assert not job.is_session and job.onward(1, {}, (), 2.0).attempt == 1  # a job's next stage: its first try
+    result = onward.result({"logits": np.zeros((1, 1, 4), np.float32)}, ())
+    assert (result.session_id, result.step, result.attempt) == ("s", 3, 5)
+
+
+def test_a_failure_carries_a_typed_kind_and_a_jobs_inputs_to_try_again() -> None:
+    x = {"x": np.ones((1, 2), np.float32)}
+    job = StageHop("r", "p", 1, ("a", "b"), "reply", x, 1.0, attempt=2)
+    fault = StageFault(1, "w1", FailureKind.KERNEL, "boom", platform="wasm")
+    back = decode_as(encode(job.failure(fault)), StageFailure)
+    assert back.kind is FailureKind.KERNEL and back.attempt == 2 and back.route == ("a", "b")
+    np.testing.assert_array_equal(back.tensors["x"], x["x"])
+    step = StageHop("s#1", "p", 1, ("a", "b"), "reply", x, 1.0, session_id="s", step=1)
+    assert step.failure(fault).tensors == {}  # a session step's inputs are not sent back unless given
+    body = msgpack.unpackb(encode(job.failure(fault)), raw=False, strict_map_key=False)
+    body["kind"] = "a-kind-from-a-newer-worker"
+    assert decode_as(pack(body), StageFailure).kind is FailureKind.UNAVAILABLE
+
+
+def test_recovery_events_name_their_failure_and_action_as_enums() -> None:
+    event = RecoveryEvent("e", 1.0, "r", "p", "m", 0, "w", "chromium", "wasm", "worker-lost", "restore", True, 3.0)
+    back = decode_as(encode(event), RecoveryEvent)
+    assert back.failure is FailureKind.WORKER_LOST and back.action is RecoveryAction.RESTORE
+    with pytest.raises(SchemaError, match="action"):
+        RecoveryEvent("e", 1.0, "r", "p", "m", 0, "w", "chromium", "wasm", "timeout", "pray", True, 3.0)
 
 
 def test_unknown_fields_are_ignored_and_missing_fields_rejected() -> None:
