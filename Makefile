@@ -25,6 +25,9 @@ lint: setup
 	@.venv/bin/ruff format --check broker coordinator shard_worker tests benchmarks
 	@.venv/bin/ruff check broker coordinator shard_worker tests benchmarks
 	@.venv/bin/mypy broker coordinator shard_worker
+	@.venv/bin/mypy --strict broker
+	@.venv/bin/lint-imports --no-cache
+	@$(PY) scripts/check_size.py
 
 clean:
 	rm -rf .venv node_modules .pytest_cache

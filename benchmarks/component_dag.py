@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks.report import fmt, machine, markdown_table, percentile, write_json
 from coordinator.manager import ModelShardingManager
-from coordinator.model.convert import padded_batch
+from coordinator.model.export.common import padded_batch
 from coordinator.settings import ManagerSettings
 
 WIDTH = 128

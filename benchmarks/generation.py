@@ -194,26 +194,42 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(out: dict[str, Any]) -> str:
+    lines = [markdown_table(["run", "time to first token ms", "decode tokens/s"], _speed_rows(out))]
+    lines += _ratio_lines(out) + _split_lines(out) + _concurrency_lines(out) + _kill_lines(out)
+    lines.append(f"load average after the run: {out['load_after']:.1f}")
+    return "\n".join(lines)
+
+
+def _speed_rows(out: dict[str, Any]) -> list[list[str]]:
     rows = []
     if "native" in out:
         n = out["native"]
         rows.append(["native onnxruntime (KV cache)", fmt(n["time_to_first_token_ms"]), fmt(n["tokens_per_s"])])
     for b, r in out.get("unsharded", {}).items():
         rows.append([f"{b}, unsharded", fmt(r["time_to_first_token_ms"]), fmt(r["tokens_per_s"])])
-    s = out.get("sharded")
-    same = out.get("sharded_same", {})
-    for b, r in same.items():
+    for b, r in out.get("sharded_same", {}).items():
         rows.append([f"4 shards, all {b}", fmt(r["time_to_first_token_ms"]), fmt(r["tokens_per_s"])])
-    if s:
+    if s := out.get("sharded"):
         rows.append(["4 shards, chromium+firefox", fmt(s["time_to_first_token_ms"]), fmt(s["tokens_per_s"])])
-    lines = [markdown_table(["run", "time to first token ms", "decode tokens/s"], rows)]
+    return rows
+
+
+def _ratio_lines(out: dict[str, Any]) -> list[str]:
+    lines = []
+    s, same = out.get("sharded"), out.get("sharded_same", {})
     for b, r in out.get("unsharded", {}).items():
         if b in same:
             ratio = same[b]["tokens_per_s"] / r["tokens_per_s"]
             lines.append(f"4 shards in {b} / {b} unsharded: {fmt(ratio)}x (target >= {TARGET_SHARDED_RATIO}x)")
         if s:
             lines.append(f"4 shards chromium+firefox / {b} unsharded: {fmt(s['tokens_per_s'] / r['tokens_per_s'])}x")
+    return lines
+
+
+def _split_lines(out: dict[str, Any]) -> list[str]:
+    s, same = out.get("sharded"), out.get("sharded_same", {})
     runs = [(f"all {b}", r) for b, r in same.items()] + ([("chromium+firefox", s)] if s else [])
+    lines = []
     for name, r in runs:
         if "decode_non_kernel_share" in r:
             token, kernel, share = (
@@ -224,12 +240,23 @@ def report(out: dict[str, Any]) -> str:
                 f"4-shard decode token ({name}): {fmt(token)} ms, kernels {fmt(kernel)} ms, "
                 f"non-kernel {fmt(100 * share)} % (target <= {target} %)"
             )
+    return lines
+
+
+def _concurrency_lines(out: dict[str, Any]) -> list[str]:
     conc = out.get("concurrency")
-    if conc:
-        table = [[c["sessions"], fmt(c["aggregate_tokens_per_s"])] for c in conc]
-        lines.append(markdown_table(["sessions", "aggregate tokens/s"], table))
-        gain = conc[-1]["aggregate_tokens_per_s"] / conc[0]["aggregate_tokens_per_s"]
-        lines.append(f"\n{conc[-1]['sessions']} sessions / 1: {fmt(gain)}x (target >= {TARGET_CONCURRENCY_GAIN}x)")
+    if not conc:
+        return []
+    table = [[c["sessions"], fmt(c["aggregate_tokens_per_s"])] for c in conc]
+    gain = conc[-1]["aggregate_tokens_per_s"] / conc[0]["aggregate_tokens_per_s"]
+    return [
+        markdown_table(["sessions", "aggregate tokens/s"], table),
+        f"\n{conc[-1]['sessions']} sessions / 1: {fmt(gain)}x (target >= {TARGET_CONCURRENCY_GAIN}x)",
+    ]
+
+
+def _kill_lines(out: dict[str, Any]) -> list[str]:
+    lines = []
     for key, how in (("kill", "browser relaunched"), ("kill_warm_spare", "warm spare")):
         if key in out:
             k = out[key]
@@ -240,8 +267,7 @@ def report(out: dict[str, Any]) -> str:
                 f"a cost of {fmt(k['kill_cost_s'])} s (target <= {TARGET_KILL_S} s; whole session "
                 f"{fmt(k['total_difference_s'])} s over an undisturbed one)"
             )
-    lines.append(f"load average after the run: {out['load_after']:.1f}")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,6 +141,20 @@ async def timed(n: int, warmup: int, once: Callable[[], Awaitable[None]]) -> dic
     return summarize(samples)
 
 
+async def _open_page(browser: str, launch: str, url: str, bridge: Bridge) -> BrowserProcess | BareChromium:
+    """The page at ``url`` launched as ``launch`` says, once it said hello on ``bridge``."""
+    if launch == "worker":
+        proc: BrowserProcess | BareChromium = await BrowserProcess(browser, url).launch()
+    else:
+        proc = await BareChromium(url, LAUNCHES[launch]).launch()
+    await bridge.wait_hello(PAGE_TIMEOUT_S)
+    if isinstance(proc, BareChromium):
+        await proc.attach()
+    else:
+        await proc.detach_devtools()  # as shard_worker.page.Page.launch does once the page is up
+    return proc
+
+
 async def probe_page(
     browser: str,
     launch: str,
@@ -162,15 +176,7 @@ async def probe_page(
     proc: BrowserProcess | BareChromium | None = None
     try:
         url = f"http://127.0.0.1:{server.port}/#ws={bridge.port}&token={bridge.token}&platform={platform}&threads=0&faults=1"
-        if launch == "worker":
-            proc = await BrowserProcess(browser, url).launch()
-        else:
-            proc = await BareChromium(url, LAUNCHES[launch]).launch()
-        await bridge.wait_hello(PAGE_TIMEOUT_S)
-        if isinstance(proc, BareChromium):
-            await proc.attach()
-        else:
-            await proc.detach_devtools()  # as shard_worker.page.Page.launch does once the page is up
+        proc = await _open_page(browser, launch, url, bridge)
         await bridge.request("load", PAGE_TIMEOUT_S, key="probe", url=f"/shards/{sha}.onnx", platform=platform)
 
         async def ping() -> None:

@@ -41,7 +41,8 @@ def _tensor_payload(arr: np.ndarray) -> bytes:
         raise TensorError(f"dtype {name} cannot be sent; supported: {sorted(DTYPES)}")
     le = arr.astype(arr.dtype.newbyteorder("<"), copy=False) if arr.dtype.byteorder == ">" else arr
     data = np.ascontiguousarray(le).tobytes()
-    return msgpack.packb([name, list(arr.shape), data], use_bin_type=True)
+    packed: bytes = msgpack.packb([name, list(arr.shape), data], use_bin_type=True)
+    return packed
 
 
 def _default(obj: Any) -> Any:
@@ -77,7 +78,8 @@ def decode_tensor(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray
 
 def pack(obj: Any) -> bytes:
     """Encode a msgpack-able structure; numpy arrays become tensor ext values."""
-    return msgpack.packb(obj, default=_default, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, default=_default, use_bin_type=True)
+    return packed
 
 
 def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:

@@ -1,5 +1,7 @@
 """Message types that travel on the streams.
 
+The stage messages live here (a hop, its result or failure, a dead letter); a worker's control messages in
+``control``, the history's events in ``events``; ``Message`` is the union of them all, ``decode`` reads any.
 Each message is a frozen dataclass with a type tag ``TYPE``, registered with ``wire`` (the wire form, the schema
 version, decoding that ignores unknown fields, rejects missing ones and never unpickles). Tensors are
 ``dict[str, np.ndarray]`` and travel as the codec's tensor ext type.
@@ -13,8 +15,10 @@ from typing import ClassVar, TypeVar
 import numpy as np
 
 from .codec import DEFAULT_LIMITS, Limits
-from .errors import SchemaError, SettingError
-from .kinds import FailureKind, RecoveryAction
+from .control import Assignment, AssignmentReply, Inject, InjectReply, Release, Restart
+from .errors import SchemaError
+from .events import ExecutionEvent, PrecisionEvent, RecoveryEvent, RequestEvent
+from .kinds import FailureKind
 from .wire import SCHEMA_VERSION, decode_any, decode_as, encode, from_dict, register, register_nested, to_dict
 
 Tensors = dict[str, np.ndarray]
@@ -152,6 +156,23 @@ class StageHop:
         """The last stage's outputs, for the reply stream."""
         return StageResult(self.request_id, self.plan_id, tensors, trace, self.attempt, self.session_id, self.step)
 
+    def buried(self, reason: str, error: str, workers_tried: tuple[str, ...], at_ms: float) -> DeadLetter:
+        """This hop as a dead letter: its recovery ended (``reason``); enough to replay it."""
+        return DeadLetter(
+            request_id=self.request_id,
+            plan_id=self.plan_id,
+            stage_index=self.stage_index,
+            route=self.route,
+            reply_stream=self.reply_stream,
+            tensors=self.tensors,
+            reason=reason,
+            error=error,
+            attempts=self.attempt,
+            workers_tried=workers_tried,
+            ts_ms=at_ms,
+            trace=self.trace,
+        )
+
     def failure(self, at: StageFault) -> StageFailure:
         """Stage ``at.stage_index`` could not run on ``at.worker_id``, for the reply stream."""
         return StageFailure(
@@ -227,68 +248,22 @@ class StageFailure:
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", FailureKind.parse(str(self.kind)))  # the wire holds its string value
 
-
-@dataclass(frozen=True, slots=True)
-class Assignment:
-    """Tell a worker to load a shard and consume its stage stream."""
-
-    TYPE: ClassVar[str] = "assign"
-    assignment_id: str
-    plan_id: str
-    shard_index: int
-    stage_stream: str
-    onnx_sha256: str
-    input_names: tuple[str, ...]
-    carry_names: tuple[str, ...]
-    platform: str
-    reply_stream: str
-    model_name: str = ""
-    shard_type: str = "layer"
-    kind: str = ""  # what the shard holds (the plan stage's kind: "attention", "vision", ...), copied into its events
-    dtype: str = ""  # the shard file's precision ("fp32", "q4", ...), copied into its events
-    providers: tuple[str, ...] = ()  # the execution providers that may run it (empty: any); auto picks among them
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """Tell a worker to stop serving a stage and drop its session."""
-
-    TYPE: ClassVar[str] = "release"
-    stage_stream: str
-
-
-@dataclass(frozen=True, slots=True)
-class Restart:
-    """Tell a worker to restart its browser and reload its shards."""
-
-    TYPE: ClassVar[str] = "restart"
-    reason: str
-    since_ms: float = 0.0  # skip if the browser was (re)started after this time: it already was restarted
-
-
-@dataclass(frozen=True, slots=True)
-class Inject:
-    """Fault injection for tests and ``xshard fault-test``: make the page throw in its next ``count`` kernels
-    (``kernel-error``). Only a worker started with ``--allow-fault-injection`` accepts it; either way it answers
-    with an ``InjectReply`` on ``reply_stream`` (when given), so the sender waits for the fault to be armed."""
-
-    TYPE: ClassVar[str] = "inject"
-    kind: str
-    count: int
-    inject_id: str = ""
-    reply_stream: str = ""
-    shard_index: int = -1  # only kernels of this shard throw (-1: any shard's)
-
-
-@dataclass(frozen=True, slots=True)
-class InjectReply:
-    """A worker's answer to an ``Inject``: armed, or refused and why."""
-
-    TYPE: ClassVar[str] = "inject.reply"
-    inject_id: str
-    worker_id: str
-    accepted: bool
-    reason: str = ""
+    def buried(self, reason: str, at_ms: float) -> DeadLetter:
+        """The failed stage as a dead letter, with the inputs it was given."""
+        return DeadLetter(
+            request_id=self.request_id,
+            plan_id=self.plan_id,
+            stage_index=self.stage_index,
+            route=self.route,
+            reply_stream=self.reply_stream,
+            tensors=self.tensors,
+            reason=reason,
+            error=self.error,
+            attempts=self.attempt,
+            workers_tried=(self.worker_id,),
+            ts_ms=at_ms,
+            trace=self.trace,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,125 +284,18 @@ class DeadLetter:
     ts_ms: float
     trace: tuple[StageTrace, ...] = ()
 
-
-@dataclass(frozen=True, slots=True)
-class AssignmentReply:
-    """A worker's answer to an ``Assignment``."""
-
-    TYPE: ClassVar[str] = "assigned"
-    assignment_id: str
-    worker_id: str
-    ok: bool
-    error: str
-    execution_provider: str
-    adapter: str
-    user_agent: str
-    load_ms: float
-    note: str = ""
-    wasm_threads: int = 0  # onnxruntime-web threads of the worker's page (0: not reported)
-    nodes: int = 0  # the session's nodes after onnxruntime's optimizations (0: not reported)
-    cpu_nodes: int = 0  # of those, the nodes onnxruntime placed on its CPU provider besides the one asked for
-    cpu_ops: str = ""  # their op types and counts, most first ("Shape x62, Gather x54"); "" on WASM
-
-
-# -- events: appended to the events stream by workers and coordinators, written to DuckDB by the
-#    history consumer only. ``event_id`` makes writing them idempotent.
-
-
-@dataclass(frozen=True, slots=True)
-class ExecutionEvent:
-    """One shard execution, successful or not (written by the worker that ran it)."""
-
-    TYPE: ClassVar[str] = "ev.exec"
-    event_id: str
-    ts_ms: float
-    request_id: str
-    plan_id: str
-    model_name: str
-    shard_index: int
-    shard_type: str
-    worker_id: str
-    browser: str
-    platform: str
-    adapter: str
-    kernel_ms: float
-    queue_ms: float
-    transfer_ms: float
-    bytes_in: int
-    bytes_out: int
-    attempt: int
-    outcome: str  # "success" | "error"
-    error: str = ""
-    kind: str = ""  # the assignment's kind: history groups by it besides shard_type
-    dtype: str = ""  # the shard file's precision, as assigned
-
-
-@dataclass(frozen=True, slots=True)
-class RequestEvent:
-    """One request as the coordinator saw it end: result or error."""
-
-    TYPE: ClassVar[str] = "ev.request"
-    event_id: str
-    ts_ms: float
-    request_id: str
-    plan_id: str
-    model_name: str
-    shard_type: str
-    num_shards: int
-    coordinator_id: str
-    latency_ms: float
-    kernel_ms: float
-    attempts: int
-    outcome: str  # "success" | "error" | "dead_letter"
-    error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryEvent:
-    """A failure and the rung of the recovery ladder that handled it."""
-
-    TYPE: ClassVar[str] = "ev.recovery"
-    event_id: str
-    ts_ms: float
-    request_id: str
-    plan_id: str
-    model_name: str
-    shard_index: int
-    worker_id: str
-    browser: str
-    platform: str
-    failure: FailureKind
-    action: RecoveryAction
-    success: bool
-    duration_ms: float
-    error: str = ""
-
-    def __post_init__(self) -> None:  # the wire holds their string values
-        object.__setattr__(self, "failure", FailureKind.parse(str(self.failure)))
-        try:
-            object.__setattr__(self, "action", RecoveryAction.parse(str(self.action)))
-        except SettingError as e:
-            raise SchemaError(str(e)) from None
-
-
-@dataclass(frozen=True, slots=True)
-class PrecisionEvent:
-    """One shard's precision: the one it runs in, and one measured candidate (``dtype="auto"``) or the one
-    asked for (``measured`` empty, the figures NaN). Written by the coordinator once its shards are loaded."""
-
-    TYPE: ClassVar[str] = "ev.precision"
-    event_id: str
-    ts_ms: float
-    model_name: str
-    plan_id: str
-    shard_index: int
-    dtype: str  # what the shard runs in
-    measured: str  # the candidate these figures are of ("" where the dtype was asked for)
-    top1: float  # next-token top-1 agreement with all-float32 on the calibration set (NaN: no logits)
-    max_diff: float
-    relative_diff: float
-    positions: int
-    reason: str
+    def replayed(self, reply_stream: str, at_ms: float) -> StageHop:
+        """The buried stage as a hop again (its first attempt), its result to ``reply_stream``."""
+        return StageHop(
+            request_id=self.request_id,
+            plan_id=self.plan_id,
+            stage_index=self.stage_index,
+            route=self.route,
+            reply_stream=reply_stream,
+            tensors=self.tensors,
+            enqueued_ms=at_ms,
+            trace=self.trace,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,8 @@
 
 XshardError
 ├── ModelError              model path missing, not ONNX, conversion failed
-│   └── ConversionError     HF -> ONNX conversion or its verification failed
+│   ├── ConversionError     HF -> ONNX conversion or its verification failed
+│   └── GenerationError     a generation step that cannot complete (refused, kernel error, no reply)
 ├── PlanError               the graph cannot be cut as asked
 │   └── ShardTooLarge       a shard's weights and working memory exceed every page's budget
 ├── InputError              a request's inputs do not fit the model
@@ -23,6 +24,10 @@ class ModelError(XshardError):
 
 class ConversionError(ModelError):
     """Converting a Hugging Face directory to ONNX failed, or its output did not match."""
+
+
+class GenerationError(ModelError):
+    """A session step that cannot complete (refused by a page, a kernel error, no reply)."""
 
 
 class PlanError(XshardError):

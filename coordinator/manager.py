@@ -24,20 +24,20 @@ from broker.address import redact
 from broker.browsers import find_executable
 from broker.errors import BrokerError
 from broker.messages import DeadLetter
+from coordinator.arguments import check_arguments, check_dtype
 from coordinator.errors import InputError, XshardError
 from coordinator.generation.sampling import Sampling
 from coordinator.model.resolve import ResolvedModel, resolve_model
 from coordinator.model.validation import validate_inputs
 from coordinator.planning.allocation import Slot, allocate
 from coordinator.planning.calibration import CALIBRATION_TEXT
-from coordinator.planning.precision import AUTO, Precision, PrecisionBound, check_platform
+from coordinator.planning.precision import AUTO, Precision, PrecisionBound
 from coordinator.planning.precisionset import PrecisionRequest, apply_precision, precision_events
 from coordinator.planning.recommendations import allocate_from_history, recommend
 from coordinator.planning.shardset import ShardSet
 from coordinator.planning.sizedset import build_sized_shard_set, parse_num_shards, with_reason
 from coordinator.planning.sizing import Sizing
 from coordinator.recovery import Policy
-from coordinator.recovery.ladder import FAULT_TOLERANCE_LEVELS, RECOVERY_STRATEGIES
 from coordinator.runtime.client import RequestClient, RequestLabels
 from coordinator.runtime.deployment import Deployment, DeploymentConfig
 from coordinator.runtime.fleet import Fleet
@@ -51,31 +51,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 NOT_INITIALIZED = "the manager is not initialized: call initialize_sharding() first"
-
-
-def check_dtype(dtype: str, platform: str, custom: Mapping[int, Mapping[str, Any]]) -> dict[int, str]:
-    """The per-shard dtypes of ``custom``; InputError for an unknown dtype or one its platform cannot run."""
-    per_shard = {int(i): str(c["dtype"]).strip().lower() for i, c in custom.items() if "dtype" in c}
-    checks = [("", dtype, platform)] + [
-        (f"shard {i}: ", per_shard.get(i, dtype), str(c.get("platform", platform))) for i, c in custom.items()
-    ]
-    for where, wanted, plat in checks:
-        if wanted == AUTO:
-            continue
-        try:
-            check_platform(Precision.parse(wanted), plat)
-        except InputError as e:
-            raise InputError(f"{where}{e}") from None
-    return per_shard
-
-
-def _check_arguments(fault_tolerance_level: str, recovery_strategy: str, max_connections: int) -> None:
-    if fault_tolerance_level not in FAULT_TOLERANCE_LEVELS:
-        raise ValueError(f"fault_tolerance_level must be one of {FAULT_TOLERANCE_LEVELS}")
-    if recovery_strategy not in RECOVERY_STRATEGIES:
-        raise ValueError(f"recovery_strategy must be one of {RECOVERY_STRATEGIES}")
-    if max_connections < 1:
-        raise ValueError(f"max_connections must be >= 1, got {max_connections}")
 
 
 def _installed(browser: str) -> bool:
@@ -106,7 +81,7 @@ class ModelShardingManager:
         generation: bool = False,
         dtype: str = "fp32",
     ) -> None:
-        _check_arguments(fault_tolerance_level, recovery_strategy, max_connections)
+        check_arguments(fault_tolerance_level, recovery_strategy, max_connections, enable_ipfs)
         self.dtype = dtype.strip().lower()
         # per shard: custom_browser_allocation[i]["dtype"]; every dtype checked against its platform now
         self._dtype_per_shard = check_dtype(self.dtype, platform, custom_browser_allocation or {})
@@ -116,9 +91,7 @@ class ModelShardingManager:
         self.sizing: Sizing | None = None
         self.shard_type = shard_type
         self.model_type = model_type
-        # shard files are content-addressed (sha256) and fetched by hash from any holder, in the spirit of
-        # IPFS (``broker.artifacts``); always on, whatever this says
-        self.enable_ipfs = enable_ipfs
+        self.enable_ipfs = enable_ipfs  # this coordinator serves its shard files by hash (``arguments``)
         self.max_connections = max_connections
         self.db_path = db_path
         self.fault_tolerance_level = fault_tolerance_level
@@ -308,6 +281,7 @@ class ModelShardingManager:
             redis_url=self.redis_url,
             db_path=self.db_path,
             max_browsers=self.max_connections,
+            serve_shard_files=self.enable_ipfs,
         )
         return Deployment(
             config,
@@ -423,20 +397,7 @@ class ModelShardingManager:
             "embedded_broker": dep is not None and dep.embedded is not None,
             "plan_id": plan.plan_id if plan else None,
             "boundary_kind": plan.boundary_kind if plan else None,
-            "shards": [
-                {
-                    "index": st.index,
-                    "nodes": [st.start, st.end],
-                    "inputs": list(st.input_names),
-                    "carries": list(st.carry_names),
-                    "weight_bytes": st.weight_bytes,
-                    "cost_share": round(st.cost_share, 4),
-                    "flops_share": round(st.flops_share, 4),
-                    "sha256": self.shards.shard_sha256[st.index] if self.shards else None,
-                    **(self.shards.choice_of(st.index).as_dict() if self.shards else {}),
-                }
-                for st in (plan.stages if plan else ())
-            ],
+            "shards": self.shards.stage_rows() if self.shards else [],
             "browser_allocation": {i: dict(v) for i, v in sorted(self.allocation.items())},
             "recommendations": recommend(self._history.stats, self.allocation, self.model_type),
             "circuit_breakers": self.fleet.breakers.snapshot(time.monotonic()),

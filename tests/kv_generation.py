@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from coordinator.model.causal import positions
-from coordinator.planning.planner import Stage
+from coordinator.planning.cuts import Stage
 from coordinator.planning.shardset import ShardSet
 
 

@@ -218,3 +218,41 @@ async def wait_for_holders(index: ArtifactIndex, sha: str, n: int, timeout_s: fl
     while len(await index.holders(sha)) < n:
         assert asyncio.get_running_loop().time() < deadline, f"fewer than {n} holders of {sha[:12]} announced"
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("enable_ipfs", [True, False])
+async def test_enable_ipfs_says_whether_the_coordinator_serves_its_shard_files_by_hash(
+    enable_ipfs: bool, valkey: Any, namespace: str, tmp_path: Path
+) -> None:
+    """True: the coordinator is announced as a holder of every shard file (other hosts fetch them by hash);
+    False: it announces none, and a worker sharing its cache directory still loads them."""
+    from coordinator import ManagerSettings, ModelShardingManager
+    from tests.conftest import require_browsers
+    from tests.faults_support import start_xshard_worker, stop_processes
+    from tests.onnx_models import residual_mlp
+
+    require_browsers("chromium")
+    model, cache = residual_mlp(tmp_path / "mlp.onnx", layers=2, hidden=16, vocab=50), tmp_path / "cache"
+    proc = start_xshard_worker(valkey.url, "chromium", namespace, cache, f"chromium-{namespace}")
+    settings = ManagerSettings(cache_dir=cache, namespace=namespace, worker_wait_s=60)
+    manager = ModelShardingManager(
+        str(model), 1, enable_ipfs=enable_ipfs, browsers=["chromium"], redis_url=valkey.url, settings=settings
+    )
+    try:
+        assert await manager.initialize_sharding(), manager.last_error
+        assert manager.shards is not None and manager.shards.shard_sha256
+        async with Broker(valkey.url, namespace) as broker:
+            index = ArtifactIndex(broker)
+            for sha256 in manager.shards.shard_sha256:
+                holders = {h.holder_id for h in await index.holders(sha256)}
+                assert (manager.coordinator_id in holders) is enable_ipfs, holders
+    finally:
+        await manager.close()
+        stop_processes([proc])
+
+
+def test_enable_ipfs_must_be_a_bool() -> None:
+    from coordinator import ModelShardingManager
+
+    with pytest.raises(ValueError, match="enable_ipfs must be True or False"):
+        ModelShardingManager("model.onnx", 2, enable_ipfs="no")  # type: ignore[arg-type]

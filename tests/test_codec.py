@@ -53,9 +53,20 @@ def test_job_message_round_trip() -> None:
 def test_a_session_step_is_the_same_hop_with_its_session_fields() -> None:
     slot = StateSlot(1, "past_key_values.0.key", "present.0.key", "float32", (1, 4, 0, 8))
     hop = StageHop(
-        "s#3", "p", 0, ("a", "b"), "reply", {"input_ids": np.ones((1, 1), np.int64)}, 1.0, attempt=5,
-        session_id="s", step=3, stages=("a", "b"), states=(slot.as_entry(),), restore_stage=1,
-    )  # fmt: skip
+        "s#3",
+        "p",
+        0,
+        ("a", "b"),
+        "reply",
+        {"input_ids": np.ones((1, 1), np.int64)},
+        1.0,
+        attempt=5,
+        session_id="s",
+        step=3,
+        stages=("a", "b"),
+        states=(slot.as_entry(),),
+        restore_stage=1,
+    )
     back = decode_as(encode(hop), StageHop)
     assert back.is_session and not back.restoring and back.slots(1) == (slot,) and back.slots(0) == ()
     onward = back.onward(1, {"h": np.zeros((1, 1, 8), np.float32)}, (), 2.0)

@@ -15,7 +15,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from coordinator.errors import ModelError
-from coordinator.model.convert import OPSET, verify_conversion
+from coordinator.model.convert import verify_conversion
+from coordinator.model.export.common import OPSET
 from coordinator.model.resolve import ResolvedModel, resolve_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -24,7 +24,7 @@ import pytest
 from broker.ledger import Ledger
 from broker.streams import Broker
 from coordinator.manager import ModelShardingManager
-from coordinator.model.convert import padded_batch
+from coordinator.model.export.common import padded_batch
 from coordinator.runtime.launcher import LocalWorkers
 from coordinator.settings import ManagerSettings
 from tests import modality_models as mm

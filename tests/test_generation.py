@@ -26,9 +26,9 @@ from broker.messages import Assignment, AssignmentReply
 from broker.registry import WorkerState
 from broker.streams import Broker
 from coordinator import ModelShardingManager
-from coordinator.errors import InputError
+from coordinator.errors import GenerationError, InputError
 from coordinator.generation.sampling import Sampling
-from coordinator.generation.session import GenerationError, GenerationSession, SessionRoute, slots_of
+from coordinator.generation.session import GenerationSession, SessionRoute, slots_of
 from coordinator.model.resolve import ResolvedModel, resolve_model
 from coordinator.planning.shardset import ShardSet, build_shard_set
 from coordinator.settings import ManagerSettings

@@ -12,7 +12,8 @@ import pytest
 
 from coordinator.errors import PlanError
 from coordinator.model.graph import load_model, profile_graph
-from coordinator.planning.planner import layer_boundaries, plan_shards
+from coordinator.planning.cuts import layer_boundaries
+from coordinator.planning.planner import plan_shards
 from coordinator.planning.shardset import build_shard_set
 from tests.native import max_diff_unmasked, run_chain, run_whole
 from tests.onnx_models import identity_chain, residual_mlp, sample_tokens

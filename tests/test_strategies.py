@@ -18,7 +18,7 @@ import pytest
 
 from coordinator.errors import InputError, PlanError
 from coordinator.model.components import order_by_component
-from coordinator.model.convert import padded_batch
+from coordinator.model.export.common import padded_batch
 from coordinator.model.graph import load_model, profile_graph
 from coordinator.model.modality import cosine_similarity
 from coordinator.model.resolve import resolve_model

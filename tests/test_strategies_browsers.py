@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from coordinator.manager import ModelShardingManager
-from coordinator.model.convert import padded_batch
+from coordinator.model.export.common import padded_batch
 from coordinator.settings import ManagerSettings
 from tests import modality_models as mm
 from tests.conftest import require_browsers

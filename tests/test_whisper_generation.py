@@ -25,12 +25,12 @@ from coordinator.errors import InputError, ModelError
 from coordinator.generation.decoding import rules_of
 from coordinator.generation.sampling import Sampling
 from coordinator.generation.session import Conditioning, GenerationSession
-from coordinator.generation.speech import SpeechGeneration
 from coordinator.model.graph import _ONNX_TO_NUMPY
 from coordinator.model.resolve import resolve_model
 from coordinator.model.seq2seq import ENCODER_OUTPUT
 from coordinator.model.state import find_state_pairs
 from coordinator.settings import ManagerSettings
+from coordinator.speech import SpeechGeneration
 from tests import modality_models as mm
 from tests.conftest import require_browsers
 

@@ -22,8 +22,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -45,22 +43,16 @@ from coordinator.cli.embedded import add_broker_command, serve_broker
 from coordinator.cli.faults import add_fault_commands, run_fault_command
 from coordinator.cli.generate import add_generate_command, run_generate_command
 from coordinator.cli.history import add_history_commands, run_history_command
+from coordinator.cli.inputs import UsageError, load_npz, save_npz, split_browsers
 from coordinator.cli.service import add_service_commands, run_service_command
-from coordinator.errors import ConversionError, InputError, XshardError
+from coordinator.errors import ConversionError, XshardError
 from coordinator.manager import ModelShardingManager
-from coordinator.planning.allocation import normalize_browser
 from coordinator.planning.planner import SHARD_TYPES
 from coordinator.settings import ManagerSettings
 
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("text", "vision", "audio", "multimodal")
-ZIP_MAGIC = b"PK\x03\x04"
-NPY_MAGIC = b"\x93NUMPY"
-
-
-class UsageError(Exception):
-    """Bad arguments or bad input: exit 2 with one line, before anything starts."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -71,49 +63,6 @@ class Parser(argparse.ArgumentParser):
 
 
 # -- xshard run ---------------------------------------------------------------------------------
-
-
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npz file, keyed by input name; UsageError if it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(len(NPY_MAGIC))
-        if not magic.startswith(ZIP_MAGIC) and magic != NPY_MAGIC:
-            raise UsageError(f"inputs file {path} is not an .npz file; write it with np.savez(path, input_ids=...)")
-        archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise UsageError(f"inputs file {path} does not exist") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # unreadable, a corrupt zip
-        raise UsageError(f"cannot read inputs file {path} as .npz: {e}") from e
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise UsageError(f"{path} holds one unnamed array; save the inputs with np.savez(path, input_ids=...)")
-    try:
-        with archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a corrupt member, an object array
-        raise UsageError(f"cannot read inputs file {path} as .npz: {e}") from e
-    if not arrays:
-        raise UsageError(f"inputs file {path} holds no arrays")
-    return arrays
-
-
-def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` (exactly that name, no .npz appended), replacing it atomically."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        named: dict[str, Any] = dict(arrays)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **named)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def split_browsers(value: str | None) -> list[str] | None:
-    if not value:
-        return None
-    return [normalize_browser(b) for b in value.split(",") if b.strip()] or None
 
 
 async def preflight(args: argparse.Namespace, manager: ModelShardingManager) -> dict[str, np.ndarray]:
@@ -155,32 +104,32 @@ def print_run(manager: ModelShardingManager, result: Mapping[str, Any], output: 
     print(format_allocation(info["browser_allocation"]))
 
 
-async def run_request(args: argparse.Namespace) -> int:
-    # quiet until the preflight passed, so a bad input is one line on stderr
-    progress = ProgressPrinter(sys.stderr, enabled=False)
+def new_manager(args: argparse.Namespace, progress: ProgressPrinter) -> ModelShardingManager:
+    """The manager ``xshard run`` asks for; UsageError or InputError for a bad argument."""
     settings = ManagerSettings.from_env(
         namespace=args.namespace, cache_dir=args.cache_dir, request_timeout_s=args.timeout_s
     )
+    return ModelShardingManager(
+        model_name=args.model,
+        num_shards=args.shards,
+        shard_type=args.shard_type,
+        model_type=args.model_type,
+        db_path=args.db,
+        redis_url=args.redis,
+        browsers=split_browsers(args.browsers),
+        platform=args.platform,
+        settings=settings,
+        progress=progress,
+        dtype=args.dtype,
+    )
+
+
+async def run_request(args: argparse.Namespace) -> int:
+    # quiet until the preflight passed, so a bad input is one line on stderr
+    progress = ProgressPrinter(sys.stderr, enabled=False)
     try:
-        browsers = split_browsers(args.browsers)
+        manager = new_manager(args, progress)
     except XshardError as e:
-        fail(str(e))
-        return EXIT_USAGE
-    try:
-        manager = ModelShardingManager(
-            model_name=args.model,
-            num_shards=args.shards,
-            shard_type=args.shard_type,
-            model_type=args.model_type,
-            db_path=args.db,
-            redis_url=args.redis,
-            browsers=browsers,
-            platform=args.platform,
-            settings=settings,
-            progress=progress,
-            dtype=args.dtype,
-        )
-    except InputError as e:
         fail(str(e))
         return EXIT_USAGE
     try:
@@ -201,24 +150,29 @@ async def run_request(args: argparse.Namespace) -> int:
         if "error" in result:
             fail(result["error"])
             return EXIT_FAILED
-        try:
-            save_npz(args.output, result["result"])
-        except OSError as e:
-            fail(f"cannot write outputs to {args.output}: {e}")
-            return EXIT_FAILED
-        if args.json:
-            report = {
-                **result["metrics"],
-                "outputs": {n: {"dtype": str(a.dtype), "shape": list(a.shape)} for n, a in result["result"].items()},
-                "output_path": str(args.output),
-                "browser_allocation": manager.get_metrics()["browser_allocation"],
-            }
-            print(json.dumps(report, indent=2, default=str))
-        else:
-            print_run(manager, result, args.output)
-        return 0
+        return write_run(args, manager, result)
     finally:
         await manager.close()
+
+
+def write_run(args: argparse.Namespace, manager: ModelShardingManager, result: Mapping[str, Any]) -> int:
+    """The outputs to ``--output``, the run on stdout (``--json``: as JSON)."""
+    try:
+        save_npz(args.output, result["result"])
+    except OSError as e:
+        fail(f"cannot write outputs to {args.output}: {e}")
+        return EXIT_FAILED
+    if args.json:
+        report = {
+            **result["metrics"],
+            "outputs": {n: {"dtype": str(a.dtype), "shape": list(a.shape)} for n, a in result["result"].items()},
+            "output_path": str(args.output),
+            "browser_allocation": manager.get_metrics()["browser_allocation"],
+        }
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_run(manager, result, args.output)
+    return 0
 
 
 # -- xshard worker / broker / demo ---------------------------------------------------------------

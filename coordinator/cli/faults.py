@@ -15,7 +15,7 @@ from typing import Any
 from broker.errors import BrokerError
 from broker.keys import REPLY_GROUP, Keys
 from broker.ledger import Ledger
-from broker.messages import DeadLetter, StageFailure, StageHop, StageResult
+from broker.messages import DeadLetter, StageFailure, StageResult
 from broker.streams import Broker
 from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE
 from coordinator.cli.console import fail, format_table
@@ -155,8 +155,8 @@ async def _replay(args: argparse.Namespace) -> int:
         await dispatcher.start()
         try:
             wanted = None if args.all else set(args.ids)
-            waits = await _exhume(ledger, tracker, dispatcher.reply_stream, wanted)
-            rows = [await _replay_row(entry_id, fut, args.timeout_s) for entry_id, fut in waits.items()]
+            waits = await tracker.replay(dispatcher.reply_stream, wanted)
+            rows = [await _replay_row(entry_id, fut, args.timeout_s) for entry_id, (_, fut) in waits.items()]
             print(format_table(("id", "request", "outcome", "why"), rows) if rows else "nothing to replay")
             return EXIT_FAILED if any(r[2] == "failed" for r in rows) else 0
         finally:
@@ -169,48 +169,12 @@ def _refailer(broker: Broker, ledger: Ledger, tracker: RequestTracker) -> OnFail
     coordinator_id = tracker.coordinator_id
 
     async def refail(f: StageFailure, entry: Entry) -> None:
-        dead = DeadLetter(
-            request_id=f.request_id,
-            plan_id=f.plan_id,
-            stage_index=f.stage_index,
-            route=f.route,
-            reply_stream=f.reply_stream,
-            tensors=f.tensors,
-            reason=f"replay failed ({f.kind})",
-            error=f.error,
-            attempts=f.attempt,
-            workers_tried=(f.worker_id,),
-            ts_ms=time.time() * 1000.0,
-            trace=f.trace,
-        )
+        dead = f.buried(f"replay failed ({f.kind})", time.time() * 1000.0)
         await ledger.bury(dead, coordinator_id)
         await broker.ack(entry[0], REPLY_GROUP, entry[1])
         tracker.dead(dead)
 
     return refail
-
-
-async def _exhume(
-    ledger: Ledger, tracker: RequestTracker, reply_stream: str, wanted: set[str] | None
-) -> dict[str, asyncio.Future[Outcome]]:
-    """Re-enqueue the wanted dead letters (all when ``wanted`` is None); a future per entry id."""
-    waits = {}
-    for entry_id, dead, _ in await ledger.dead_letters():
-        if dead is None or (wanted is not None and entry_id not in wanted):
-            continue
-        job = StageHop(
-            request_id=dead.request_id,
-            plan_id=dead.plan_id,
-            stage_index=dead.stage_index,
-            route=dead.route,
-            reply_stream=reply_stream,
-            tensors=dead.tensors,
-            enqueued_ms=time.time() * 1000.0,
-            trace=dead.trace,
-        )
-        waits[entry_id] = tracker.watch(dead.request_id)
-        await ledger.exhume(entry_id, job, tracker.coordinator_id)
-    return waits
 
 
 async def _replay_row(entry_id: str, fut: asyncio.Future[Outcome], timeout_s: float) -> tuple[str, str, str, str]:

@@ -8,7 +8,7 @@
 
 With ``--input-features`` (an ``.npz`` holding ``input_features``, [1, mel bins, frames]) a Whisper
 directory's encoder and decoder are sharded and the new token ids are printed (and the text, when the
-model has a tokenizer); decoding is greedy (:mod:`coordinator.generation.speech`).
+model has a tokenizer); decoding is greedy (:mod:`coordinator.speech`).
 
 Bad input (an empty prompt, ``--max-new-tokens`` < 1 or past the context, a prompt longer than the context,
 a model that is not a causal LM; features with the wrong mel bins or frames, an npz without
@@ -32,9 +32,9 @@ from broker.kinds import PLATFORMS
 from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, add_dtype_argument, non_negative_float, positive_int
 from coordinator.cli.console import fail, format_allocation
 from coordinator.errors import InputError, ModelError, XshardError
-from coordinator.generation.speech import FEATURES, SpeechGeneration
 from coordinator.manager import ModelShardingManager
 from coordinator.settings import ManagerSettings
+from coordinator.speech import FEATURES, SpeechGeneration
 
 
 def _int(value: str) -> int:

@@ -36,6 +36,7 @@ from broker.keys import Keys
 from broker.streams import Broker
 from coordinator.cli.argtypes import EXIT_FAILED, EXIT_USAGE, positive_float, positive_int
 from coordinator.cli.console import fail, format_table
+from coordinator.cli.inputs import UsageError, load_npz, save_npz, split_browsers
 from coordinator.errors import ConversionError, XshardError
 from coordinator.planning.allocation import PLATFORMS
 from coordinator.planning.planner import SHARD_TYPES
@@ -178,7 +179,6 @@ async def serve_coordinator(args: argparse.Namespace, namespace: str) -> int:
 
 
 async def enqueue_command(args: argparse.Namespace, namespace: str) -> int:
-    from coordinator.cli.commands import UsageError, load_npz, split_browsers
 
     try:
         spec = InferenceSpec(
@@ -227,7 +227,6 @@ def _spec_kwargs(spec: InferenceSpec) -> dict[str, Any]:
 
 
 async def result_command(args: argparse.Namespace, namespace: str) -> int:
-    from coordinator.cli.commands import save_npz
 
     if not args.output.parent.is_dir():
         fail(f"output directory {args.output.parent} does not exist")

@@ -40,7 +40,7 @@ from broker.sessions import (
     save_history,
 )
 from broker.streams import Broker
-from coordinator.errors import ModelError
+from coordinator.errors import GenerationError
 from coordinator.recovery.policy import Policy
 from coordinator.recovery.session import Fail, Replay, Reroute, Restore, SessionFault, decide_session
 
@@ -49,11 +49,6 @@ from .sampling import Sampling, choose_token
 log = logging.getLogger(__name__)
 
 HISTORY_TTL_S = 3600  # how long a session's token history stays in Redis after its last token
-
-
-
-class GenerationError(ModelError):
-    """A session step that cannot complete (refused by a page, a kernel error, no reply)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,12 +38,12 @@ import onnx
 
 from coordinator.errors import ConversionError
 from coordinator.model.agreement import Outputs, Verification, open_session, verify_cases
-from coordinator.model.convert import (
+from coordinator.model.convert import load_pretrained
+from coordinator.model.export.common import (
     CONVERTER_VERSION,
     INSTALL_HINT,
     OPSET,
     Progress,
-    load_pretrained,
     reporter,
     require_convert_extra,
     trace_export,

@@ -20,14 +20,10 @@ torch and transformers are the optional ``convert`` extra; they are imported ins
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import tempfile
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,23 +33,28 @@ import onnx
 
 from coordinator.errors import ConversionError
 from coordinator.model.agreement import Verification, open_session, verify_cases
-from coordinator.model.flatgraph import read_back, save_graph
+from coordinator.model.export.common import (
+    INSTALL_HINT,
+    OPSET,
+    Progress,
+    padded_batch,
+    quiet_progress_bars,
+    reporter,
+    require_convert_extra,
+    trace_export,
+)
+from coordinator.model.flatgraph import save_graph
+from coordinator.model.modality import convert_modality, modality_kind
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-#: Part of the conversion cache key: bump it whenever the exported graph would change.
-CONVERTER_VERSION = "xshard-convert-1/torchscript-opset17"
-OPSET = 17
 DEFAULT_CASES: tuple[tuple[int, int], ...] = ((1, 7), (2, 16), (3, 33))
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_BY_KIND = {"encoder": "last_hidden_state", "causal-lm": "logits"}
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-INSTALL_HINT = "pip install 'xshard[convert]'"
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +67,6 @@ class _LoadedModel:
 def detect_kind(config: dict[str, Any]) -> str:
     """Return "causal-lm" if the config names a causal LM head architecture, "vision", "audio" or
     "multimodal" for those architectures (:mod:`coordinator.model.modality`), else "encoder"."""
-    from coordinator.model.modality import modality_kind
-
     modality = modality_kind(config)
     if modality is not None:
         return modality
@@ -102,8 +101,6 @@ def convert_hf_dir(hf_dir: Path, out_path: Path, progress: Progress | None = Non
     say = reporter(progress)
     kind = read_kind(hf_dir, gguf_file)
     if kind not in OUTPUT_BY_KIND:
-        from coordinator.model.modality import convert_modality
-
         convert_modality(hf_dir, kind, out_path, progress)
         return kind
     say(f"loading weights from {hf_dir / gguf_file if gguf_file else hf_dir} ({kind})")
@@ -134,44 +131,6 @@ def verify_conversion(
     """
     model = _load_model(hf_dir, read_kind(hf_dir, gguf_file), gguf_file)
     return _verify_loaded(model, onnx_path, cases, reporter(progress))
-
-
-def padded_batch(batch: int, sequence: int, vocab_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return seeded int64 (input_ids, attention_mask) of shape (batch, sequence), rows right-padded.
-
-    With several rows, row 0 is full and each later row is shorter; a single row is padded too.
-    Padded positions hold token id 0.
-    """
-    rng = np.random.default_rng(seed)
-    input_ids = rng.integers(1, vocab_size, size=(batch, sequence), dtype=np.int64)
-    attention_mask = np.zeros((batch, sequence), dtype=np.int64)
-    for row in range(batch):
-        length = sequence if row == 0 and batch > 1 else sequence - (row + 1) * sequence // (batch + 1)
-        attention_mask[row, : max(1, length)] = 1
-    input_ids[attention_mask == 0] = 0
-    return input_ids, attention_mask
-
-
-def reporter(progress: Progress | None) -> Progress:
-    """A progress callback that also logs each message."""
-
-    def say(message: str) -> None:
-        log.info("%s", message)
-        if progress is not None:
-            progress(message)
-
-    return say
-
-
-def require_convert_extra() -> None:
-    """Raise ConversionError with the install hint unless torch and transformers import."""
-    # Offline only: weights come from local directories, never from a hub.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise ConversionError(f"converting needs torch and transformers ({e}); run: {INSTALL_HINT}") from e
 
 
 def load_pretrained(hf_dir: Path, kind: str, gguf_file: str | None = None, use_cache: bool = False) -> Any:
@@ -238,77 +197,6 @@ def _export(model: _LoadedModel, out_path: Path) -> onnx.ModelProto:
     args = (torch.from_numpy(input_ids), torch.from_numpy(attention_mask))
     names = (*INPUT_NAMES, output_name)
     return trace_export(model.module, args, out_path, INPUT_NAMES, (output_name,), {n: axes for n in names})
-
-
-def trace_export(
-    module: Any,
-    args: tuple[Any, ...],
-    out_path: Path,
-    input_names: Sequence[str],
-    output_names: Sequence[str],
-    dynamic_axes: dict[str, dict[int, str]],
-    what: str = "",
-) -> onnx.ModelProto:
-    """The one TorchScript export of every converter: trace ``module`` on ``args`` into ``out_path`` (opset
-    ``OPSET``, weights in, constants folded) and return the graph read back and flattened (not yet saved).
-    ``what`` names the export in its error (" with a KV cache")."""
-    import torch
-
-    try:
-        with quiet_export_warnings(), torch.no_grad():
-            torch.onnx.export(
-                module,
-                args,
-                str(out_path),
-                dynamo=False,
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamic_axes=dynamic_axes,
-                opset_version=OPSET,
-                do_constant_folding=True,
-                export_params=True,
-            )
-    except ConversionError:
-        raise
-    except Exception as e:  # torch raises many unrelated types from deep inside tracing
-        raise ConversionError(f"torch.onnx.export{what} failed: {type(e).__name__}: {e}") from e
-    return read_back(out_path)
-
-
-@contextmanager
-def quiet_progress_bars() -> Iterator[None]:
-    """No tqdm bars from transformers while loading (its weight loader's, its GGUF reader's, which calls tqdm
-    directly): the converter reports its own progress."""
-    from unittest import mock
-
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    bar = getattr(gguf_utils, "tqdm", None)
-    quiet = mock.patch.object(gguf_utils, "tqdm", functools.partial(bar, disable=True)) if bar else nullcontext()
-    try:
-        with quiet:
-            yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-@contextmanager
-def quiet_export_warnings() -> Iterator[None]:
-    """Log the TorchScript exporter's deprecation and tracer warnings at debug level instead of printing.
-
-    The tracer warnings are about Python branches on shapes; verification at several shapes covers them.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            for warning in caught:
-                log.debug("export warning: %s: %s", warning.category.__name__, warning.message)
 
 
 def _verify_loaded(

@@ -32,7 +32,7 @@ import numpy as np
 
 from coordinator.errors import ConversionError
 from coordinator.model.agreement import Verification, open_session, verify_cases
-from coordinator.model.convert import (
+from coordinator.model.export.common import (
     OPSET,
     Progress,
     padded_batch,

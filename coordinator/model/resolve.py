@@ -32,7 +32,8 @@ from google.protobuf.message import DecodeError
 
 from coordinator.errors import ModelError
 from coordinator.model.causal import KV_CONVERTER_VERSION, convert_causal_lm, save_tokenizer
-from coordinator.model.convert import CONVERTER_VERSION, convert_hf_dir, read_kind
+from coordinator.model.convert import convert_hf_dir, read_kind
+from coordinator.model.export.common import CONVERTER_VERSION
 from coordinator.model.seq2seq import DECODER_CONVERTER_VERSION, convert_speech_decoder
 
 log = logging.getLogger(__name__)

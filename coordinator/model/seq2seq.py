@@ -39,7 +39,7 @@ import onnx
 from coordinator.errors import ConversionError
 from coordinator.model.agreement import open_session, verify_cases
 from coordinator.model.causal import KvCase, kv_verification
-from coordinator.model.convert import (
+from coordinator.model.export.common import (
     CONVERTER_VERSION,
     INSTALL_HINT,
     OPSET,

@@ -57,25 +57,36 @@ def validate_inputs(inputs: Any, specs: Sequence[TensorSpec], vocab_limits: Mapp
     unknown = [k for k in inputs if k not in by_name]
     if unknown:
         raise InputError(f"unknown input {unknown[0]!r}; the model takes: {expected}")
-    out: dict[str, np.ndarray] = {}
-    for name, value in inputs.items():
-        spec = by_name[name]
-        arr = _as_array(name, value)
-        if arr.ndim == len(spec.shape) - 1:
-            arr = arr[np.newaxis, ...]
-        if arr.ndim != len(spec.shape):
+    out = {name: _shaped(by_name[name], value) for name, value in inputs.items()}
+    _fill_defaults(specs, out, expected)
+    _check_dims(specs, out)
+    _check_vocabulary(out, vocab_limits)
+    return out
+
+
+def _shaped(spec: TensorSpec, value: Any) -> np.ndarray:
+    """One input as the model's array: a missing batch axis added, rank, emptiness and fixed axes checked."""
+    name = spec.name
+    arr = _as_array(name, value)
+    if arr.ndim == len(spec.shape) - 1:
+        arr = arr[np.newaxis, ...]
+    if arr.ndim != len(spec.shape):
+        raise InputError(
+            f"input {name!r} must have rank {len(spec.shape)} (shape {_fmt(spec.shape)}), got shape {arr.shape}"
+        )
+    if arr.size == 0:
+        raise InputError(f"input {name!r} is empty (shape {arr.shape}); the batch needs at least one example")
+    for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
+        if isinstance(want, int) and want > 0 and want != got:
             raise InputError(
-                f"input {name!r} must have rank {len(spec.shape)} (shape {_fmt(spec.shape)}), got shape {arr.shape}"
+                f"input {name!r} axis {axis}{_axis_label(spec, axis)} must be {want} "
+                f"(shape {_fmt(spec.shape)}), got shape {arr.shape}"
             )
-        if arr.size == 0:
-            raise InputError(f"input {name!r} is empty (shape {arr.shape}); the batch needs at least one example")
-        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
-            if isinstance(want, int) and want > 0 and want != got:
-                raise InputError(
-                    f"input {name!r} axis {axis}{_axis_label(spec, axis)} must be {want} "
-                    f"(shape {_fmt(spec.shape)}), got shape {arr.shape}"
-                )
-        out[name] = _cast(spec, arr)
+    return _cast(spec, arr)
+
+
+def _fill_defaults(specs: Sequence[TensorSpec], out: dict[str, np.ndarray], expected: str) -> None:
+    """Inputs with a default (``DEFAULTED``) that were not given, shaped like the first given one."""
     missing = [s for s in specs if s.name not in out]
     for spec in missing:
         if spec.name not in DEFAULTED or not out:
@@ -84,13 +95,14 @@ def validate_inputs(inputs: Any, specs: Sequence[TensorSpec], vocab_limits: Mapp
         ref = next(a for a in out.values())
         shape = ref.shape[: len(spec.shape)]
         out[spec.name] = np.full(shape, DEFAULTED[spec.name], dtype=spec.dtype)
-    _check_dims(specs, out)
+
+
+def _check_vocabulary(arrays: Mapping[str, np.ndarray], vocab_limits: Mapping[str, int]) -> None:
     for name, limit in vocab_limits.items():
-        ids = out.get(name)
+        ids = arrays.get(name)
         if ids is not None and (ids.min() < 0 or ids.max() >= limit):
             bad = ids[(ids < 0) | (ids >= limit)].ravel()[0]
             raise InputError(f"input {name!r} holds token id {bad} outside the vocabulary [0, {limit})")
-    return out
 
 
 def _check_dims(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> None:

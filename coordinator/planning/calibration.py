@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from coordinator.model.graph import GraphProfile, TensorSpec
+from coordinator.planning.cuts import Stage
 from coordinator.planning.lowering import lower_shard
-from coordinator.planning.planner import Stage
 from coordinator.planning.precision import Measured, Precision, recipe_for
 from coordinator.planning.shardset import ShardSet
 

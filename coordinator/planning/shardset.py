@@ -14,13 +14,15 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 
 from coordinator.model.components import order_by_component
 from coordinator.model.external import has_external_data, store_external_shard
 from coordinator.model.graph import GraphProfile, load_model, profile_graph, shard_model
-from coordinator.planning.planner import Plan, plan_shards
+from coordinator.planning.cuts import Plan
+from coordinator.planning.planner import plan_shards
 from coordinator.planning.precision import FLOAT32, Choice
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,23 @@ class ShardSet:
 
     def path(self, index: int) -> Path:
         return self.shard_dir / f"{self.shard_sha256[index]}.onnx"
+
+    def stage_rows(self) -> list[dict[str, Any]]:
+        """Each stage as ``get_metrics()`` shows it: nodes, names, shares, its file's hash and precision."""
+        return [
+            {
+                "index": st.index,
+                "nodes": [st.start, st.end],
+                "inputs": list(st.input_names),
+                "carries": list(st.carry_names),
+                "weight_bytes": st.weight_bytes,
+                "cost_share": round(st.cost_share, 4),
+                "flops_share": round(st.flops_share, 4),
+                "sha256": self.shard_sha256[st.index],
+                **self.choice_of(st.index).as_dict(),
+            }
+            for st in self.plan.stages
+        ]
 
 
 def store(shard_dir: Path, data: bytes) -> str:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from broker.registry import WorkerInfo
 from coordinator.errors import PlanError, ShardTooLarge
 from coordinator.model.graph import SAMPLE_DIM, GraphProfile
-from coordinator.planning.planner import Plan, Stage, layer_boundaries, plan_shards
+from coordinator.planning.cuts import Plan, Stage, layer_boundaries
+from coordinator.planning.planner import plan_shards
 
 WEIGHTS_ONLY = 1.0  # the planner's weight_share that balances the weights alone
 

@@ -23,7 +23,7 @@ import logging
 from coordinator.errors import PlanError
 from coordinator.model.components import FUSION, find_components, tower_name
 from coordinator.model.graph import GraphProfile
-from coordinator.planning.planner import (
+from coordinator.planning.cuts import (
     Plan,
     balanced_cuts,
     build_stages,

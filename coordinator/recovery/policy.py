@@ -125,11 +125,16 @@ class Policy:
         return runs_in_parallel(self.strategy, self.level)
 
     def decide(self, failure: Failure, history: StageHistory, options: Options, rng: random.Random) -> Decision:
+        early = self._before_the_ladder(failure, history, options)
+        return early if early is not None else self._climb(failure, history, options, rng)
+
+    def _before_the_ladder(self, failure: Failure, history: StageHistory, options: Options) -> Decision | None:
+        """Rules 1 to 4: bad input, level none, the budgets spent, out of memory; None: climb the ladder."""
         if failure.kind is FailureKind.INPUT:
             return DeadLetter(f"bad input, never retried ({_where(failure)}): {_clip(failure.error)}", "input")
         if self.level == "none":
             return DeadLetter(self._reason("fault_tolerance_level is none", failure, history, []), "disabled")
-        per_rung, total = self.budget
+        _, total = self.budget
         attempts = max(failure.attempt, len(history.tried) + 1)
         limit = failure.attempt_limit
         if limit is not None and failure.attempt >= limit:
@@ -142,6 +147,11 @@ class Policy:
             if isinstance(moved, str):
                 return DeadLetter(self._reason(f"out of memory, {moved}", failure, history, []), "memory")
             return moved
+        return None
+
+    def _climb(self, failure: Failure, history: StageHistory, options: Options, rng: random.Random) -> Decision:
+        """Rules 5 to 7: the first rung of the ladder that can act, else the dead letter with what was skipped."""
+        per_rung, _ = self.budget
         poison = _poison_workers(failure, history)
         poisoned = len(poison) >= self.poison_after_workers
         skipped: list[str] = []

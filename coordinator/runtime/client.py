@@ -145,20 +145,12 @@ class RequestClient:
         return await self._wait(sub_id, fut)
 
     def _dead_before(self, request_id: str, reason: str) -> DeadLetter:
+        return self._hop_of(request_id, None).buried(reason, reason, (), time.time() * 1000.0)
+
+    def _hop_of(self, request_id: str, job: StageHop | None) -> StageHop:
+        """The request's hop as its state holds it, or its first stage's with no inputs."""
         rt = self._rt
-        return DeadLetter(
-            request_id=request_id,
-            plan_id=rt.plan_id,
-            stage_index=0,
-            route=rt.route,
-            reply_stream=rt.dispatcher.reply_stream,
-            tensors={},
-            reason=reason,
-            error=reason,
-            attempts=1,
-            workers_tried=(),
-            ts_ms=time.time() * 1000.0,
-        )
+        return job or StageHop(request_id, rt.plan_id, 0, rt.route, rt.dispatcher.reply_stream, {}, 0.0)
 
     async def resume(self) -> list[str]:
         """Requests this coordinator id accepted before a restart and has not finished; ``wait_for`` each.
@@ -206,23 +198,7 @@ class RequestClient:
         """Re-enqueue dead-lettered jobs of this plan (all, or those ids) and wait for their outcomes."""
         rt = self._rt
         wanted = set(entry_ids) if entry_ids else None
-        waits = {}
-        for entry_id, dead, _ in await rt.ledger.dead_letters():
-            if dead is None or (wanted is not None and entry_id not in wanted) or dead.route[:1] != rt.route[:1]:
-                continue
-            job = StageHop(
-                request_id=dead.request_id,
-                plan_id=dead.plan_id,
-                stage_index=dead.stage_index,
-                route=dead.route,
-                reply_stream=rt.dispatcher.reply_stream,
-                tensors=dead.tensors,
-                enqueued_ms=time.time() * 1000.0,
-                trace=dead.trace,
-            )
-            fut = rt.tracker.watch(dead.request_id)
-            await rt.ledger.exhume(entry_id, job, self.labels.coordinator_id)
-            waits[entry_id] = (dead.request_id, fut)
+        waits = await rt.tracker.replay(rt.dispatcher.reply_stream, wanted, rt.route[0] if rt.route else None)
         return {entry_id: await self._outcome(rid, fut, time.perf_counter()) for entry_id, (rid, fut) in waits.items()}
 
     # -- outcomes --------------------------------------------------------------------------------
@@ -253,19 +229,7 @@ class RequestClient:
         state = await rt.ledger.state(request_id)
         job = state.job if state else None
         reason = f"timed out after {self.timeout_s}s"
-        dead = DeadLetter(
-            request_id=request_id,
-            plan_id=rt.plan_id,
-            stage_index=job.stage_index if job else 0,
-            route=job.route if job else rt.route,
-            reply_stream=rt.dispatcher.reply_stream,
-            tensors=job.tensors if job else {},
-            reason=reason,
-            error=reason,
-            attempts=1,
-            workers_tried=(),
-            ts_ms=time.time() * 1000.0,
-        )
+        dead = self._hop_of(request_id, job).buried(reason, reason, (), time.time() * 1000.0)
         await rt.ledger.bury(dead, self.labels.coordinator_id)
         rt.recoverer.finished(request_id, ok=False)
         return dead

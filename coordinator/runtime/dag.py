@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from broker.messages import DeadLetter, StageResult
-from coordinator.planning.planner import Plan
+from coordinator.planning.cuts import Plan
 
 log = logging.getLogger(__name__)
 

@@ -70,6 +70,7 @@ class DeploymentConfig:
     redis_url: str | None = None  # None: an embedded valkey-server and one local worker per shard
     db_path: str | None = None  # a history writer consumes the events into this DuckDB file
     max_browsers: int = 0  # local workers (one browser each) at most; consecutive shards share one (0: no cap)
+    serve_shard_files: bool = True  # announce this coordinator as a by-hash holder of its shards (enable_ipfs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +190,8 @@ class Deployment:
 
     async def _serve_shard_files(self, broker: Broker, shards: ShardSet) -> None:
         """Workers of other hosts fetch shard files by hash from any holder; this coordinator is the first
-        (local workers read them from the cache they share with it)."""
-        if self.config.redis_url is not None:
+        (local workers read them from the cache they share with it); not with ``enable_ipfs=False``."""
+        if self.config.redis_url is not None and self.config.serve_shard_files:
             where = serving_address(broker.url, self.config.settings.artifact_url)
             await self._stack.enter_async_context(Holding(broker, self.config.coordinator_id, shards.shard_dir, where))
 

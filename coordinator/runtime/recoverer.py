@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from broker.keys import STAGE_GROUP
 from broker.kinds import FailureKind, RecoveryAction
 from broker.ledger import Ledger
-from broker.messages import DeadLetter as DeadLetterMessage
 from broker.messages import RecoveryEvent, Restart, StageFailure, StageHop
 from broker.streams import Broker
 from coordinator.recovery import (
@@ -255,20 +254,7 @@ class Recoverer:
     async def _bury(
         self, job: StageHop, reason: str, error: str, history: StageHistory, src: tuple[str, str] | None
     ) -> None:
-        dead = DeadLetterMessage(
-            request_id=job.request_id,
-            plan_id=job.plan_id,
-            stage_index=job.stage_index,
-            route=job.route,
-            reply_stream=job.reply_stream,
-            tensors=job.tensors,
-            reason=reason,
-            error=error,
-            attempts=job.attempt,
-            workers_tried=history.workers_tried,
-            ts_ms=time.time() * 1000.0,
-            trace=job.trace,
-        )
+        dead = job.buried(reason, error, history.workers_tried, time.time() * 1000.0)
         await self.ledger.bury(dead, self.coordinator_id)
         if src is not None:
             await self.broker.ack(src[0], STAGE_GROUP, src[1])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
+from collections.abc import Collection
 
 from broker.errors import BrokerUnavailable
 from broker.ledger import Ledger
@@ -64,6 +66,23 @@ class RequestTracker:
         fut = self._futures.pop(dead.request_id, None)
         if fut is not None and not fut.done():
             fut.set_result(dead)
+
+    async def replay(
+        self, reply_stream: str, wanted: Collection[str] | None = None, route_head: str | None = None
+    ) -> dict[str, tuple[str, asyncio.Future[Outcome]]]:
+        """Put dead letters back on their stage streams (``Ledger.exhume``), their results to ``reply_stream``:
+        all, or the entry ids ``wanted``; only those of the plan whose first stage stream is ``route_head``
+        when given. Per entry id: its request id and the future of its new outcome."""
+        waits = {}
+        for entry_id, dead, _ in await self.ledger.dead_letters():
+            if dead is None or (wanted is not None and entry_id not in wanted):
+                continue
+            if route_head is not None and dead.route[:1] != (route_head,):
+                continue
+            fut = self.watch(dead.request_id)
+            await self.ledger.exhume(entry_id, dead.replayed(reply_stream, time.time() * 1000.0), self.coordinator_id)
+            waits[entry_id] = (dead.request_id, fut)
+        return waits
 
     async def resume(self) -> list[str]:
         """Watch every request this coordinator id accepted and has not finished."""
