@@ -20,6 +20,7 @@ bench: setup
 	@$(PY) -m benchmarks.component_dag
 	@$(PY) -m benchmarks.big_model
 	@$(PY) -m benchmarks.generation
+	@$(PY) -m benchmarks.precision
 
 lint: setup
 	@.venv/bin/ruff format --check broker coordinator shard_worker tests benchmarks

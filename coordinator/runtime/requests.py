@@ -27,7 +27,10 @@ class RequestTracker:
         self.ledger = ledger
         self.coordinator_id = coordinator_id
         self._futures: dict[str, asyncio.Future[Outcome]] = {}
-        self.deliveries: Counter[str] = Counter()  # results that reached this coordinator, per request
+        # results that reached this coordinator, per request: distinct reply entries whose ``finish``
+        # committed (an entry re-read after a broker outage interrupted its ``finish`` counts once)
+        self.deliveries: Counter[str] = Counter()
+        self._delivered: dict[str, set[str]] = {}
 
     def watch(self, request_id: str) -> asyncio.Future[Outcome]:
         fut = self._futures.get(request_id)
@@ -54,8 +57,11 @@ class RequestTracker:
         return fut
 
     async def on_result(self, msg: StageResult, entry: Entry) -> None:
-        self.deliveries[msg.request_id] += 1
         await self.ledger.finish(msg.request_id, self.coordinator_id, "done", msg, entry)
+        entries = self._delivered.setdefault(msg.request_id, set())
+        if entry[1] not in entries:
+            entries.add(entry[1])
+            self.deliveries[msg.request_id] += 1
         fut = self._futures.pop(msg.request_id, None)
         if fut is None:
             log.info("request %s: result recorded (no caller waiting here)", msg.request_id)
