@@ -156,6 +156,12 @@ class StageHop:
         """The last stage's outputs, for the reply stream."""
         return StageResult(self.request_id, self.plan_id, tensors, trace, self.attempt, self.session_id, self.step)
 
+    def again(self, stage_index: int, target_platform: str, at_ms: float) -> StageHop:
+        """This job's next attempt at ``stage_index`` (on ``target_platform``, or the stage's when empty)."""
+        return replace(
+            self, stage_index=stage_index, enqueued_ms=at_ms, attempt=self.attempt + 1, target_platform=target_platform
+        )
+
     def buried(self, reason: str, error: str, workers_tried: tuple[str, ...], at_ms: float) -> DeadLetter:
         """This hop as a dead letter: its recovery ended (``reason``); enough to replay it."""
         return DeadLetter(
@@ -250,20 +256,10 @@ class StageFailure:
 
     def buried(self, reason: str, at_ms: float) -> DeadLetter:
         """The failed stage as a dead letter, with the inputs it was given."""
-        return DeadLetter(
-            request_id=self.request_id,
-            plan_id=self.plan_id,
-            stage_index=self.stage_index,
-            route=self.route,
-            reply_stream=self.reply_stream,
-            tensors=self.tensors,
-            reason=reason,
-            error=self.error,
-            attempts=self.attempt,
-            workers_tried=(self.worker_id,),
-            ts_ms=at_ms,
-            trace=self.trace,
+        hop = StageHop(
+            self.request_id, self.plan_id, self.stage_index, self.route, self.reply_stream, self.tensors, 0.0
         )
+        return replace(hop, attempt=self.attempt, trace=self.trace).buried(reason, self.error, (self.worker_id,), at_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,16 +282,8 @@ class DeadLetter:
 
     def replayed(self, reply_stream: str, at_ms: float) -> StageHop:
         """The buried stage as a hop again (its first attempt), its result to ``reply_stream``."""
-        return StageHop(
-            request_id=self.request_id,
-            plan_id=self.plan_id,
-            stage_index=self.stage_index,
-            route=self.route,
-            reply_stream=reply_stream,
-            tensors=self.tensors,
-            enqueued_ms=at_ms,
-            trace=self.trace,
-        )
+        hop = StageHop(self.request_id, self.plan_id, self.stage_index, self.route, reply_stream, self.tensors, at_ms)
+        return replace(hop, trace=self.trace)
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,19 @@ class Ran:
 SessionHost = RunningHost  # what the session path needs from its worker
 
 
+@dataclass(frozen=True, slots=True)
+class StepRun:
+    """One session step at this worker: its hop, its stages here, the page's steps and feeds, the session's
+    options for the page, and the cache slots the worker keeps copies of."""
+
+    msg: StageHop
+    links: tuple[Link, ...]
+    steps: list[Step]
+    feeds: dict[str, np.ndarray]
+    session: dict[str, Any]
+    slots: tuple[MirrorSlot, ...]
+
+
 def is_session_entry(d: Delivery) -> bool:
     return isinstance(d.message, SessionEnd) or (isinstance(d.message, StageHop) and d.message.is_session)
 
@@ -154,7 +167,6 @@ class SessionRunner(StageRunner):
         return self.host.page.loaded
 
     async def _run(self, d: Delivery, msg: StageHop, links: tuple[Link, ...]) -> Ran | None:
-        h, first = self.host, links[0]
         steps = [
             Step(k.key, k.stage.carry_names, None, tuple(s.as_entry() for s in msg.slots(k.stage_index))) for k in links
         ]
@@ -166,40 +178,31 @@ class SessionRunner(StageRunner):
             "mirror": self.settings.mirror,
         }
         feeds = {n: a.reshape(1) if a.ndim == 0 else a for n, a in msg.tensors.items()}
-        slots = mirror_slots(msg, links)
-        page = h.page
+        run = StepRun(msg, links, steps, feeds, session, mirror_slots(msg, links))
+        page = self.host.page
         if msg.restoring:
-            return await self._take_over(d, msg, links, steps, feeds, session, slots)
+            return await self._take_over(d, run)
         try:
-            result = await self._page_run(first, steps, feeds, session)
+            result = await self._page_run(links[0], steps, feeds, session)
         except (StepFailed, PageError, BridgeTimeout, BridgeClosed, WorkerError) as e:
-            if (ran := await self._restore(msg, links, steps, feeds, session, slots, page, e)) is not None:
+            if (ran := await self._restore(run, page, e)) is not None:
                 return ran
             await self._failed(d, msg, links, e)
             return None
-        new = self.mirrors.keep(msg.session_id, msg.step, msg.fresh, slots, result.outputs)
+        new = self.mirrors.keep(msg.session_id, msg.step, msg.fresh, run.slots, result.outputs)
         return Ran(result, copies=copies_of(msg, links, new))
 
-    async def _take_over(
-        self,
-        d: Delivery,
-        msg: StageHop,
-        links: tuple[Link, ...],
-        steps: list[Step],
-        feeds: dict[str, np.ndarray],
-        session: dict[str, Any],
-        slots: tuple[MirrorSlot, ...],
-    ) -> Ran | None:
+    async def _take_over(self, d: Delivery, run: StepRun) -> Ran | None:
         """Take the stage over from a lost holder: its cache from the copy in Redis (as of the step before),
         then the step; None once a failure is handed back (no usable copy: the coordinator replays)."""
-        h, started = self.host, time.perf_counter()
+        h, msg, started = self.host, run.msg, time.perf_counter()
         copy = await self.retried(
             "read the cache copy", lambda: read_cache_copy(h.broker, msg.session_id, msg.stage_index)
         )
         if (
             copy is None
             or copy.step != msg.step - 1
-            or not self.mirrors.adopt(msg.session_id, copy.step, slots, copy.pieces)
+            or not self.mirrors.adopt(msg.session_id, copy.step, run.slots, copy.pieces)
         ):
             held = "none" if copy is None else f"one of step {copy.step}"
             error = f"no copy of stage {msg.stage_index}'s cache at step {msg.step - 1} in Redis ({held})"
@@ -207,17 +210,15 @@ class SessionRunner(StageRunner):
                 d, msg, StageFault(msg.stage_index, h.id, FailureKind.UNAVAILABLE, error, refusal=MISSING), None
             )
             return None
-        restore = {**feeds, **self.mirrors.feeds(msg.session_id, slots)}
         try:
-            result = await self._page_run(links[0], steps, restore, {**session, "restore": True})
+            result = await self._from_copy(run)
         except (StepFailed, PageError, BridgeTimeout, BridgeClosed, WorkerError) as e:
-            await self._failed(d, msg, links, e)
+            await self._failed(d, msg, run.links, e)
             return None
-        new = self.mirrors.keep(msg.session_id, msg.step, False, slots, result.outputs)
         ms = (time.perf_counter() - started) * 1000.0
         why = f"took stage {msg.stage_index} over; cache restored from its copy in Redis (step {copy.step})"
         log.warning("worker %s: session %s step %d: %s in %.0f ms", h.id, msg.session_id, msg.step, why, ms)
-        return Ran(result, why, ms, copies_of(msg, links, new))
+        return Ran(result, why, ms, self._copies(run, result))
 
     async def _page_run(
         self, first: Link, steps: list[Step], feeds: dict[str, np.ndarray], session: dict[str, Any]
@@ -227,38 +228,38 @@ class SessionRunner(StageRunner):
             await page.load(first.key, first.stage, first.platform)
         return await page.run_session(steps, feeds, session)
 
-    async def _restore(
-        self,
-        msg: StageHop,
-        links: tuple[Link, ...],
-        steps: list[Step],
-        feeds: dict[str, np.ndarray],
-        session: dict[str, Any],
-        slots: tuple[MirrorSlot, ...],
-        page: Page,
-        error: Exception,
-    ) -> Ran | None:
+    async def _from_copy(self, run: StepRun) -> RunResult:
+        """The step on the cache rebuilt from the worker's copy of it (its own, or one adopted from Redis)."""
+        feeds = {**run.feeds, **self.mirrors.feeds(run.msg.session_id, run.slots)}
+        return await self._page_run(run.links[0], run.steps, feeds, {**run.session, "restore": True})
+
+    def _copies(self, run: StepRun, result: RunResult) -> tuple[MirrorWrite, ...]:
+        """Keep the step's new cache pieces; the copies of them for Redis (written in the hand-off)."""
+        msg = run.msg
+        new = self.mirrors.keep(msg.session_id, msg.step, False, run.slots, result.outputs)
+        return copies_of(msg, run.links, new)
+
+    async def _restore(self, run: StepRun, page: Page, error: Exception) -> Ran | None:
         """Run the step again on the worker's copy of the cache, when the page lost it and the copy is
         exactly the cache before this step; None when that cannot be done (the caller hands it back)."""
+        msg = run.msg
         missing = isinstance(error, PageError) and str(error).startswith(MISSING_PREFIX)
         if isinstance(error, StepFailed) and error.step:
             missing = False  # the stages before it advanced their caches in this page already
         # the browser died under the step (every error here is a WorkerError; the page's own are PageErrors)
         page_lost = isinstance(error, BridgeClosed) or not isinstance(error, PageError | BridgeTimeout)
-        if msg.fresh or not (page_lost or missing) or not self.mirrors.restorable(msg.session_id, msg.step, slots):
+        restorable = self.mirrors.restorable(msg.session_id, msg.step, run.slots)
+        if msg.fresh or not (page_lost or missing) or not restorable:
             return None
-        first = links[0]
         started = time.perf_counter()
         if page_lost and not await self._new_page(page):
             return None
-        restore = {**feeds, **self.mirrors.feeds(msg.session_id, slots)}
         try:
-            result = await self._page_run(first, steps, restore, {**session, "restore": True})
+            result = await self._from_copy(run)
         except (StepFailed, PageError, BridgeTimeout, BridgeClosed, WorkerError) as e:
             log.warning("worker %s: restoring session %s failed: %s", self.host.id, msg.session_id, e)
             self.mirrors.drop(msg.session_id)
             return None
-        new = self.mirrors.keep(msg.session_id, msg.step, False, slots, result.outputs)
         ms = (time.perf_counter() - started) * 1000.0
         why = "browser lost" if page_lost else "page lost the session"
         log.warning(
@@ -269,7 +270,7 @@ class SessionRunner(StageRunner):
             why,
             ms,
         )
-        return Ran(result, f"{why}: {error}; cache restored from the worker's copy", ms, copies_of(msg, links, new))
+        return Ran(result, f"{why}: {error}; cache restored from the worker's copy", ms, self._copies(run, result))
 
     async def _new_page(self, old: Page) -> bool:
         """Wait until the worker replaced the lost page ``old`` and is ready again (``restore_wait_s``)."""

@@ -306,24 +306,39 @@ class GenerationSession:
         """The step again from the stage that failed, with the inputs it was given, to the stage's new holder,
         which restores the cache first (the stages before it already ran this step)."""
         r, stage = self.route, failure.stage_index
+        hop = self._next_hop(failure.step, stage, dict(failure.tensors), trace=failure.trace, restore_stage=stage)
+        await self.broker.add(r.holders[stage], hop)
+
+    def _next_hop(
+        self,
+        step: int,
+        stage: int,
+        tensors: dict[str, np.ndarray],
+        trace: tuple[StageTrace, ...] = (),
+        fresh: bool = False,
+        restore_stage: int = -1,
+    ) -> StageHop:
+        """The next hop of ``step`` at ``stage`` on the route as it is: each one its own attempt, so a late
+        reply to an earlier one is never taken."""
+        r = self.route
         self._sent += 1
-        hop = StageHop(
-            request_id=failure.request_id,
-            plan_id=r.plan_id,
-            stage_index=stage,
-            route=r.holders,
-            reply_stream=self.reply_stream,
-            tensors=dict(failure.tensors),
-            enqueued_ms=now_ms(),
-            attempt=self._sent,
-            trace=failure.trace,
+        return StageHop(
+            f"{self.session_id}#{step}",
+            r.plan_id,
+            stage,
+            r.holders,
+            self.reply_stream,
+            tensors,
+            now_ms(),
+            self._sent,
+            trace,
             session_id=self.session_id,
-            step=failure.step,
+            step=step,
             stages=r.stages,
             states=tuple(s.as_entry() for s in r.slots),
-            restore_stage=stage,
+            fresh=fresh,
+            restore_stage=restore_stage,
         )
-        await self.broker.add(r.holders[stage], hop)
 
     async def _step(
         self, history: list[int], new: list[int], fresh: bool, resend: bool = True
@@ -337,25 +352,9 @@ class GenerationSession:
             "position_ids": np.arange(len(history), total, dtype=np.int64)[None, :],
             **self._conditioning.tensors(fresh),
         }
-        r = self.route
-        step = StageHop(
-            request_id=f"{self.session_id}#{self.log.steps}",
-            plan_id=r.plan_id,
-            stage_index=0,
-            route=r.holders,
-            reply_stream=self.reply_stream,
-            tensors=feeds,
-            enqueued_ms=now_ms(),
-            attempt=self._sent + 1,
-            session_id=self.session_id,
-            step=self.log.steps,
-            stages=r.stages,
-            states=tuple(s.as_entry() for s in r.slots),
-            fresh=fresh,
-            restore_stage=-1 if fresh else self._restore_stage,
-        )
-        self._sent += 1  # each send its own attempt: a late reply to an earlier one is never taken
-        await self.broker.add(r.holders[0], step)
+        restore = -1 if fresh else self._restore_stage
+        hop = self._next_hop(self.log.steps, 0, feeds, fresh=fresh, restore_stage=restore)
+        await self.broker.add(self.route.holders[0], hop)
         return await self._reply(self.log.steps)
 
     async def _reply(self, step: int) -> StageResult | StageFailure:

@@ -28,6 +28,7 @@ from coordinator.model.resolve import ResolvedModel
 from coordinator.planning.shardset import ShardSet
 from coordinator.runtime.deployment import Deployment
 from coordinator.runtime.metrics import LiveMetrics
+from coordinator.runtime.results import where_it_ran
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,15 +216,7 @@ class GenerationClient:
     ) -> dict[str, Any]:
         decode_s = total_s - first_ms / 1000.0
         components = [
-            {
-                "shard_index": t.shard_index,
-                "worker_id": t.worker_id,
-                "browser": t.browser,
-                "user_agent": t.user_agent,
-                "execution_provider": t.execution_provider,
-                "adapter": t.adapter,
-                "kernel_ms": round(session.log.kernel_ms.get(t.shard_index, 0.0), 3),
-            }
+            {**where_it_ran(t), "kernel_ms": round(session.log.kernel_ms.get(t.shard_index, 0.0), 3)}
             for t in session.log.traces
         ]
         return {

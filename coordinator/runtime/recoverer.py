@@ -197,18 +197,7 @@ class Recoverer:
         if dst is None:
             await self._bury(job, f"recovery could not act on {decision}", error, history, src)
             return
-        retry = StageHop(
-            request_id=job.request_id,
-            plan_id=job.plan_id,
-            stage_index=stage,
-            route=job.route,
-            reply_stream=job.reply_stream,
-            tensors=job.tensors,
-            enqueued_ms=time.time() * 1000.0,
-            attempt=job.attempt + 1,
-            trace=job.trace,
-            target_platform=target_platform,
-        )
+        retry = job.again(stage, target_platform, time.time() * 1000.0)
         if src is not None:
             await self.broker.hand_off(src[0], STAGE_GROUP, src[1], self.claimer, dst, retry)
         else:

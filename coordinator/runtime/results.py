@@ -32,17 +32,24 @@ def component_info(t: StageTrace, shard_type: str) -> dict[str, Any]:
     }
 
 
+def where_it_ran(t: StageTrace) -> dict[str, Any]:
+    """A shard's worker, browser and provider as a component row shows them."""
+    return {
+        "shard_index": t.shard_index,
+        "worker_id": t.worker_id,
+        "browser": t.browser,
+        "user_agent": t.user_agent,
+        "execution_provider": t.execution_provider,
+        "adapter": t.adapter,
+    }
+
+
 def component_results(trace: Sequence[StageTrace]) -> dict[str, dict[str, Any]]:
     """One entry per shard of the request: where it ran and what it measured."""
     return {
         component_id(t.shard_index): {
             "status": "success",
-            "shard_index": t.shard_index,
-            "worker_id": t.worker_id,
-            "browser": t.browser,
-            "user_agent": t.user_agent,
-            "execution_provider": t.execution_provider,
-            "adapter": t.adapter,
+            **where_it_ran(t),
             "kernel_ms": round(t.kernel_ms, 3),
             "queue_ms": round(t.queue_ms, 3),
             "worker_ms": round(t.worker_ms, 3),
