@@ -57,7 +57,7 @@ def test_xshard_history_prints_the_tables_of_a_real_run(real_run: RealRun, capsy
         line = next(ln for ln in per_browser.splitlines() if f" {browser} " in ln)
         assert line.split()[:5] == ["layer", browser, "wasm", str(n), "100.0%"]
     assert "recent recovery events (2 of 2)" in out
-    assert "crash" in out and "reroute" in out and "hang" in out
+    assert "browser-lost" in out and "reroute" in out and "timeout" in out
     assert f"recent requests ({min(n, 10)} of {n})" in out
     assert real_run.request_ids[-1][:12] in out
     assert "recommendation (from these measurements)" in out and "best measured" in out
