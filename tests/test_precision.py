@@ -184,6 +184,24 @@ def test_a_lowered_shard_keeps_its_interface_and_is_made_once(
     assert lowering.lower_shard(shards.shard_dir, source, recipe) == digest
 
 
+@pytest.mark.parametrize("recipe", [Recipe.Q4_HQQ, Recipe.Q4_RTN])
+def test_q4_keeps_the_language_model_head_in_float32(shards: ShardSet, recipe: Recipe) -> None:
+    last = len(shards.shard_sha256) - 1
+    before = onnx.load(str(shards.path(last)))
+    heads = lowering.model_heads(before)
+    assert len(heads) == 1 and lowering.model_heads(onnx.load(str(shards.path(0)))) == []
+    after = onnx.load(
+        str(shards.shard_dir / f"{lowering.lower_shard(shards.shard_dir, shards.shard_sha256[last], recipe)}.onnx")
+    )
+    constants = {t.name for t in before.graph.initializer}
+    matmuls = [n.name for n in before.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    kinds = {n.name: n.op_type for n in after.graph.node}
+    assert kinds[heads[0]] == "MatMul" and "logits" in {
+        o for n in after.graph.node for o in n.output if n.name == heads[0]
+    }
+    assert sum(k == "MatMulNBits" for k in kinds.values()) == len(matmuls) - 1
+
+
 def prefill_logits(shards: ShardSet, prompt: list[int]) -> np.ndarray:
     """Native onnxruntime's logits at every position of one prefill of ``prompt``: teacher-forced."""
     ids = np.array([prompt], np.int64)
