@@ -429,9 +429,18 @@ async def record_real_run(valkey_url: str, cache_dir: Path, tmp: Path, requests:
                 assert manager.shards is not None
                 plan_id = manager.shards.plan.plan_id
                 recoveries = [
-                    recovery(request_ids[1], time.time() * 1000.0 - 50, "browser-lost", "reroute", True, str(model), plan_id),
                     recovery(
-                        request_ids[-1], time.time() * 1000.0, "timeout", "retry", False, str(model), plan_id, "chromium"
+                        request_ids[1], time.time() * 1000.0 - 50, "browser-lost", "reroute", True, str(model), plan_id
+                    ),
+                    recovery(
+                        request_ids[-1],
+                        time.time() * 1000.0,
+                        "timeout",
+                        "retry",
+                        False,
+                        str(model),
+                        plan_id,
+                        "chromium",
                     ),
                 ]
                 for ev in recoveries:
