@@ -69,7 +69,7 @@ def test_each_precision_runs_only_where_it_was_measured_to_run() -> None:
     check_platform(Precision.FP16, "auto")  # the page then looks for webgpu
     with pytest.raises(InputError, match="fp16 cannot run on wasm: .*no float16 kernels"):
         check_platform(Precision.FP16, "wasm")
-    with pytest.raises(InputError, match="q8 cannot run on webgpu: .*MatMulInteger"):
+    with pytest.raises(InputError, match="q8 cannot run on webgpu: .*WASM backend only"):
         check_platform(Precision.Q8, "webgpu")
     with pytest.raises(InputError, match="unknown dtype 'q3'; choose from fp32, fp16, q8, q4, auto"):
         Precision.parse("q3")
@@ -170,11 +170,11 @@ def test_a_lowered_shard_keeps_its_interface_and_is_made_once(
     ]
     assert [o.name for o in after.graph.output] == [o.name for o in before.graph.output]
     ops = {n.op_type for n in after.graph.node}
-    assert {"q4-hqq": "MatMulNBits", "q4-rtn": "MatMulNBits", "q8": "MatMulInteger", "fp16": "MatMul"}[
+    assert {"q4-hqq": "MatMulNBits", "q4-rtn": "MatMulNBits", "q8": "MatMulNBits", "fp16": "MatMul"}[
         recipe.value
     ] in ops
     zero_points = [t for t in after.graph.initializer if t.name.endswith("_zero_points")]
-    assert bool(zero_points) == (recipe is Recipe.Q4_HQQ)  # WebGPU's MatMulNBits takes none (Recipe)
+    assert bool(zero_points) == (recipe in (Recipe.Q4_HQQ, Recipe.Q8))  # WebGPU's q4 takes none (Recipe)
     assert lowering.stored_bytes(shards.shard_dir, digest) < lowering.stored_bytes(shards.shard_dir, source)
 
     def refuse(*_: Any) -> Any:
@@ -184,8 +184,8 @@ def test_a_lowered_shard_keeps_its_interface_and_is_made_once(
     assert lowering.lower_shard(shards.shard_dir, source, recipe) == digest
 
 
-@pytest.mark.parametrize("recipe", [Recipe.Q4_HQQ, Recipe.Q4_RTN])
-def test_q4_keeps_the_language_model_head_in_float32(shards: ShardSet, recipe: Recipe) -> None:
+@pytest.mark.parametrize("recipe", [Recipe.Q8, Recipe.Q4_HQQ, Recipe.Q4_RTN])
+def test_q8_and_q4_keep_the_language_model_head_in_float32(shards: ShardSet, recipe: Recipe) -> None:
     last = len(shards.shard_sha256) - 1
     before = onnx.load(str(shards.path(last)))
     heads = lowering.model_heads(before)
@@ -210,9 +210,9 @@ def prefill_logits(shards: ShardSet, prompt: list[int]) -> np.ndarray:
 
 
 #: Teacher-forced top-1 agreement with float32 that each precision keeps on the tiny model (whose random
-#: weights of std 0.3 make it far more sensitive than a trained one; chance is 1/128): measured 1.0, 0.875
+#: weights of std 0.3 make it far more sensitive than a trained one; chance is 1/128): measured 1.0, 0.975
 #: and 0.375 over 40 positions. A lowering that broke the weights (wrong axis, wrong scales) lands near chance.
-KEEPS = {"fp16": 0.95, "q8": 0.6, "q4": 0.15}
+KEEPS = {"fp16": 0.95, "q8": 0.85, "q4": 0.15}
 
 
 def test_a_lowered_shard_set_keeps_float32s_next_tokens_in_native_onnxruntime(shards: ShardSet) -> None:

@@ -40,8 +40,8 @@ AUTO = "auto"
 DTYPES = (*(p.value for p in Precision), AUTO)
 
 #: The providers that run each precision in onnxruntime-web 1.30, as measured (module docstring):
-#: fp16 on WASM is cast back to float32 op by op (no smaller, no faster); q8's MatMulInteger and
-#: DynamicQuantizeLinear have no WebGPU kernel (they would run on the CPU and, here, gave wrong outputs);
+#: fp16 on WASM is cast back to float32 op by op (no smaller, no faster); q8 (8-bit MatMulNBits) is checked
+#: against native onnxruntime on WASM only (dynamic int8 before it had no WebGPU kernel and gave wrong outputs);
 #: WebNN was never available on a machine we measured, so it runs float32 only.
 PROVIDERS: dict[Precision, tuple[str, ...]] = {
     Precision.FP32: ("wasm", "webgpu", "webnn"),
@@ -52,8 +52,8 @@ PROVIDERS: dict[Precision, tuple[str, ...]] = {
 WHY_NOT: dict[tuple[Precision, str], str] = {
     (Precision.FP16, "wasm"): "onnxruntime-web's WASM backend has no float16 kernels (it casts each op back to "
     "float32: no smaller, no faster); fp16 needs WebGPU",
-    (Precision.Q8, "webgpu"): "dynamic int8 (MatMulInteger, DynamicQuantizeLinear) has no WebGPU kernel in "
-    "onnxruntime-web; q8 runs on WASM, q4 on both",
+    (Precision.Q8, "webgpu"): "8-bit MatMulNBits is checked on onnxruntime-web's WASM backend only; q8 runs on "
+    "WASM, q4 on both",
 }
 
 
