@@ -125,7 +125,7 @@ class GenerationClient:
         """Where a new session's steps go: each stage's stream and its (first) worker's direct stream."""
         dep = self.deployment
         assert dep.placement is not None and dep.broker is not None
-        workers = tuple(dep.placement.allocation[st.index]["worker_id"] for st in self.shards.plan.stages)
+        workers = tuple(dep.placement.holders[st.index] for st in self.shards.plan.stages)
         holders = tuple(dep.broker.keys.direct(w) for w in workers)
         return SessionRoute(
             self.shards.plan.plan_id, dep.route, holders, slots_of(self.shards.plan.stages), "logits", workers

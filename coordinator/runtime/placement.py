@@ -99,7 +99,10 @@ class Placement:
         self.slots = dict(slots)
         self.dispatcher = dispatcher
         self.fleet = fleet
-        self.allocation: dict[int, dict[str, Any]] = {}  # shard index -> where it was loaded (replicas inside)
+        self.allocation: dict[
+            int, dict[str, Any]
+        ] = {}  # shard index -> where it was loaded: a report (replicas inside)
+        self.holders: dict[int, str] = {}  # stage index -> the worker its first load went to: routing state
         self.assigned: dict[str, list[str]] = {}  # worker id -> stage streams it was told to consume
 
     def assignment(self, index: int) -> Assignment:
@@ -155,6 +158,7 @@ class Placement:
             self.allocation[index].setdefault("replicas", []).append(entry)
         else:
             self.allocation[index] = entry
+            self.holders[index] = worker_id
 
     def misfit(self, index: int, worker_id: str) -> str | None:
         """Why shard ``index`` must not go to ``worker_id``'s page (it needs more than the registered budget),
