@@ -254,12 +254,23 @@ class StageFailure:
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", FailureKind.parse(str(self.kind)))  # the wire holds its string value
 
+    def as_hop(self, at_ms: float) -> StageHop:
+        """The failed stage as the job's hop again: its inputs, attempt and trace (a job's failure)."""
+        return StageHop(
+            self.request_id,
+            self.plan_id,
+            self.stage_index,
+            self.route,
+            self.reply_stream,
+            self.tensors,
+            at_ms,
+            attempt=self.attempt,
+            trace=self.trace,
+        )
+
     def buried(self, reason: str, at_ms: float) -> DeadLetter:
         """The failed stage as a dead letter, with the inputs it was given."""
-        hop = StageHop(
-            self.request_id, self.plan_id, self.stage_index, self.route, self.reply_stream, self.tensors, 0.0
-        )
-        return replace(hop, attempt=self.attempt, trace=self.trace).buried(reason, self.error, (self.worker_id,), at_ms)
+        return self.as_hop(at_ms).buried(reason, self.error, (self.worker_id,), at_ms)
 
 
 @dataclass(frozen=True, slots=True)

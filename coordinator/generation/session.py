@@ -213,13 +213,12 @@ class GenerationSession:
             lost_at = lost_at or now_ms()
             decision = decide_session(await self._fault(reply), self.policy)
             action = {Restore: RecoveryAction.RESTORE, Replay: RecoveryAction.REPLAY, Reroute: RecoveryAction.REPLAY}
-            kind = FailureKind.parse(reply.kind)
             self.log.replays.append(
                 Recovery(
                     self.log.steps,
                     reply.stage_index,
                     reply.worker_id,
-                    kind,
+                    reply.kind,
                     reply.error,
                     action=action.get(type(decision), RecoveryAction.FAIL),
                 )
@@ -268,7 +267,7 @@ class GenerationSession:
         copied = await copied_step(self.broker, self.session_id, stage)
         return SessionFault(
             stage=stage,
-            kind=FailureKind.parse(reply.kind),
+            kind=reply.kind,
             error=reply.error,
             holder_alive=alive,
             refused=reply.refusal == SessionRefusal.LIMIT,

@@ -252,22 +252,7 @@ class GenerationClient:
             error=r.error[:1000],
         )
         await dep.broker.emit(event)
-        entry = {
-            "timestamp": event.ts_ms / 1000.0,
-            "event_id": event.event_id,
-            "request_id": event.request_id,
-            "plan_id": event.plan_id,
-            "shard_index": r.stage,
-            "worker_id": r.worker_id,
-            "browser": browser,
-            "failure": r.failure,
-            "action": r.action,
-            "success": True,
-            "duration_ms": round(r.duration_ms, 3),
-            "error": r.error[:300],
-        }
-        self.metrics.recovery_events.append(entry)
-        return entry
+        return self.metrics.record_recovery(event)
 
 
 def decode_split(step_kernel_ms: Sequence[float], n: int, decode_s: float) -> dict[str, float]:

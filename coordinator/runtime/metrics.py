@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from broker.events import RecoveryEvent
 from coordinator.history.summary import counter_shape
 
 TIMELINE_LENGTH = 1000
@@ -51,6 +52,26 @@ class LiveMetrics:
         self.shard_types: dict[str, Counter] = {}
         self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE_LENGTH)
         self.recovery_events: list[dict[str, Any]] = []
+
+    def record_recovery(self, event: RecoveryEvent) -> dict[str, Any]:
+        """A recovery event (a request's or a generation session's) as the live history shows it."""
+        entry = {
+            "timestamp": event.ts_ms / 1000.0,
+            "event_id": event.event_id,
+            "request_id": event.request_id,
+            "plan_id": event.plan_id,
+            "shard_index": event.shard_index,
+            "worker_id": event.worker_id,
+            "browser": event.browser,
+            "platform": event.platform,
+            "failure": event.failure,
+            "action": event.action,
+            "success": event.success,
+            "duration_ms": round(event.duration_ms, 3),
+            "error": event.error[:300],
+        }
+        self.recovery_events.append(entry)
+        return entry
 
     def record_component(self, component_id: str, info: dict[str, Any], ok: bool, kernel_ms: float | None) -> None:
         kind = self.stage_kinds.get(info.get("shard_index", -1), "")

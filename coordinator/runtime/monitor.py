@@ -95,7 +95,7 @@ class Monitor:
     def _streams_of(self, worker_id: str) -> list[str]:
         return [self.route[i] for i in self.fleet.stages_of(worker_id)] + [self.broker.keys.direct(worker_id)]
 
-    async def _reclaim(self, worker_id: str, kind: str) -> None:
+    async def _reclaim(self, worker_id: str, kind: FailureKind) -> None:
         """A lost worker's jobs go to the recovery policy; a generation session's hops are left in the stream
         for their session, whose own decision (``recovery.session``) moves them to the stage's new holder."""
         why = self._why.get(worker_id) or f"heartbeat lapsed (> {self.fleet.heartbeat_timeout_ms} ms)"

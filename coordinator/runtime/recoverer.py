@@ -94,17 +94,7 @@ class Recoverer:
 
     async def on_failure(self, f: StageFailure, entry: tuple[str, str]) -> None:
         """A worker handed a job back (reply stream)."""
-        job = StageHop(
-            request_id=f.request_id,
-            plan_id=f.plan_id,
-            stage_index=f.stage_index,
-            route=f.route,
-            reply_stream=f.reply_stream,
-            tensors=f.tensors,
-            enqueued_ms=time.time() * 1000.0,
-            attempt=f.attempt,
-            trace=f.trace,
-        )
+        job = f.as_hop(time.time() * 1000.0)
         self.metrics.record_component(
             f"shard_{f.stage_index}",
             {
@@ -123,7 +113,7 @@ class Recoverer:
             log.error("request %s: failure without a route cannot be recovered: %s", f.request_id, f.error)
         await self.broker.ack(entry[0], "coordinator", entry[1])
 
-    async def on_claimed(self, stream: str, entry_id: str, job: StageHop, kind: str, worker_id: str) -> None:
+    async def on_claimed(self, stream: str, entry_id: str, job: StageHop, kind: FailureKind, worker_id: str) -> None:
         """The monitor claimed a job held by a worker that died or hung."""
         platform = self.fleet.provider(worker_id)
         await self.recover(job, kind, worker_id, platform, f"worker {worker_id} {kind}", (stream, entry_id))
@@ -163,7 +153,7 @@ class Recoverer:
     # -- the decision and the action ---------------------------------------------------------------
 
     async def recover(
-        self, job: StageHop, kind: str, worker_id: str, platform: str, error: str, src: tuple[str, str] | None
+        self, job: StageHop, kind: FailureKind, worker_id: str, platform: str, error: str, src: tuple[str, str] | None
     ) -> None:
         stage = job.stage_index
         browser = self.fleet.browser(worker_id)
@@ -175,7 +165,7 @@ class Recoverer:
             worker_id=worker_id or None,
             browser=browser or None,
             platform=platform or None,
-            kind=FailureKind.parse(kind),
+            kind=kind,
             error=error,
             attempt=max(1, job.attempt),
             attempt_limit=self.max_attempts.get(job.request_id),
@@ -184,9 +174,7 @@ class Recoverer:
         decision = self.policy.decide(failure, history, self._options(stage, worker_id), self._rng)
         started = time.monotonic()
         action = RecoveryAction(decision.rung.name.lower())
-        rec = OpenRecovery(
-            FailureKind.parse(kind), action, worker_id, browser, platform, stage, error, started, time.time() * 1000.0
-        )
+        rec = OpenRecovery(kind, action, worker_id, browser, platform, stage, error, started, time.time() * 1000.0)
         self._open.setdefault(job.request_id, []).append(rec)
         log.warning("request %s stage %d: %s on %s -> %s", job.request_id, stage, kind, worker_id or "?", decision)
         if isinstance(decision, DeadLetter):
@@ -268,23 +256,7 @@ class Recoverer:
             duration_ms=duration_ms,
             error=rec.error[:1000],
         )
-        self.metrics.recovery_events.append(
-            {
-                "timestamp": rec.ts_ms / 1000.0,
-                "event_id": event.event_id,
-                "request_id": request_id,
-                "plan_id": self.plan_id,
-                "shard_index": rec.shard_index,
-                "worker_id": rec.worker_id,
-                "browser": rec.browser,
-                "platform": rec.platform,
-                "failure": rec.failure,
-                "action": rec.action,
-                "success": ok,
-                "duration_ms": round(duration_ms, 3),
-                "error": rec.error[:300],
-            }
-        )
+        self.metrics.record_recovery(event)
         task = asyncio.get_running_loop().create_task(self._emit(event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
