@@ -114,6 +114,10 @@ class Ledger:
             tx.pipe.xadd(job.route[job.stage_index], {MESSAGE_FIELD: encode(job)})
         return tx.reply_text(-1)
 
+    async def known(self, request_id: str) -> bool:
+        """Whether the request was accepted (its hash exists: ``accept`` wrote it in the MULTI with its job)."""
+        return await self.broker.hash_field(self.keys.request(request_id), "status") is not None
+
     async def inflight(self, coordinator_id: str) -> list[str]:
         return await self.broker.set_members(self.keys.inflight(coordinator_id))
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from broker.errors import BrokerError
+from broker.ledger import RequestState
 from broker.messages import DagRequest, DeadLetter, RequestEvent, StageHop, StageResult
 from coordinator.planning.shardset import ShardSet
 from coordinator.runtime import results
@@ -212,7 +213,12 @@ class RequestClient:
             outcome: StageResult | DeadLetter = await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
             self._rt.tracker.forget(request_id)
-            outcome = await self._bury_timed_out(request_id)
+            state = await self._rt.ledger.state(request_id)
+            if state is not None and isinstance(state.result, StageResult):
+                # finished in the ledger, but the result never reached this caller: never bury a result
+                log.warning("request %s: result recorded but not delivered here; taken from the ledger", request_id)
+                return state.result
+            outcome = await self._bury_timed_out(request_id, state)
         return outcome
 
     def _finish(self, request_id: str, outcome: StageResult | DeadLetter, started: float) -> dict[str, Any]:
@@ -224,9 +230,8 @@ class RequestClient:
         self._emit(request_id, latency_ms, 0.0, outcome.attempts, "dead_letter", error)
         return results.dead_lettered(request_id, outcome)
 
-    async def _bury_timed_out(self, request_id: str) -> DeadLetter:
+    async def _bury_timed_out(self, request_id: str, state: RequestState | None) -> DeadLetter:
         rt = self._rt
-        state = await rt.ledger.state(request_id)
         job = state.job if state else None
         reason = f"timed out after {self.timeout_s}s"
         dead = self._hop_of(request_id, job).buried(reason, reason, (), time.time() * 1000.0)

@@ -18,6 +18,10 @@ from coordinator.runtime.dispatch import Entry
 log = logging.getLogger(__name__)
 
 SUBMIT_DEADLINE_S = 30.0
+# a result in hand is recorded through an outage of up to this long: ``finish`` is idempotent, and its
+# MULTI may have committed (acking and deleting the reply entry) when the connection dropped, so the
+# entry cannot be relied on to be read again
+FINISH_DEADLINE_S = 60.0
 
 Outcome = StageResult | DeadLetter
 
@@ -45,9 +49,18 @@ class RequestTracker:
     async def submit(self, job: StageHop) -> asyncio.Future[Outcome]:
         """Accept the request (one MULTI); rides out a broker outage for up to ``SUBMIT_DEADLINE_S``."""
         fut = self.watch(job.request_id)
+        tries = 0
+
+        async def accept() -> None:
+            # a MULTI that committed before the connection dropped is not run again (its job would run twice)
+            nonlocal tries
+            tries += 1
+            if tries == 1 or not await self.ledger.known(job.request_id):
+                await self.ledger.accept(job, self.coordinator_id)
+
         try:
             await retrying(
-                lambda: self.ledger.accept(job, self.coordinator_id),
+                accept,
                 what=f"request {job.request_id}: submit",
                 deadline_s=SUBMIT_DEADLINE_S,
             )
@@ -57,7 +70,11 @@ class RequestTracker:
         return fut
 
     async def on_result(self, msg: StageResult, entry: Entry) -> None:
-        await self.ledger.finish(msg.request_id, self.coordinator_id, "done", msg, entry)
+        await retrying(
+            lambda: self.ledger.finish(msg.request_id, self.coordinator_id, "done", msg, entry),
+            what=f"request {msg.request_id}: finish",
+            deadline_s=FINISH_DEADLINE_S,
+        )
         entries = self._delivered.setdefault(msg.request_id, set())
         if entry[1] not in entries:
             entries.add(entry[1])

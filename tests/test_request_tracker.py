@@ -1,0 +1,86 @@
+"""MULTIs that committed on the broker but whose replies were lost with the connection (a broker killed
+between the two). A result's ``finish``: the reply entry was acked and deleted and will never be read
+again, so the tracker must record the result it holds and hand it to the caller, once. A request's
+``accept``: its job is on the stage stream, and trying again must not put it there twice. On a real
+Valkey; the lost reply is the one thing made up here."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from broker.errors import BrokerUnavailable
+from broker.ledger import Ledger
+from broker.messages import StageHop, StageResult
+from broker.streams import Broker
+from coordinator.runtime.dispatch import Dispatcher
+from coordinator.runtime.requests import RequestTracker
+
+COORD = "coord-t"
+
+
+class CommitThenDrop(Ledger):
+    """``finish`` runs its MULTI on the broker, then raises as if the connection closed before the reply."""
+
+    def __init__(self, broker: Broker, drops: int, accept_drops: int = 0) -> None:
+        super().__init__(broker)
+        self.drops = drops
+        self.accept_drops = accept_drops
+        self.finishes = 0
+
+    async def accept(self, job: StageHop, coordinator_id: str) -> str:
+        entry_id = await super().accept(job, coordinator_id)
+        if self.accept_drops > 0:
+            self.accept_drops -= 1
+            raise BrokerUnavailable(f"accept {job.request_id}: Connection closed by server.")
+        return entry_id
+
+    async def finish(self, request_id: str, *args: Any) -> None:
+        await super().finish(request_id, *args)
+        self.finishes += 1
+        if self.drops > 0:
+            self.drops -= 1
+            raise BrokerUnavailable(f"finish {request_id}: Connection closed by server.")
+
+
+async def _never(*_: Any) -> None:
+    raise AssertionError("no failure was sent")
+
+
+async def test_a_result_whose_finish_reply_was_lost_still_reaches_its_caller_once(valkey: Any, namespace: str) -> None:
+    async with Broker(valkey.url, namespace) as broker:
+        ledger = CommitThenDrop(broker, drops=2)
+        tracker = RequestTracker(ledger, COORD)
+        dispatcher = Dispatcher(broker, COORD, tracker.on_result, _never)
+        await dispatcher.start()
+        try:
+            job = StageHop("r1", "p", 0, ("stage-0",), dispatcher.reply_stream, {"x": np.ones(3, np.float32)}, 0.0)
+            fut = await tracker.submit(job)
+            assert await ledger.inflight(COORD) == ["r1"]
+            out = np.arange(4, dtype=np.float32)
+            await broker.add(dispatcher.reply_stream, StageResult("r1", "p", {"y": out}, ()))
+            got = await asyncio.wait_for(fut, 10)
+        finally:
+            await dispatcher.close()
+        assert isinstance(got, StageResult)
+        np.testing.assert_array_equal(got.tensors["y"], out)
+        assert ledger.finishes == 3  # committed, then recorded again (idempotent) until a reply came back
+        assert tracker.deliveries["r1"] == 1
+        state = await ledger.state("r1")
+        assert state is not None and state.status == "done" and isinstance(state.result, StageResult)
+        assert await ledger.inflight(COORD) == []
+        assert await broker.range_entries(dispatcher.reply_stream, 10) == []  # acked and deleted
+
+
+async def test_an_accept_whose_reply_was_lost_puts_its_job_on_the_stream_once(valkey: Any, namespace: str) -> None:
+    async with Broker(valkey.url, namespace) as broker:
+        ledger = CommitThenDrop(broker, drops=0, accept_drops=1)
+        tracker = RequestTracker(ledger, COORD)
+        stream = broker.keys.stage("p", 0)
+        job = StageHop("r2", "p", 0, (stream,), broker.keys.reply(COORD), {"x": np.ones(3, np.float32)}, 0.0)
+        fut = await tracker.submit(job)
+        assert not fut.done() and await ledger.inflight(COORD) == ["r2"]
+        entries = await broker.range_entries(stream, 10)
+        assert [e.message.request_id for e in entries if isinstance(e.message, StageHop)] == ["r2"]
