@@ -38,6 +38,7 @@ class Dispatcher:
         self._assignments: dict[str, asyncio.Future[AssignmentReply]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._recoveries: set[asyncio.Task[None]] = set()
+        self._recovering: set[str] = set()  # failure entries whose recovery runs (not taken again when re-read)
         self._stop = asyncio.Event()
         self._reread_pending = True  # entries read before a restart or an outage but not acked
 
@@ -67,8 +68,14 @@ class Dispatcher:
     async def _recover(self, msg: StageFailure, entry: Entry) -> None:
         try:
             await self._on_failure(msg, entry)
+        except BrokerUnavailable as e:
+            # the entry was not acked: it is read again, and recovered again, once the broker is back
+            log.warning("request %s: recovery of stage %d cut short: %s", msg.request_id, msg.stage_index, e)
+            self._reread_pending = True
         except Exception:
             log.exception("request %s: recovery of stage %d failed", msg.request_id, msg.stage_index)
+        finally:
+            self._recovering.discard(entry[1])
 
     async def _read_until_stopped(self) -> None:
         """Read the reply stream until ``close()``."""
@@ -103,6 +110,9 @@ class Dispatcher:
             await asyncio.shield(self._on_result(msg, entry))
             return
         if isinstance(msg, StageFailure):
+            if entry[1] in self._recovering:  # re-read after an outage while its recovery still runs
+                return
+            self._recovering.add(entry[1])
             # recovery may wait on replies read by this very loop (redistribution): run it beside the loop
             task = asyncio.get_running_loop().create_task(self._recover(msg, entry))
             self._recoveries.add(task)

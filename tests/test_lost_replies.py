@@ -2,7 +2,8 @@
 between the two). A result's ``finish``: the reply entry was acked and deleted and will never be read
 again, so the tracker must record the result it holds and hand it to the caller, once. A request's
 ``accept``: its job is on the stage stream, and trying again must not put it there twice. On a real
-Valkey; the lost reply is the one thing made up here."""
+Valkey; the lost reply is the one thing made up here. And a failure whose recovery an outage cut short
+is recovered again, but never twice at once."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from typing import Any
 import numpy as np
 
 from broker.errors import BrokerUnavailable
+from broker.keys import REPLY_GROUP
+from broker.kinds import FailureKind
 from broker.ledger import Ledger
-from broker.messages import StageHop, StageResult
+from broker.messages import StageFailure, StageHop, StageResult
 from broker.streams import Broker
 from coordinator.runtime.dispatch import Dispatcher
 from coordinator.runtime.requests import RequestTracker
@@ -84,3 +87,40 @@ async def test_an_accept_whose_reply_was_lost_puts_its_job_on_the_stream_once(va
         assert not fut.done() and await ledger.inflight(COORD) == ["r2"]
         entries = await broker.range_entries(stream, 10)
         assert [e.message.request_id for e in entries if isinstance(e.message, StageHop)] == ["r2"]
+
+
+async def test_a_failure_is_recovered_once_at_a_time_and_again_when_an_outage_cut_its_recovery_short(
+    valkey: Any, namespace: str
+) -> None:
+    async with Broker(valkey.url, namespace) as broker:
+        calls: list[str] = []
+        running = asyncio.Event()
+        release = asyncio.Event()
+        acked = asyncio.Event()
+
+        async def on_failure(f: StageFailure, entry: tuple[str, str]) -> None:
+            calls.append(f.request_id)
+            if len(calls) == 1:
+                running.set()
+                await release.wait()
+                raise BrokerUnavailable("XADD stage-0: Connection closed by server.")
+            await broker.ack(entry[0], REPLY_GROUP, entry[1])
+            acked.set()
+
+        async def no_result(*_: Any) -> None:
+            raise AssertionError("no result was sent")
+
+        dispatcher = Dispatcher(broker, COORD, no_result, on_failure)
+        await dispatcher.start()
+        try:
+            failure = StageFailure("r3", "p", 0, "w1", 1, FailureKind.KERNEL, "boom", route=("stage-0",))
+            await broker.add(dispatcher.reply_stream, failure)
+            await asyncio.wait_for(running.wait(), 10)
+            dispatcher._after_outage(BrokerUnavailable("read"))  # the reader re-reads its unacked entries
+            await asyncio.sleep(1.5)  # ...and finds the failure whose recovery still runs: not taken twice
+            assert calls == ["r3"]
+            release.set()  # that recovery is cut short by the outage: the entry is recovered again
+            await asyncio.wait_for(acked.wait(), 10)
+        finally:
+            await dispatcher.close()
+        assert calls == ["r3", "r3"]
