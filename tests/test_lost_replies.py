@@ -8,7 +8,8 @@ is recovered again, but never twice at once."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 
@@ -18,8 +19,15 @@ from broker.kinds import FailureKind
 from broker.ledger import Ledger
 from broker.messages import StageFailure, StageHop, StageResult
 from broker.streams import Broker
+from coordinator.recovery import Policy
+from coordinator.runtime.client import RequestClient, RequestLabels
+from coordinator.runtime.deployment import Deployment, Runtime
 from coordinator.runtime.dispatch import Dispatcher
+from coordinator.runtime.fleet import Fleet
+from coordinator.runtime.metrics import LiveMetrics
+from coordinator.runtime.recoverer import Recoverer
 from coordinator.runtime.requests import RequestTracker
+from tests.faults_support import wait_until
 
 COORD = "coord-t"
 
@@ -124,3 +132,56 @@ async def test_a_failure_is_recovered_once_at_a_time_and_again_when_an_outage_cu
         finally:
             await dispatcher.close()
         assert calls == ["r3", "r3"]
+
+
+async def test_a_request_whose_result_is_in_the_ledger_is_not_buried_when_its_wait_times_out(
+    valkey: Any, namespace: str
+) -> None:
+    """The result was recorded (by this coordinator id's earlier incarnation, say) but never reached this
+    caller: at its timeout the client returns it from the ledger instead of burying a finished request."""
+    async with Broker(valkey.url, namespace) as broker:
+        ledger, metrics = Ledger(broker), LiveMetrics("layer")
+        tracker = RequestTracker(ledger, COORD)
+
+        async def assign(*_: Any) -> bool:
+            return False
+
+        recoverer = Recoverer(
+            broker=broker,
+            ledger=ledger,
+            fleet=Fleet(heartbeat_timeout_ms=5000),
+            policy=Policy(),
+            tracker=tracker,
+            metrics=metrics,
+            assign=assign,
+            coordinator_id=COORD,
+            model_name="m",
+            plan_id="p",
+        )
+        dispatcher = Dispatcher(broker, COORD, tracker.on_result, recoverer.on_failure)
+        await dispatcher.start()
+        stream = broker.keys.stage("p", 0)
+        runtime = Runtime(broker, ledger, tracker, recoverer, dispatcher, "p", (stream,))
+        tasks: list[asyncio.Task[None]] = []
+        deployment = SimpleNamespace(runtime=runtime, spawn=lambda coro: tasks.append(asyncio.ensure_future(coro)))
+        client = RequestClient(cast(Deployment, deployment), metrics, RequestLabels("m", "layer", 1, COORD), 1.0)
+        try:
+            run = asyncio.ensure_future(client.run({"x": np.ones(3, np.float32)}, max_retries=0))
+
+            async def enqueued() -> bool:
+                return bool(await broker.range_entries(stream, 1))
+
+            await wait_until(enqueued, 10, "the request's job on its stage stream")
+            job = (await broker.range_entries(stream, 1))[0].message
+            assert isinstance(job, StageHop)
+            out = np.full(2, 7.0, np.float32)
+            await ledger.finish(job.request_id, COORD, "done", StageResult(job.request_id, "p", {"y": out}, ()))
+            got = await asyncio.wait_for(run, 10)
+            await asyncio.gather(*tasks)
+        finally:
+            await dispatcher.close()
+        assert "error" not in got, got
+        np.testing.assert_array_equal(got["result"]["y"], out)
+        state = await ledger.state(job.request_id)
+        assert state is not None and state.status == "done"
+        assert await ledger.dead_letters() == []
