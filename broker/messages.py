@@ -293,8 +293,16 @@ class DeadLetter:
 
     def replayed(self, reply_stream: str, at_ms: float) -> StageHop:
         """The buried stage as a hop again (its first attempt), its result to ``reply_stream``."""
-        hop = StageHop(self.request_id, self.plan_id, self.stage_index, self.route, reply_stream, self.tensors, at_ms)
-        return replace(hop, trace=self.trace)
+        return StageHop(
+            self.request_id,
+            self.plan_id,
+            self.stage_index,
+            self.route,
+            reply_stream,
+            self.tensors,
+            at_ms,
+            trace=self.trace,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,8 +189,7 @@ class SessionRunner(StageRunner):
                 return ran
             await self._failed(d, msg, links, e)
             return None
-        new = self.mirrors.keep(msg.session_id, msg.step, msg.fresh, run.slots, result.outputs)
-        return Ran(result, copies=copies_of(msg, links, new))
+        return Ran(result, copies=self._copies(run, result))
 
     async def _take_over(self, d: Delivery, run: StepRun) -> Ran | None:
         """Take the stage over from a lost holder: its cache from the copy in Redis (as of the step before),
@@ -234,9 +233,10 @@ class SessionRunner(StageRunner):
         return await self._page_run(run.links[0], run.steps, feeds, {**run.session, "restore": True})
 
     def _copies(self, run: StepRun, result: RunResult) -> tuple[MirrorWrite, ...]:
-        """Keep the step's new cache pieces; the copies of them for Redis (written in the hand-off)."""
+        """Keep the step's new cache pieces (a fresh step's start a new copy; a restored one is never fresh);
+        the copies of them for Redis (written in the hand-off)."""
         msg = run.msg
-        new = self.mirrors.keep(msg.session_id, msg.step, False, run.slots, result.outputs)
+        new = self.mirrors.keep(msg.session_id, msg.step, msg.fresh, run.slots, result.outputs)
         return copies_of(msg, run.links, new)
 
     async def _restore(self, run: StepRun, page: Page, error: Exception) -> Ran | None:

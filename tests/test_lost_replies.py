@@ -78,7 +78,7 @@ async def test_a_result_whose_finish_reply_was_lost_still_reaches_its_caller_onc
         assert isinstance(got, StageResult)
         np.testing.assert_array_equal(got.tensors["y"], out)
         assert ledger.finishes == 3  # committed, then recorded again (idempotent) until a reply came back
-        assert tracker.deliveries["r1"] == 1
+        assert tracker.deliveries("r1") == 1
         state = await ledger.state("r1")
         assert state is not None and state.status == "done" and isinstance(state.result, StageResult)
         assert await ledger.inflight(COORD) == []

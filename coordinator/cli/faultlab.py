@@ -301,7 +301,7 @@ async def _grade(
     sess = ort.InferenceSession(str(manager.model.onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     events = await broker.read_events()
-    delivered = manager.tracker.deliveries if manager.tracker else Counter()
+    tracker = manager.tracker
     finals: Counter[str] = Counter(
         e.request_id
         for e in events
@@ -320,7 +320,7 @@ async def _grade(
             row.update(outcome=kind, correct=False, error=rec.error)
         # returned twice = a second result reached the coordinator; a stage run twice whose late result
         # the hand-off script dropped (reclaimed job, request already done) is counted apart
-        row["duplicated"] = delivered.get(rid or "", 0) > 1
+        row["duplicated"] = tracker is not None and tracker.deliveries(rid or "") > 1
         row["reexecuted"] = finals.get(rid or "", 0) > 1
         row["recovered"] = rid in recovered
         done_s = flow.finished_s.get(rec.index)

@@ -110,13 +110,21 @@ def _lower(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
 def model_heads(model: onnx.ModelProto) -> list[str]:
     """The MatMuls with a constant weight that make a ``HEAD_OUTPUTS`` output of the graph: kept float32 in q8
     and q4."""
-    constants = {t.name for t in model.graph.initializer}
-    outputs = {o.name for o in model.graph.output} & HEAD_OUTPUTS
-    return [
-        n.name
-        for n in model.graph.node
-        if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in constants and set(n.output) & outputs
-    ]
+    constants, outputs = _constants(model), _head_outputs(model)
+    return [n.name for n in model.graph.node if _weight_matmul(n, constants) and set(n.output) & outputs]
+
+
+def _constants(model: onnx.ModelProto) -> set[str]:
+    return {t.name for t in model.graph.initializer}
+
+
+def _head_outputs(model: onnx.ModelProto) -> set[str]:
+    return {o.name for o in model.graph.output} & HEAD_OUTPUTS
+
+
+def _weight_matmul(node: onnx.NodeProto, constants: set[str]) -> bool:
+    """A MatMul whose weight (its second input) is a constant: what q8 and q4 quantize."""
+    return node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in constants
 
 
 def _store(model: onnx.ModelProto, shard_dir: Path) -> str:
@@ -159,12 +167,11 @@ def lowered_weight_bytes(model: onnx.ModelProto, node_weight_bytes: Sequence[int
     weights only in fp16."""
     if precision is Precision.FP32:
         return list(node_weight_bytes)
-    constants = {t.name for t in model.graph.initializer}
-    heads = set(model_heads(model)) if precision in (Precision.Q4, Precision.Q8) else set()
+    constants = _constants(model)
+    heads = _head_outputs(model) if precision in (Precision.Q4, Precision.Q8) else set()
     out = []
     for node, weight in zip(model.graph.node, node_weight_bytes, strict=True):
-        matmul = node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in constants
-        matmul = matmul and node.name not in heads
+        matmul = _weight_matmul(node, constants) and not set(node.output) & heads
         share = MATMUL_WEIGHT_SHARE[precision] if matmul else (0.5 if precision is Precision.FP16 else 1.0)
         out.append(int(weight * share))
     return out

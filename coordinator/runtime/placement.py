@@ -99,9 +99,8 @@ class Placement:
         self.slots = dict(slots)
         self.dispatcher = dispatcher
         self.fleet = fleet
-        self.allocation: dict[
-            int, dict[str, Any]
-        ] = {}  # shard index -> where it was loaded: a report (replicas inside)
+        # shard index -> where it was loaded: a report (replicas inside)
+        self.allocation: dict[int, dict[str, Any]] = {}
         self.holders: dict[int, str] = {}  # stage index -> the worker its first load went to: routing state
         self.assigned: dict[str, list[str]] = {}  # worker id -> stage streams it was told to consume
 

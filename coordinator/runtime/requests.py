@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Collection
 
 from broker.errors import BrokerUnavailable
@@ -31,10 +30,7 @@ class RequestTracker:
         self.ledger = ledger
         self.coordinator_id = coordinator_id
         self._futures: dict[str, asyncio.Future[Outcome]] = {}
-        # results that reached this coordinator, per request: distinct reply entries whose ``finish``
-        # committed (an entry re-read after a broker outage interrupted its ``finish`` counts once)
-        self.deliveries: Counter[str] = Counter()
-        self._delivered: dict[str, set[str]] = {}
+        self._delivered: dict[str, set[str]] = {}  # request id -> reply entries whose ``finish`` committed
 
     def watch(self, request_id: str) -> asyncio.Future[Outcome]:
         fut = self._futures.get(request_id)
@@ -42,6 +38,11 @@ class RequestTracker:
             fut = asyncio.get_running_loop().create_future()
             self._futures[request_id] = fut
         return fut
+
+    def deliveries(self, request_id: str) -> int:
+        """Results of the request that reached this coordinator: distinct reply entries whose ``finish``
+        committed (an entry read again after a broker outage interrupted its ``finish`` counts once)."""
+        return len(self._delivered.get(request_id, ()))
 
     def forget(self, request_id: str) -> None:
         self._futures.pop(request_id, None)
@@ -75,10 +76,7 @@ class RequestTracker:
             what=f"request {msg.request_id}: finish",
             deadline_s=FINISH_DEADLINE_S,
         )
-        entries = self._delivered.setdefault(msg.request_id, set())
-        if entry[1] not in entries:
-            entries.add(entry[1])
-            self.deliveries[msg.request_id] += 1
+        self._delivered.setdefault(msg.request_id, set()).add(entry[1])
         fut = self._futures.pop(msg.request_id, None)
         if fut is None:
             log.info("request %s: result recorded (no caller waiting here)", msg.request_id)
